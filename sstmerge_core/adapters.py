@@ -1,0 +1,231 @@
+"""PEFT LoRA adapters: loading (safetensors only), per-module updates ΔW, and writing merged adapters.
+
+Orientation: every update is held in `nn.Linear` orientation, ΔW ∈ R^{d_out × d_in}, so that a module
+maps x ↦ (W + ΔW) x. PEFT stores lora_A as (r × d_in) and lora_B as (d_out × r) for both `nn.Linear`
+and GPT-2's `Conv1D` (`fan_in_fan_out=True`, whose weight is stored transposed), hence
+ΔW = s · B A with s = lora_alpha / r (or lora_alpha / √r with rsLoRA) in every case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .errors import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's low-rank update ΔW = scale · B A, with B (d_out × r) and A (r × d_in)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of ΔW."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        """Dense ΔW = scale · B A, (d_out × d_in), in float32 or wider."""
+        dtype = torch.promote_types(self.A.dtype, torch.float32)
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def scaled(self, weight: float) -> LoraFactors:
+        """The factors of weight · ΔW."""
+        return LoraFactors(self.B, self.A, self.scale * weight)
+
+    @staticmethod
+    def concat(parts: list[LoraFactors]) -> LoraFactors:
+        """Σ_i s_i B_i A_i written exactly as one LoRA: B = [s_1 B_1 | … ], A = [A_1; …], scale 1."""
+        dtype = torch.float64 if any(p.A.dtype == torch.float64 for p in parts) else torch.float32
+        B = torch.cat([p.scale * p.B.to(dtype) for p in parts], dim=1)
+        A = torch.cat([p.A.to(dtype) for p in parts], dim=0)
+        return LoraFactors(B, A, 1.0)
+
+
+@dataclass
+class LoraAdapter:
+    """A loaded PEFT LoRA adapter: its config and the factors of every target module, by module name."""
+
+    path: Path | None
+    config: dict
+    modules: dict[str, LoraFactors]
+    sha256: str = ""
+    name: str = ""
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def delta(self, module: str) -> torch.Tensor:
+        return self.modules[module].delta()
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: the first pattern whose regex matches the end of the name."""
+    from peft.utils.other import get_pattern_key
+
+    if not patterns:
+        return default
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key, default)
+
+
+def module_scale(config: dict, module: str, rank: int) -> float:
+    """s_m = α_m / r_m (or α_m / √r_m with rsLoRA), honouring rank_pattern and alpha_pattern."""
+    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
+    if r != rank:
+        raise AdapterError(
+            f"module {module}: lora_A has rank {rank} but the config (r / rank_pattern) says {r}"
+        )
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r)))
+    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+def _check_config(config: dict, where: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{where}: peft_type {peft_type!r} is not a LoRA adapter")
+    if config.get("use_dora"):
+        raise AdapterError(f"{where}: DoRA adapters are not supported (their update is not s·BA)")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{where}: adapters that train biases (bias={config['bias']!r}) are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            f"{where}: modules_to_save={config['modules_to_save']} holds full weights that a LoRA merge "
+            "cannot combine; retrain without it"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Load a PEFT LoRA folder; refuses pickles, DoRA, trained biases and unknown tensor names."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder not found: {folder}")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"{folder}: only safetensors weights are accepted; refusing pickle file(s) {', '.join(pickles)}",
+                code="pickle_refused",
+            )
+        raise AdapterError(f"{folder}: missing {WEIGHTS_NAME}")
+    if not config_path.is_file():
+        raise AdapterError(f"{folder}: missing {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    _check_config(config, folder)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights_path}: corrupt safetensors file ({exc})") from exc
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B of Linear modules)")
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
+    if not factors:
+        raise AdapterError(f"{weights_path}: holds no LoRA tensors")
+
+    modules: dict[str, LoraFactors] = {}
+    for module, pair in sorted(factors.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"module {module}: has lora_{''.join(pair)} but not both lora_A and lora_B")
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B·A"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"module {module}: holds non-finite values")
+        modules[module] = LoraFactors(B=B, A=A, scale=module_scale(config, module, int(A.shape[0])))
+
+    digest = hashlib.sha256()
+    digest.update(config_path.read_bytes())
+    digest.update(file_sha256(weights_path).encode())
+    return LoraAdapter(folder, config, modules, digest.hexdigest(), name or folder.name)
+
+
+def save_adapter(
+    folder: str | Path,
+    modules: dict[str, LoraFactors],
+    *,
+    base_model: str | None,
+    revision: str | None = None,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write a standard PEFT LoRA folder holding ΔW_m = B_m A_m for every m (scaling 1 everywhere).
+
+    Modules may differ in rank: the most common rank is `r` and the others go to `rank_pattern`, with
+    `lora_alpha` / `alpha_pattern` equal to the rank so that every scaling is exactly 1.
+    """
+    from peft import LoraConfig
+
+    if not modules:
+        raise AdapterError("refusing to write an adapter with no modules")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = {name: f.rank * 1 for name, f in modules.items()}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r_common = max(counts, key=lambda r: (counts[r], r))
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != r_common}
+    config = LoraConfig(
+        r=r_common,
+        lora_alpha=r_common,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=sorted(modules),
+        fan_in_fan_out=fan_in_fan_out,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        revision=revision,
+    )
+    config.save_pretrained(str(folder))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, f in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (f.scale * f.B.to(torch.float64)).to(dtype).contiguous()
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})

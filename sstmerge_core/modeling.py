@@ -1,0 +1,160 @@
+"""Base-model plumbing: loading (local folder or Hub id, no remote code), finding LoRA target modules,
+and adding dense updates ΔW to their weights in place (and taking them out again)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AdapterError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A base model: a local folder, or a Hub id with an optional revision (`org/name@rev`)."""
+
+    name_or_path: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        if Path(text).exists():
+            return cls(str(Path(text).resolve()))
+        name, _, revision = text.partition("@")
+        return cls(name, revision or None)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).is_dir()
+
+    def __str__(self) -> str:
+        return self.name_or_path + (f"@{self.revision}" if self.revision else "")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"unknown dtype {dtype!r} (float32, bfloat16, float16 or auto)") from None
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, revision=ref.revision, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(ref: ModelRef | str, device: str = "auto", dtype: str = "auto"):
+    """Load (model, tokenizer) with transformers; safetensors weights only, `trust_remote_code=False`."""
+    from transformers import AutoModelForCausalLM
+
+    ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.name_or_path,
+            revision=ref.revision,
+            dtype=torch_dtype,
+            trust_remote_code=False,
+            use_safetensors=True,
+        )
+        tokenizer = load_tokenizer(ref)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load base model {ref}: {first_line}") from exc
+    model.to(torch_device).eval()
+    log.info(
+        "loaded base model",
+        extra={"model": str(ref), "device": str(torch_device), "dtype": str(torch_dtype),
+               "parameters": sum(p.numel() for p in model.parameters())},
+    )
+    return model, tokenizer
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style Conv1D: weight stored (d_in × d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear or Conv1D module."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return int(d_out), int(d_in)
+    raise AdapterError(f"{type(module).__name__} is not a Linear or Conv1D module")
+
+
+def get_target_module(model: nn.Module, name: str, shape: tuple[int, int] | None = None) -> nn.Module:
+    """The module called `name`, checked to be Linear/Conv1D and, if given, of ΔW shape (d_out, d_in)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterError(f"module {name}: not found in the base model ({type(model).__name__})") from None
+    try:
+        actual = linear_shape(module)
+    except AdapterError as exc:
+        raise AdapterError(f"module {name}: {exc}") from None
+    if shape is not None and tuple(shape) != actual:
+        raise AdapterError(
+            f"module {name}: adapter update has shape {tuple(shape)} (d_out, d_in) but the base model's "
+            f"module is {actual}; the adapter was trained for another base model"
+        )
+    return module
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every Linear/Conv1D module below the decoder (the output head excluded)."""
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not head
+    ]
+
+
+@torch.no_grad()
+def add_delta(module: nn.Module, delta: torch.Tensor, sign: float = 1.0) -> None:
+    """W ← W + sign · ΔW for ΔW in (d_out × d_in) orientation."""
+    weight = module.weight
+    update = delta.T if is_conv1d(module) else delta
+    weight.add_(update.to(device=weight.device, dtype=weight.dtype), alpha=sign)
+
+
+@contextlib.contextmanager
+def merged_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Temporarily W_m ← W_m + ΔW_m for every m; the original weights are restored bit-exactly."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        for name, delta in deltas.items():
+            module = get_target_module(model, name, tuple(delta.shape))
+            saved[name] = module.weight.detach().clone()
+            add_delta(module, delta)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
