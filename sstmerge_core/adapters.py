@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import AdapterError
@@ -48,6 +48,16 @@ class LoraFactors:
         """Dense ΔW = scale · B A, (d_out × d_in), in float32 or wider."""
         dtype = torch.promote_types(self.A.dtype, torch.float32)
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def core(self, R_out: torch.Tensor, R_in: torch.Tensor) -> torch.Tensor:
+        """R_outᵀ ΔW R_in = scale · (R_outᵀ B)(A R_in), without forming ΔW."""
+        B, A = self.B.to(R_out.dtype), self.A.to(R_in.dtype)
+        return self.scale * (R_out.T @ B) @ (A @ R_in)
+
+    def frobenius_norm(self) -> float:
+        """‖scale · B A‖_F = |scale| · √tr((BᵀB)(AAᵀ)), without forming ΔW."""
+        B, A = self.B.double(), self.A.double()
+        return abs(self.scale) * float(torch.sqrt(torch.clamp(torch.trace((B.T @ B) @ (A @ A.T)), min=0)))
 
     def scaled(self, weight: float) -> LoraFactors:
         """The factors of weight · ΔW."""
@@ -153,7 +163,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     _check_config(config, folder)
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights_path}: corrupt safetensors file ({exc})") from exc
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -204,7 +214,7 @@ def save_adapter(
         raise AdapterError("refusing to write an adapter with no modules")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ranks = {name: f.rank * 1 for name, f in modules.items()}
+    ranks = {name: f.rank for name, f in modules.items()}
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1

@@ -1,0 +1,94 @@
+"""On-disk cache of Fisher factors, so that a sweep over α, selection, k or β costs no new data pass.
+
+Key: sha256 of everything the factors depend on (base model fingerprint, adapter hashes and weights,
+data hash, estimator and sample/length settings, code version). Entries are safetensors files written
+atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .fisher import KFACFactors
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SSTMERGE_CACHE", Path.home() / ".cache" / "sstmerge"))
+
+
+def model_fingerprint(name_or_path: str, revision: str | None) -> str:
+    """Hub id + revision, or for a local folder: config.json and each weight file's name, size and edges."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return f"hub:{name_or_path}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(size - (1 << 20), 0))
+            digest.update(handle.read(1 << 20))
+    return f"local:{digest.hexdigest()}"
+
+
+def cache_key(**parts) -> str:
+    payload = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class FisherCache:
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder else default_cache_dir() / "fisher"
+        self.hits: list[str] = []
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def load(self, key: str) -> dict[str, KFACFactors] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        names = {k.rsplit(".", 1)[0] for k in tensors}
+        return {n: KFACFactors(tensors[f"{n}.A"], tensors[f"{n}.G"], 1, 1) for n in names}
+
+    def save(self, key: str, factors: dict[str, KFACFactors]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, f in factors.items():
+            tensors[f"{name}.A"] = f.A.detach().cpu().contiguous()
+            tensors[f"{name}.G"] = f.G.detach().cpu().contiguous()
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_or_compute(self, key: str, compute: Callable[[], dict[str, KFACFactors]]) -> dict[str, KFACFactors]:
+        factors = self.load(key)
+        if factors is not None:
+            self.hits.append(key)
+            log.info("fisher cache hit", extra={"key": key[:16], "modules": len(factors)})
+            return factors
+        factors = compute()
+        self.save(key, factors)
+        return factors

@@ -1,0 +1,73 @@
+"""The `sstmerge` command line.
+
+Core commands live in `sstmerge_core.commands`; the service adds `serve`, `worker` and `keys` through the
+`sstmerge.commands` entry-point group, so this library never imports web or queue code.
+Exit codes: 0 ok, 2 bad usage or input (one line on stderr), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from .errors import InputError
+
+CORE_COMMANDS = {
+    "merge": "sstmerge_core.commands.merge:merge",
+    "evaluate": "sstmerge_core.commands.evaluate:evaluate",
+    "train-lora": "sstmerge_core.commands.train_lora:train_lora",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose core commands are imported only when used (keeps `--help` fast, torch-free)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*CORE_COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in CORE_COMMANDS:
+            module, _, attr = CORE_COMMANDS[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup)
+@click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
+def cli(log_level: str) -> None:
+    """sstmerge: merge LoRA adapters with SST-Merge (or a baseline) and evaluate safety and utility."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _load_plugins() -> None:
+    for entry in entry_points(group="sstmerge.commands"):
+        try:
+            entry.load()(cli)
+        except ImportError as exc:  # the service extras are optional for core use
+            logging.getLogger(__name__).debug("plugin %s not loaded: %s", entry.name, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_plugins()
+    try:
+        cli.main(args=argv, prog_name="sstmerge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return 2 if isinstance(exc, click.UsageError) or exc.exit_code == 2 else exc.exit_code
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""What one merge job needs, with every input already resolved to a local path (pydantic, no torch).
+
+The CLI builds a `MergeSpec` from flags and the worker from a stored job; both hand it to
+`sstmerge_core.pipeline.run_merge`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .methods.params import METHOD_PARAMS, CommonParams, parse_params
+
+UtilityMetric = Literal["exact_match", "contains", "rouge_l", "nll"]
+
+
+class AdapterInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+
+
+class EvaluationSpec(BaseModel):
+    """Held-out evaluation sets (never the merge's own data) and generation/judging settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    harmful: str
+    benign: str
+    utility_eval: str
+    utility_metric: UtilityMetric = "exact_match"
+    judge: str = "keyword"
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    limit: int | None = Field(default=None, ge=1, description="at most this many prompts per evaluation set")
+    batch_size: int = Field(default=8, ge=1)
+    utility_tolerance: float = Field(default=0.02, ge=0, description="recommended α: utility_drop ≤ this")
+
+
+class MergeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(description="local folder or Hub id `org/name[@revision]`")
+    utility: list[AdapterInput] = Field(default_factory=list)
+    safety: list[AdapterInput] = Field(min_length=1)
+    utility_data: str | None = None
+    safety_data: str | None = None
+    method: str = "sst"
+    params: dict = Field(default_factory=dict)
+    compare_with: list[str] = Field(default_factory=list)
+    evaluation: EvaluationSpec | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = Field(default=None, description="Fisher factor cache (default: ~/.cache/sstmerge)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        for name in [self.method, *self.compare_with]:
+            if name not in METHOD_PARAMS:
+                raise ValueError(f"unknown method {name!r}; one of {sorted(METHOD_PARAMS)}")
+        parse_params(self.method, self.params)
+        if self.method == "sst" and not (self.utility_data and self.safety_data):
+            raise ValueError("method 'sst' needs utility_data and safety_data")
+        return self
+
+    def method_params(self) -> CommonParams:
+        return parse_params(self.method, self.params)

@@ -1,0 +1,159 @@
+"""From loaded adapters to merged per-module updates: alignment and validation by module name,
+the Fisher passes at the utility-merged model, and the method applied to every module for every α."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import LoraAdapter, LoraFactors
+from .data import Example
+from .errors import AdapterError
+from .fisher import FisherConfig, KFACFactors, collect_factors
+from .gevp import orthonormal_basis, truncate_product
+from .methods.base import FisherFactors, MergeMethod, ModuleInputs, ModuleResult
+from .methods.params import CommonParams
+from .modeling import get_target_module, merged_deltas
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class WeightedAdapter:
+    adapter: LoraAdapter
+    weight: float = 1.0
+
+
+def _base_name(adapter: LoraAdapter) -> str | None:
+    base = adapter.base_model
+    return Path(base.rstrip("/")).name.lower() if base else None
+
+
+def check_compatible(adapters: list[WeightedAdapter]) -> None:
+    """Same base model (by name, where the configs record one), same fan_in_fan_out, same module shapes."""
+    names = {_base_name(w.adapter): w.adapter.name for w in adapters if _base_name(w.adapter)}
+    if len(names) > 1:
+        listing = ", ".join(f"{adapter} → {base}" for base, adapter in names.items())
+        raise AdapterError(f"adapters were trained on different base models: {listing}")
+    if len({w.adapter.fan_in_fan_out for w in adapters}) > 1:
+        raise AdapterError("adapters disagree on fan_in_fan_out (Linear vs Conv1D layout)")
+    shapes: dict[str, tuple[tuple[int, int], str]] = {}
+    for w in adapters:
+        for module, factors in w.adapter.modules.items():
+            seen = shapes.setdefault(module, (factors.shape, w.adapter.name))
+            if seen[0] != factors.shape:
+                raise AdapterError(
+                    f"module {module}: adapter {w.adapter.name} has ΔW shape {factors.shape} but "
+                    f"{seen[1]} has {seen[0]}"
+                )
+
+
+def module_inputs(
+    utility: list[WeightedAdapter], safety: list[WeightedAdapter], model: nn.Module | None = None
+) -> dict[str, ModuleInputs]:
+    """Per module name (sorted): the weighted utility factors and the weighted safety sum ΣΔS_j.
+
+    Everything is keyed by module name, never by position, so each result lands on its own module.
+    With `model`, every module must exist there with the adapter's (d_out, d_in).
+    """
+    if not safety:
+        raise AdapterError("at least one safety adapter is required")
+    check_compatible([*utility, *safety])
+    names = sorted({m for w in [*utility, *safety] for m in w.adapter.modules})
+    result = {}
+    for name in names:
+        ups = [w.adapter.modules[name].scaled(w.weight) for w in utility if name in w.adapter.modules]
+        sps = [w.adapter.modules[name].scaled(w.weight) for w in safety if name in w.adapter.modules]
+        shape = (ups or sps)[0].shape
+        if model is not None:
+            get_target_module(model, name, shape)
+        combined = sps[0] if len(sps) == 1 else (LoraFactors.concat(sps) if sps else None)
+        result[name] = ModuleInputs(name, shape, ups, combined)
+    return result
+
+
+def span_bases(inputs: dict[str, ModuleInputs]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(R_in, R_out) per safety module: orthonormal bases of row(A_S) and col(B_S) (SPEC §3 step 2)."""
+    bases = {}
+    for name, m in inputs.items():
+        if m.safety is None:
+            continue
+        R_in, R_out = orthonormal_basis(m.safety.A.T), orthonormal_basis(m.safety.B)
+        if R_in.shape[1] == 0 or R_out.shape[1] == 0 or m.safety.scale == 0:
+            raise AdapterError(f"module {name}: the safety update is zero")
+        bases[name] = (R_in, R_out)
+    return bases
+
+
+def utility_deltas(inputs: dict[str, ModuleInputs]) -> dict[str, torch.Tensor]:
+    """Dense ΔU_m for every module some utility adapter touches."""
+    return {name: m.utility_delta() for name, m in inputs.items() if m.utility}
+
+
+def fisher_factors(
+    model: nn.Module,
+    tokenizer,
+    inputs: dict[str, ModuleInputs],
+    utility_data: list[Example],
+    safety_data: list[Example],
+    utility_config: FisherConfig,
+    safety_config: FisherConfig,
+    *,
+    cached: Callable[[str, Callable[[], dict[str, KFACFactors]]], dict[str, KFACFactors]] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, FisherFactors]:
+    """Both data passes at the utility-merged model M + ΔU (SPEC §3 step 3); the base weights are restored.
+
+    `cached(kind, compute)` may return stored factors instead of running `compute` (kind: utility/safety).
+    """
+    bases = span_bases(inputs)
+
+    def run(kind: str, data: list[Example], config: FisherConfig) -> dict[str, KFACFactors]:
+        def compute() -> dict[str, KFACFactors]:
+            with merged_deltas(model, utility_deltas(inputs)):
+                report = (lambda done, total: progress(kind, done, total)) if progress else None
+                return collect_factors(model, tokenizer, data, bases, config, report)
+
+        return cached(kind, compute) if cached else compute()
+
+    u = run("utility", utility_data, utility_config)
+    s = run("safety", safety_data, safety_config)
+    return {
+        name: FisherFactors(R_in, R_out, u[name].A, u[name].G, s[name].A, s[name].G)
+        for name, (R_in, R_out) in bases.items()
+    }
+
+
+def truncate_factors(factors: LoraFactors, max_rank: int) -> tuple[LoraFactors, float]:
+    """Best rank-`max_rank` LoRA of ΔW = s·B A, and the relative Frobenius error of the truncation."""
+    B, A, error = truncate_product(factors.scale * factors.B.double(), factors.A, max_rank)
+    return LoraFactors(B, A), error
+
+
+def merge_modules(
+    method: MergeMethod,
+    inputs: dict[str, ModuleInputs],
+    params: CommonParams,
+    fisher: dict[str, FisherFactors] | None = None,
+) -> dict[float, dict[str, ModuleResult]]:
+    """The method on every module, for every α: {α: {module: result}}, with `max_rank` truncation."""
+    started = time.perf_counter()
+    by_alpha: dict[float, dict[str, ModuleResult]] = {alpha: {} for alpha in params.alphas}
+    for name, m in inputs.items():
+        if fisher is not None and name in fisher:
+            m = ModuleInputs(m.name, m.shape, m.utility, m.safety, fisher[name])
+        for alpha, result in zip(params.alphas, method.merge(m, params, params.alphas), strict=True):
+            if params.max_rank is not None and result.factors is not None and result.factors.rank > params.max_rank:
+                factors, error = truncate_factors(result.factors, params.max_rank)
+                result = ModuleResult(factors, {**result.diagnostics, "svd_rel_error": error})
+            by_alpha[alpha][name] = result
+    log.info("merged modules", extra={"method": method.name, "modules": len(inputs),
+                                      "alphas": params.alphas, "seconds": round(time.perf_counter() - started, 3)})
+    return by_alpha

@@ -1,0 +1,78 @@
+"""What a merge method sees of one module, what it returns, and the registry of methods.
+
+Every method is a pure function `merge(inputs, params, alphas) -> [ModuleResult per α]` on one module's
+updates, in the manner of mergekit's merge methods; the CLI, API schema and model card read the
+registry's metadata instead of repeating it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import LoraFactors
+from .params import METHOD_PARAMS, CommonParams
+
+
+@dataclass(frozen=True)
+class FisherFactors:
+    """Restricted K-FAC factors of one module at the utility-merged model (SPEC §3 step 3)."""
+
+    R_in: torch.Tensor  # (d_in × q) orthonormal basis of row(A_S)
+    R_out: torch.Tensor  # (d_out × p) orthonormal basis of col(B_S)
+    A_u: torch.Tensor  # (q × q)
+    G_u: torch.Tensor  # (p × p)
+    A_s: torch.Tensor  # (q × q)
+    G_s: torch.Tensor  # (p × p)
+
+
+@dataclass(frozen=True)
+class ModuleInputs:
+    """One module's updates: utility ones already weighted (scale = w_i s_i) and the weighted safety sum."""
+
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    utility: list[LoraFactors]
+    safety: LoraFactors | None
+    fisher: FisherFactors | None = None
+
+    def utility_delta(self) -> torch.Tensor:
+        """Dense ΔU = Σ_i w_i ΔU_i (zeros if no utility adapter touches the module)."""
+        delta = torch.zeros(self.shape, dtype=torch.float64)
+        for part in self.utility:
+            delta += part.delta().to(torch.float64)
+        return delta
+
+
+@dataclass
+class ModuleResult:
+    """The merged update ΔW = B A (scale 1) of one module at one α, or None if ΔW = 0."""
+
+    factors: LoraFactors | None
+    diagnostics: dict = field(default_factory=dict)
+
+
+MergeFn = Callable[[ModuleInputs, CommonParams, list[float]], list[ModuleResult]]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: MergeFn
+    description: str
+    reference: str
+    needs_fisher: bool = False
+
+    @property
+    def params(self) -> type[CommonParams]:
+        return METHOD_PARAMS[self.name]
+
+
+def concat_update(utility: list[LoraFactors], safety: LoraFactors | None, alpha: float) -> LoraFactors | None:
+    """ΔU + α ΔS written exactly as one concatenated LoRA (the safety part dropped when α = 0)."""
+    parts = list(utility)
+    if safety is not None and alpha != 0 and safety.rank > 0:
+        parts.append(safety.scaled(alpha))
+    return LoraFactors.concat(parts) if parts else None

@@ -1,0 +1,93 @@
+"""Element-wise merges on dense ΔW (TIES, DARE, magnitude pruning) with PEFT's own merge rules,
+factorized back to a LoRA by truncated SVD with the relative error reported."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+from peft.utils import merge_utils
+
+from ..adapters import LoraFactors
+from ..gevp import truncated_svd
+from .base import MergeMethod, ModuleInputs, ModuleResult
+from .params import CommonParams, DensityParams, TiesParams
+
+Rule = Callable[[list[torch.Tensor], torch.Tensor, CommonParams], torch.Tensor]
+
+
+def task_tensors(inputs: ModuleInputs) -> tuple[list[torch.Tensor], list[float]]:
+    """Unweighted task updates [ΔU_1, …, ΔS] (float32, d_out × d_in) and their weights [w_1, …] (α appended later).
+
+    `inputs.utility[i]` already carries w_i in its scale; it is split back out because TIES/DARE prune
+    the unweighted updates and weight them afterwards, as PEFT does.
+    """
+    tensors, weights = [], []
+    for part in inputs.utility:
+        tensors.append(LoraFactors(part.B, part.A, 1.0).delta().float())
+        weights.append(part.scale)
+    return tensors, weights
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed that does not depend on module order (DARE's random drops)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def dense_merge(rule: Rule) -> Callable[[ModuleInputs, CommonParams, list[float]], list[ModuleResult]]:
+    """A method that applies `rule(task_tensors, weights, params)` per α, then SVD back to the target rank."""
+
+    def merge(inputs: ModuleInputs, params: CommonParams, alphas: list[float]) -> list[ModuleResult]:
+        tensors, weights = task_tensors(inputs)
+        has_safety = inputs.safety is not None
+        if has_safety:
+            tensors.append(inputs.safety.delta().float())
+        target_rank = params.max_rank or (
+            sum(p.rank for p in inputs.utility) + (inputs.safety.rank if has_safety else 0)
+        )
+        results = []
+        for alpha in alphas:
+            torch.manual_seed(module_seed(params.seed, inputs.name))
+            w = torch.tensor(weights + ([alpha] if has_safety else []), dtype=torch.float32)
+            merged = rule(tensors, w, params).double()
+            if not torch.any(merged):
+                results.append(ModuleResult(None, {"svd_rel_error": 0.0}))
+                continue
+            B, A, error = truncated_svd(merged, target_rank)
+            results.append(ModuleResult(LoraFactors(B, A), {"svd_rel_error": error, "rank": int(A.shape[0])}))
+        return results
+
+    return merge
+
+
+def _ties(t: list[torch.Tensor], w: torch.Tensor, p: TiesParams) -> torch.Tensor:
+    return merge_utils.ties(t, w, p.density, p.majority_sign_method)
+
+
+def _dare_linear(t: list[torch.Tensor], w: torch.Tensor, p: DensityParams) -> torch.Tensor:
+    return merge_utils.dare_linear(t, w, p.density)
+
+
+def _dare_ties(t: list[torch.Tensor], w: torch.Tensor, p: TiesParams) -> torch.Tensor:
+    return merge_utils.dare_ties(t, w, p.density, p.majority_sign_method)
+
+
+def _magnitude_prune(t: list[torch.Tensor], w: torch.Tensor, p: DensityParams) -> torch.Tensor:
+    return merge_utils.magnitude_prune(t, w, p.density)
+
+
+METHODS = [
+    MergeMethod("ties", dense_merge(_ties),
+                "TIES: trim each update to its top-density magnitudes, elect signs, average the agreeing entries.",
+                "https://arxiv.org/abs/2306.01708"),
+    MergeMethod("dare_linear", dense_merge(_dare_linear),
+                "DARE: drop entries at random with rate 1−density, rescale by 1/density, then sum (seeded).",
+                "https://arxiv.org/abs/2311.03099"),
+    MergeMethod("dare_ties", dense_merge(_dare_ties),
+                "DARE drop-and-rescale followed by TIES sign election (seeded).",
+                "https://arxiv.org/abs/2311.03099"),
+    MergeMethod("magnitude_prune", dense_merge(_magnitude_prune),
+                "Keep the top-density magnitudes of each update, then sum.",
+                "https://arxiv.org/abs/2306.01708"),
+]
