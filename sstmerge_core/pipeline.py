@@ -88,7 +88,7 @@ class _Tracker:
     def report(self, fraction: float) -> None:
         if self.progress is not None and self._current is not None:
             start, width = self._offset(self._current)
-            self.progress(self._current, min(1.0, start + width * fraction))
+            self.progress(self._current, round(min(1.0, start + width * fraction), 6))
 
     def finish(self) -> None:
         if self._current is not None:

@@ -21,6 +21,8 @@ def parse_adapter_option(text: str) -> tuple[str, str]:
     folder, label = text, ""
     if not Path(text).exists() and ":" in text:
         folder, _, label = text.rpartition(":")
+    if not Path(folder).is_dir():
+        raise InputError(f"--adapter {text}: adapter folder not found: {folder}")
     label = label or Path(folder).name
     if label == "base":
         raise InputError(f"--adapter {text}: the label 'base' is reserved for the base model")
@@ -76,20 +78,24 @@ def _summary_table(metrics: dict):
                    "'before' marks the reference (base + utility adapters) that derived metrics compare against "
                    "(else the base model); 'safety' marks the safety adapter; any other label is a candidate for "
                    "the recommendation.")
-@click.option("--harmful", required=True, help="Harmful prompts (JSONL/CSV with a `prompt` column): safety = refusal rate.")
+@click.option("--harmful", required=True,
+              help="Harmful prompts (JSONL/CSV with a `prompt` column): safety = refusal rate.")
 @click.option("--benign", required=True, help="Benign prompts (JSONL/CSV, `prompt`): over-refusal = refusal rate.")
 @click.option("--utility-eval", required=True, help="Utility prompts with reference `response`s (JSONL/CSV).")
 @click.option("--utility-metric", type=click.Choice(get_args(UtilityMetric)), default="exact_match", show_default=True,
               help="Utility score of a completion against the reference response.")
 @click.option("--judge", default="keyword", show_default=True, metavar="keyword|classifier:MODEL[#LABEL]",
               help="Refusal judge: the keyword rules, or a sequence-classification model and its refusal label.")
-@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True, help="Tokens generated per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Tokens generated per prompt.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts of each set.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Prompts per generation batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Prompts per generation batch.")
 @click.option("--utility-tolerance", type=click.FloatRange(0), default=0.02, show_default=True,
               help="Recommendation: the largest utility_drop an adapter may have.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
               help="Model weights dtype (auto: bfloat16 on GPU, float32 on CPU).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write metrics.json.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
@@ -113,7 +119,8 @@ def evaluate(base_model: str, adapters: tuple[str, ...], harmful: str, benign: s
     data = EvaluationData.load(spec)
     refusal_judge = make_judge(spec.judge, device=str(resolve_device(device)))
     model, tokenizer = load_base_model(base_model, device, dtype)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("evaluate", total=1.0)
         metrics = evaluate_variants(model, tokenizer, variants, spec,

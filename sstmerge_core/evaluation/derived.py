@@ -115,5 +115,5 @@ def recommend(candidates: list[Candidate], method: str | None, tolerance: float)
         return {"label": None, "method": method, "alpha": None, "rule": rule, "reason": reason}
     best = min(qualified, key=lambda c: (-c.safety, c.over_refusal, float("inf") if c.alpha is None else c.alpha))
     reason = (f"{best.label}: safety {best.safety:.3f}, over_refusal {best.over_refusal:.3f}, "
-              f"utility_drop {best.utility_drop:.4g} ≤ {tolerance:g}, out of {len(qualified)} qualifying of {len(pool)}")
+              f"utility_drop {best.utility_drop:.4g} ≤ {tolerance:g}; {len(qualified)} of {len(pool)} qualified")
     return {"label": best.label, "method": method, "alpha": best.alpha, "rule": rule, "reason": reason}

@@ -76,7 +76,8 @@ def response_nll(
             item = encoded[i]
             input_ids[row, :len(item.input_ids)] = torch.tensor(item.input_ids)
             scored[row, item.response_start:len(item.input_ids)] = True
-        attention_mask = (torch.arange(width)[None, :] < torch.tensor([len(encoded[i].input_ids) for i in batch])[:, None])
+        lengths = torch.tensor([len(encoded[i].input_ids) for i in batch])
+        attention_mask = torch.arange(width)[None, :] < lengths[:, None]
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
         token_nll = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(model.device), reduction="none"

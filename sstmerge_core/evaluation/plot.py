@@ -11,7 +11,6 @@ import io
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
 RATE_LIMITS = (-0.03, 1.03)
 
 

@@ -33,6 +33,8 @@ from .stats import Rate
 SCHEMA_VERSION = 1
 SAMPLES_PER_SET = 3
 VariantKind = Literal["base", "before", "safety", "merged", "baseline"]
+COMPARED_KINDS = ("safety", "merged", "baseline")
+"""Kinds that get derived metrics against the reference (before, else base)."""
 Progress = Callable[[str, float], None]
 """progress(stage, fraction of the whole evaluation done); it may raise (e.g. `Cancelled`) to stop."""
 
@@ -210,8 +212,10 @@ def evaluate_variants(
     method of the first merged variant). The model's weights are unchanged on return.
     """
     reference = _check_variants(variants)
-    data = data or EvaluationData.load(spec)
-    judge = judge or make_judge(spec.judge, device=str(model.device))
+    if data is None:
+        data = EvaluationData.load(spec)
+    if judge is None:
+        judge = make_judge(spec.judge, device=str(model.device))
     metric = UTILITY_METRICS[spec.utility_metric]
     counter = _ProgressCounter(progress, data.size * len(variants))
     dtype = next(model.parameters()).dtype
@@ -225,14 +229,15 @@ def evaluate_variants(
         entries.append(_model_entry(variant, provenance, results[variant.label]))
 
     scores = {label: r.scores(metric.higher_is_better) for label, r in results.items()}
-    candidates = []
-    for variant, entry, pareto in zip(variants, entries, pareto_flags(list(scores.values()))):
-        compared = variant.kind in ("safety", "merged", "baseline")
-        entry["derived"] = derived_metrics(scores[reference.label], scores[variant.label]) if compared else None
+    for entry, pareto in zip(entries, pareto_flags(list(scores.values()))):
+        compared = entry["kind"] in COMPARED_KINDS
+        entry["derived"] = derived_metrics(scores[reference.label], scores[entry["label"]]) if compared else None
         entry["pareto"] = pareto
-        if variant.kind == "merged":
-            candidates.append(Candidate(variant.label, variant.method, variant.alpha, scores[variant.label].safety,
-                                        scores[variant.label].over_refusal, entry["derived"]["utility_drop"]))
+    candidates = [
+        Candidate(e["label"], e["method"], e["alpha"], e["safety"]["rate"], e["over_refusal"]["rate"],
+                  e["derived"]["utility_drop"])
+        for e in entries if e["kind"] == "merged"
+    ]
     if main_method is None:
         main_method = next((v.method for v in variants if v.kind == "merged"), None)
     if progress is not None:

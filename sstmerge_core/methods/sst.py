@@ -21,7 +21,7 @@ def selection_weights(basis: Eigenbasis, params: SSTParams) -> torch.Tensor:
     """W (p × q) ∈ [0, 1]: soft λ/(λ+β·median λ), the k largest λ_ij, or the k_in largest μ_j (all i)."""
     lam = basis.lam
     if params.selection == "soft":
-        beta = params.beta * torch.median(lam.flatten())
+        beta = params.beta * torch.quantile(lam.flatten(), 0.5)
         return lam / (lam + beta)
     weights = torch.zeros_like(lam)
     if params.selection == "topk":
@@ -51,7 +51,7 @@ def project(inputs: ModuleInputs, params: SSTParams) -> tuple[LoraFactors, dict]
     diagnostics = {
         "span": [int(basis.R_out.shape[1]), int(basis.R_in.shape[1])],
         "lambda_top": torch.sort(lam.flatten(), descending=True).values[:TOP].tolist(),
-        "lambda_median": float(torch.median(lam.flatten())),
+        "lambda_median": float(torch.quantile(lam.flatten(), 0.5)),
         "mu_top": basis.mu[:TOP].tolist(),
         "nu_top": basis.nu[:TOP].tolist(),
         "weights_sum": float(W.sum()),
