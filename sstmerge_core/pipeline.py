@@ -176,6 +176,7 @@ def run_merge(
         needs_model = method.needs_fisher or spec.evaluation is not None
         model, tokenizer = (model_cache or ModelCache()).get(ref, spec.device, spec.dtype) if needs_model else (None, None)
         inputs = module_inputs(utility, safety, model)
+        evaluation = _evaluation_inputs(spec, model) if spec.evaluation else None
         info = {"base_model": str(ref), "utility_adapters": _adapter_info(utility),
                 "safety_adapters": _adapter_info(safety), "data": {}}
 
@@ -202,10 +203,7 @@ def run_merge(
         metrics_path = plot_path = None
         if spec.evaluation is not None:
             track.start("evaluating")
-            from .evaluation_bridge import evaluate_job
-
-            metrics = evaluate_job(model, tokenizer, spec, params, staging, adapter_dirs, list(baselines),
-                                   lambda f: track.report(f))
+            metrics = _evaluate(model, tokenizer, spec, params, staging, list(baselines), track, evaluation)
             metrics_path, plot_path = staging / "metrics.json", staging / "plot.png"
             report["evaluation"] = {"recommended": metrics.get("recommended")}
         track.finish()
@@ -228,6 +226,58 @@ def run_merge(
         metrics_path=out_dir / metrics_path.name if metrics_path else None,
         plot_path=out_dir / plot_path.name if plot_path and (out_dir / plot_path.name).exists() else None,
     )
+
+
+def evaluation_variants(spec: MergeSpec, params: CommonParams, root: Path, baselines: list[str]) -> list:
+    """Base, before (base + utility), safety (base + safety), the merged adapter per α and each baseline per α."""
+    from .evaluation.runner import Variant
+
+    variants = [Variant("base", "base")]
+    if spec.utility:
+        variants.append(Variant("before", "before", tuple(spec.utility)))
+    variants.append(Variant("safety", "safety", tuple(spec.safety)))
+    method_params = params.model_dump(exclude={"alphas"})
+    for alpha in params.alphas:
+        variants.append(Variant(f"{spec.method}@{alpha:g}", "merged", str(root / alpha_dirname(alpha)),
+                                method=spec.method, alpha=alpha, params=method_params))
+    for name in baselines:
+        for alpha in params.alphas:
+            variants.append(Variant(f"{name}@{alpha:g}", "baseline", str(root / "baselines" / name / alpha_dirname(alpha)),
+                                    method=name, alpha=alpha, params=_baseline_params(name, params).model_dump(exclude={"alphas"})))
+    return variants
+
+
+def _evaluation_inputs(spec: MergeSpec, model) -> tuple:
+    """The evaluation sets and judge, loaded up front so that a bad file fails the job before any data pass."""
+    from .evaluation.judges import make_judge
+    from .evaluation.runner import EvaluationData
+
+    data = EvaluationData.load(spec.evaluation)
+    merge_prompts = {e.prompt.strip() for path in (spec.utility_data, spec.safety_data) if path
+                     for e in load_examples(path)}
+    for name, examples in (("harmful", data.harmful), ("benign", data.benign), ("utility_eval", data.utility)):
+        shared = sum(e.prompt.strip() in merge_prompts for e in examples)
+        if shared:
+            raise InputError(f"evaluation set {name!r} shares {shared} prompt(s) with the merge data; "
+                             "evaluation prompts must be held out")
+    return data, make_judge(spec.evaluation.judge, device=str(model.device))
+
+
+def _evaluate(model, tokenizer, spec: MergeSpec, params: CommonParams, staging: Path, baselines: list[str],
+              track: _Tracker, evaluation: tuple) -> dict:
+    """Evaluate every variant on the held-out sets; writes metrics.json and plot.png into `staging`."""
+    from .evaluation.runner import evaluate_variants, write_outputs
+
+    def progress(_stage: str, fraction: float) -> None:
+        if track.should_cancel is not None and track.should_cancel():
+            raise Cancelled("cancelled during evaluation")
+        track.report(fraction)
+
+    data, judge = evaluation
+    metrics = evaluate_variants(model, tokenizer, evaluation_variants(spec, params, staging, baselines),
+                                spec.evaluation, progress, data=data, judge=judge, main_method=spec.method)
+    write_outputs(metrics, staging / "metrics.json", staging / "plot.png")
+    return metrics
 
 
 def _baseline_params(name: str, params: CommonParams) -> CommonParams:
