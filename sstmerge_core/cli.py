@@ -20,6 +20,7 @@ CORE_COMMANDS = {
     "merge": "sstmerge_core.commands.merge:merge",
     "evaluate": "sstmerge_core.commands.evaluate:evaluate",
     "train-lora": "sstmerge_core.commands.train_lora:train_lora",
+    "demo": "sstmerge_core.commands.demo:demo",
 }
 
 
