@@ -68,7 +68,9 @@ def load_tokenizer(ref: ModelRef):
 def load_base_model(ref: ModelRef | str, device: str = "auto", dtype: str = "auto"):
     """Load (model, tokenizer) with transformers; safetensors weights only, `trust_remote_code=False`."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress reporting covers loading
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

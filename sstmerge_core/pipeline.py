@@ -25,7 +25,7 @@ from .merge import WeightedAdapter, fisher_factors, merge_modules, module_inputs
 from .methods.base import ModuleResult
 from .methods.params import CommonParams, FisherParams, parse_params
 from .methods.registry import get_method
-from .modeling import ModelRef, load_base_model
+from .modeling import ModelRef, load_base_model, resolve_device
 from .report import alpha_dirname, build_report, model_card
 
 log = logging.getLogger(__name__)
@@ -172,17 +172,17 @@ def run_merge(
     try:
         track.start("loading")
         utility, safety = _load_adapters(spec.utility), _load_adapters(spec.safety)
-        ref = ModelRef.parse(spec.base_model)
-        needs_model = method.needs_fisher or spec.evaluation is not None
-        model, tokenizer = (model_cache or ModelCache()).get(ref, spec.device, spec.dtype) if needs_model else (None, None)
-        inputs = module_inputs(utility, safety, model)
-        evaluation = _evaluation_inputs(spec, model) if spec.evaluation else None
-        info = {"base_model": str(ref), "utility_adapters": _adapter_info(utility),
+        info = {"base_model": spec.base_model, "utility_adapters": _adapter_info(utility),
                 "safety_adapters": _adapter_info(safety), "data": {}}
+        data = _load_merge_data(spec, params, info) if method.needs_fisher else None
+        evaluation = _evaluation_inputs(spec) if spec.evaluation else None
+        ref = ModelRef.parse(spec.base_model)
+        model, tokenizer = (model_cache or ModelCache()).get(ref, spec.device, spec.dtype)
+        inputs = module_inputs(utility, safety, model)
 
         fisher, fisher_info = None, None
         if method.needs_fisher:
-            fisher, fisher_info = _fisher(spec, params, model, tokenizer, inputs, utility, safety, ref, info, track)
+            fisher, fisher_info = _fisher(spec, params, model, tokenizer, inputs, utility, safety, ref, data, track)
 
         track.start("merging")
         by_alpha = merge_modules(method, inputs, params, fisher)
@@ -247,7 +247,7 @@ def evaluation_variants(spec: MergeSpec, params: CommonParams, root: Path, basel
     return variants
 
 
-def _evaluation_inputs(spec: MergeSpec, model) -> tuple:
+def _evaluation_inputs(spec: MergeSpec) -> tuple:
     """The evaluation sets and judge, loaded up front so that a bad file fails the job before any data pass."""
     from .evaluation.judges import make_judge
     from .evaluation.runner import EvaluationData
@@ -260,7 +260,7 @@ def _evaluation_inputs(spec: MergeSpec, model) -> tuple:
         if shared:
             raise InputError(f"evaluation set {name!r} shares {shared} prompt(s) with the merge data; "
                              "evaluation prompts must be held out")
-    return data, make_judge(spec.evaluation.judge, device=str(model.device))
+    return data, make_judge(spec.evaluation.judge, device=str(resolve_device(spec.device)))
 
 
 def _evaluate(model, tokenizer, spec: MergeSpec, params: CommonParams, staging: Path, baselines: list[str],
@@ -285,18 +285,26 @@ def _baseline_params(name: str, params: CommonParams) -> CommonParams:
     return parse_params(name, {"alphas": params.alphas, "max_rank": params.max_rank, "seed": params.seed})
 
 
-def _fisher(spec, params, model, tokenizer, inputs, utility, safety, ref, info, track):
-    """Both Fisher passes through the factor cache; records data hashes and cache hits in `info`."""
+def _load_merge_data(spec: MergeSpec, params, info: dict) -> dict:
+    """Utility and safety examples with their Fisher configs; records sizes and hashes in `info`."""
     u_config, s_config = fisher_configs(params, params.utility_fisher, params.safety_fisher)
-    u_data, s_data = _load_data(spec.utility_data, u_config), _load_data(spec.safety_data, s_config)
-    for role, data, config in (("utility", u_data, u_config), ("safety", s_data, s_config)):
-        info["data"][role] = {"n": len(data), "sha256": examples_sha256(data), "estimator": config.estimator}
+    data = {"utility": (_load_data(spec.utility_data, u_config), u_config),
+            "safety": (_load_data(spec.safety_data, s_config), s_config)}
+    for role, (examples, config) in data.items():
+        info["data"][role] = {"n": len(examples), "sha256": examples_sha256(examples), "estimator": config.estimator}
+    return data
+
+
+def _fisher(spec, params, model, tokenizer, inputs, utility, safety, ref, data, track):
+    """Both Fisher passes through the factor cache (keyed by everything the factors depend on)."""
+    (u_data, u_config), (s_data, s_config) = data["utility"], data["safety"]
+    hashes = {role: examples_sha256(examples) for role, (examples, _) in data.items()}
     cache = FisherCache(Path(spec.cache_dir) / "fisher" if spec.cache_dir else None)
     common = dict(model=model_fingerprint(ref.name_or_path, ref.revision), dtype=spec.dtype,
                   utility=[(w.adapter.sha256, w.weight) for w in utility],
                   safety=[(w.adapter.sha256, w.weight) for w in safety])
-    keys = {"utility": cache_key(**common, data=info["data"]["utility"]["sha256"], config=u_config.__dict__),
-            "safety": cache_key(**common, data=info["data"]["safety"]["sha256"], config=s_config.__dict__)}
+    keys = {"utility": cache_key(**common, data=hashes["utility"], config=u_config.__dict__),
+            "safety": cache_key(**common, data=hashes["safety"], config=s_config.__dict__)}
 
     def cached(kind, compute):
         track.start(f"fisher_{kind}")
