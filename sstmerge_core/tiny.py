@@ -94,7 +94,8 @@ def random_lora(
 
     model = AutoModelForCausalLM.from_pretrained(base)
     is_gpt2 = model.config.model_type == "gpt2"
-    default = ["c_attn", "c_proj", "c_fc"] if is_gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    default = ["c_attn", "c_proj", "c_fc"] if is_gpt2 else [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or default, init_lora_weights=False,
                       fan_in_fan_out=is_gpt2, task_type="CAUSAL_LM", **config)
     torch.manual_seed(seed)

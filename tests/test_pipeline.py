@@ -133,3 +133,15 @@ def test_evaluation_on_merge_prompts_is_refused(tiny_llama, llama_adapters, merg
     evaluation = {**{k: str(v) for k, v in eval_files.items()}, "harmful": str(merge_data["safety"])}
     with pytest.raises(InputError, match="held out"):
         run_merge(spec(tiny_llama, llama_adapters, merge_data, tmp_path, evaluation=evaluation), tmp_path / "out")
+
+
+def test_python_api_matches_the_pipeline(tiny_llama, llama_adapters, merge_data, tmp_path):
+    from sstmerge_core import SSTMerge
+
+    result = SSTMerge(selection="input", k_in=2, alpha=0.7, **PARAMS).merge(
+        tiny_llama, utility=[(llama_adapters["utility"], 0.8)], safety=[llama_adapters["safety"]],
+        utility_data=merge_data["utility"], safety_data=merge_data["safety"], out=tmp_path / "api",
+        device="cpu", dtype="float32", cache_dir=tmp_path / "cache")
+    report = json.loads(result.report_path.read_text())
+    assert report["params"]["selection"] == "input" and report["alphas"] == [0.7]
+    assert all(m["projected_rank"] <= 2 for m in report["modules"].values() if "projected_rank" in m)
