@@ -41,7 +41,9 @@ class LazyGroup(click.Group):
 @click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
 def cli(log_level: str) -> None:
     """sstmerge: merge LoRA adapters with SST-Merge (or a baseline) and evaluate safety and utility."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from .logs import configure
+
+    configure(log_level)
 
 
 def _load_plugins() -> None:

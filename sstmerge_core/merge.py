@@ -3,6 +3,7 @@ the Fisher passes at the utility-merged model, and the method applied to every m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -58,7 +59,7 @@ def check_compatible(adapters: list[WeightedAdapter]) -> None:
 def module_inputs(
     utility: list[WeightedAdapter], safety: list[WeightedAdapter], model: nn.Module | None = None
 ) -> dict[str, ModuleInputs]:
-    """Per module name (sorted): the weighted utility factors and the weighted safety sum ΣΔS_j.
+    """Per module name (sorted): the utility factors with their weights and the weighted safety sum Σ w_j ΔS_j.
 
     Everything is keyed by module name, never by position, so each result lands on its own module.
     With `model`, every module must exist there with the adapter's (d_out, d_in).
@@ -69,13 +70,14 @@ def module_inputs(
     names = sorted({m for w in [*utility, *safety] for m in w.adapter.modules})
     result = {}
     for name in names:
-        ups = [w.adapter.modules[name].scaled(w.weight) for w in utility if name in w.adapter.modules]
+        users = [w for w in utility if name in w.adapter.modules]
+        ups = [w.adapter.modules[name] for w in users]
         sps = [w.adapter.modules[name].scaled(w.weight) for w in safety if name in w.adapter.modules]
         shape = (ups or sps)[0].shape
         if model is not None:
             get_target_module(model, name, shape)
         combined = sps[0] if len(sps) == 1 else (LoraFactors.concat(sps) if sps else None)
-        result[name] = ModuleInputs(name, shape, ups, combined)
+        result[name] = ModuleInputs(name, shape, ups, combined, utility_weights=tuple(w.weight for w in users))
     return result
 
 
@@ -148,7 +150,7 @@ def merge_modules(
     by_alpha: dict[float, dict[str, ModuleResult]] = {alpha: {} for alpha in params.alphas}
     for name, m in inputs.items():
         if fisher is not None and name in fisher:
-            m = ModuleInputs(m.name, m.shape, m.utility, m.safety, fisher[name])
+            m = dataclasses.replace(m, fisher=fisher[name])
         for alpha, result in zip(params.alphas, method.merge(m, params, params.alphas), strict=True):
             if params.max_rank is not None and result.factors is not None and result.factors.rank > params.max_rank:
                 factors, error = truncate_factors(result.factors, params.max_rank)

@@ -30,18 +30,28 @@ class FisherFactors:
 
 @dataclass(frozen=True)
 class ModuleInputs:
-    """One module's updates: utility ones already weighted (scale = w_i s_i) and the weighted safety sum."""
+    """One module's updates: the utility ones ΔU_i with their weights w_i (default 1), and the safety
+    sum ΔS = Σ_j w_j ΔS_j whose weight is α."""
 
     name: str
     shape: tuple[int, int]  # (d_out, d_in)
     utility: list[LoraFactors]
     safety: LoraFactors | None
     fisher: FisherFactors | None = None
+    utility_weights: tuple[float, ...] = ()
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.utility_weights) or [1.0] * len(self.utility)
+
+    def weighted_utility(self) -> list[LoraFactors]:
+        """[w_i ΔU_i] as factors."""
+        return [part.scaled(w) for part, w in zip(self.utility, self.weights, strict=True)]
 
     def utility_delta(self) -> torch.Tensor:
         """Dense ΔU = Σ_i w_i ΔU_i (zeros if no utility adapter touches the module)."""
         delta = torch.zeros(self.shape, dtype=torch.float64)
-        for part in self.utility:
+        for part in self.weighted_utility():
             delta += part.delta().to(torch.float64)
         return delta
 

@@ -18,16 +18,11 @@ Rule = Callable[[list[torch.Tensor], torch.Tensor, CommonParams], torch.Tensor]
 
 
 def task_tensors(inputs: ModuleInputs) -> tuple[list[torch.Tensor], list[float]]:
-    """Unweighted task updates [ΔU_1, …, ΔS] (float32, d_out × d_in) and their weights [w_1, …] (α appended later).
+    """Task updates [ΔU_1, …] (float32, d_out × d_in, LoRA scaling applied) and their weights [w_1, …].
 
-    `inputs.utility[i]` already carries w_i in its scale; it is split back out because TIES/DARE prune
-    the unweighted updates and weight them afterwards, as PEFT does.
+    As in PEFT, the rules see the unweighted updates (TIES elects signs on them) and the weights apart.
     """
-    tensors, weights = [], []
-    for part in inputs.utility:
-        tensors.append(LoraFactors(part.B, part.A, 1.0).delta().float())
-        weights.append(part.scale)
-    return tensors, weights
+    return [part.delta().float() for part in inputs.utility], inputs.weights
 
 
 def module_seed(seed: int, name: str) -> int:

@@ -7,7 +7,7 @@ from .params import CommonParams
 
 
 def merge(inputs: ModuleInputs, params: CommonParams, alphas: list[float]) -> list[ModuleResult]:
-    return [ModuleResult(concat_update(inputs.utility, inputs.safety, alpha)) for alpha in alphas]
+    return [ModuleResult(concat_update(inputs.weighted_utility(), inputs.safety, alpha)) for alpha in alphas]
 
 
 METHOD = MergeMethod(

@@ -67,9 +67,9 @@ def project(inputs: ModuleInputs, params: SSTParams) -> tuple[LoraFactors, dict]
 
 def merge(inputs: ModuleInputs, params: SSTParams, alphas: list[float]) -> list[ModuleResult]:
     if inputs.safety is None:
-        return [ModuleResult(concat_update(inputs.utility, None, alpha)) for alpha in alphas]
+        return [ModuleResult(concat_update(inputs.weighted_utility(), None, alpha)) for alpha in alphas]
     projected, diagnostics = project(inputs, params)
-    return [ModuleResult(concat_update(inputs.utility, projected, alpha), diagnostics) for alpha in alphas]
+    return [ModuleResult(concat_update(inputs.weighted_utility(), projected, alpha), diagnostics) for alpha in alphas]
 
 
 METHOD = MergeMethod(
