@@ -94,9 +94,9 @@ def span_bases(inputs: dict[str, ModuleInputs]) -> dict[str, tuple[torch.Tensor,
     return bases
 
 
-def utility_deltas(inputs: dict[str, ModuleInputs]) -> dict[str, torch.Tensor]:
-    """Dense ΔU_m for every module some utility adapter touches."""
-    return {name: m.utility_delta() for name, m in inputs.items() if m.utility}
+def utility_deltas(inputs: dict[str, ModuleInputs]) -> dict[str, LoraFactors]:
+    """ΔU_m = Σ_i w_i ΔU_i,m as one concatenated LoRA, for every module some utility adapter touches."""
+    return {name: LoraFactors.concat(m.weighted_utility()) for name, m in inputs.items() if m.utility}
 
 
 def fisher_factors(

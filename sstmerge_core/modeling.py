@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .adapters import LoraFactors
 from .errors import AdapterError, ModelError
 
 log = logging.getLogger(__name__)
@@ -138,23 +139,36 @@ def linear_module_names(model: nn.Module) -> list[str]:
     ]
 
 
+def dense_update(update: torch.Tensor | LoraFactors, device: torch.device) -> torch.Tensor:
+    """ΔW (d_out × d_in) on `device`: the tensor itself, or s·B A formed there (in float32 or wider)."""
+    if isinstance(update, LoraFactors):
+        return LoraFactors(update.B.to(device), update.A.to(device), update.scale).delta()
+    return update.to(device)
+
+
 @torch.no_grad()
-def add_delta(module: nn.Module, delta: torch.Tensor, sign: float = 1.0) -> None:
-    """W ← W + sign · ΔW for ΔW in (d_out × d_in) orientation."""
+def add_delta(module: nn.Module, delta: torch.Tensor) -> None:
+    """W ← W + ΔW for ΔW in (d_out × d_in) orientation (W's dtype; the sum is formed in float32)."""
     weight = module.weight
     update = delta.T if is_conv1d(module) else delta
-    weight.add_(update.to(device=weight.device, dtype=weight.dtype), alpha=sign)
+    weight.copy_((weight.float() + update.to(device=weight.device, dtype=torch.float32)).to(weight.dtype))
 
 
 @contextlib.contextmanager
-def merged_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily W_m ← W_m + ΔW_m for every m; the original weights are restored bit-exactly."""
+def merged_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFactors]) -> Iterator[nn.Module]:
+    """Temporarily W_m ← W_m + ΔW_m for every m; the original weights are restored bit-exactly.
+
+    Updates may be dense tensors or LoRA factors (formed one module at a time on the module's device, so
+    no dense copy of every ΔW is ever held). Originals of GPU weights are kept in CPU memory.
+    """
     saved: dict[str, torch.Tensor] = {}
     try:
-        for name, delta in deltas.items():
-            module = get_target_module(model, name, tuple(delta.shape))
-            saved[name] = module.weight.detach().clone()
-            add_delta(module, delta)
+        for name, update in deltas.items():
+            shape = update.shape if isinstance(update, LoraFactors) else tuple(update.shape)
+            module = get_target_module(model, name, tuple(shape))
+            weight = module.weight
+            saved[name] = weight.detach().to("cpu", copy=True)
+            add_delta(module, dense_update(update, weight.device))
         yield model
     finally:
         with torch.no_grad():

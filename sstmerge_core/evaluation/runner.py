@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 import torch
 
-from ..adapters import load_adapter
+from ..adapters import LoraFactors, load_adapter
 from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
 from ..jobspec import AdapterInput, EvaluationSpec
@@ -91,18 +91,17 @@ class EvaluationData:
         return {name: {"n": len(rows), "sha256": examples_sha256(rows)} for name, rows in sets.items()}
 
 
-def variant_deltas(variant: Variant, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """ΔW_m = Σ_i w_i ΔW_i,m per module (summed in float32, returned in `dtype`) and each adapter's
-    {"name", "weight", "sha256"}."""
-    totals: dict[str, torch.Tensor] = {}
+def variant_deltas(variant: Variant) -> tuple[dict[str, LoraFactors], list[dict]]:
+    """ΔW_m = Σ_i w_i ΔW_i,m per module as one concatenated LoRA (exact; formed densely only when applied),
+    and each adapter's {"name", "weight", "sha256"}."""
+    parts: dict[str, list[LoraFactors]] = {}
     provenance = []
     for term in variant.adapters:
         adapter = load_adapter(term.path, name=term.name)
         provenance.append({"name": adapter.name, "weight": term.weight, "sha256": adapter.sha256})
         for module, factors in adapter.modules.items():
-            update = term.weight * factors.delta().float()
-            totals[module] = totals[module] + update if module in totals else update
-    return {m: d.to(dtype) for m, d in totals.items()}, provenance
+            parts.setdefault(module, []).append(factors.scaled(term.weight))
+    return {m: LoraFactors.concat(p) for m, p in parts.items()}, provenance
 
 
 @dataclass(frozen=True)
@@ -218,11 +217,10 @@ def evaluate_variants(
         judge = make_judge(spec.judge, device=str(model.device))
     metric = UTILITY_METRICS[spec.utility_metric]
     counter = _ProgressCounter(progress, data.size * len(variants))
-    dtype = next(model.parameters()).dtype
 
     entries, results = [], {}
     for variant in variants:
-        deltas, provenance = variant_deltas(variant, dtype)
+        deltas, provenance = variant_deltas(variant)
         with merged_deltas(model, deltas):
             results[variant.label] = evaluate_model(model, tokenizer, data, judge, metric, spec,
                                                     counter.stage(variant.label))
