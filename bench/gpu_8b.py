@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sstmerge_core.adapters import LoraFactors  # noqa: E402
-from sstmerge_core.fisher import FisherConfig, SpanHooks, frozen_parameters  # noqa: E402
+from sstmerge_core.fisher import SpanHooks, frozen_parameters  # noqa: E402
 from sstmerge_core.gevp import orthonormal_basis  # noqa: E402
 from sstmerge_core.methods.base import FisherFactors, ModuleInputs  # noqa: E402
 from sstmerge_core.methods.params import SSTParams  # noqa: E402

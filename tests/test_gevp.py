@@ -8,7 +8,13 @@ import scipy.linalg
 import torch
 
 from sstmerge_core.gevp import (
-    damp, eigenbasis, factorize, generalized_eigh, gevp_residual, orthonormal_basis, truncate_product,
+    damp,
+    eigenbasis,
+    factorize,
+    generalized_eigh,
+    gevp_residual,
+    orthonormal_basis,
+    truncate_product,
     truncated_svd,
 )
 

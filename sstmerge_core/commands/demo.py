@@ -17,8 +17,7 @@ def demo(workdir: str, device: str) -> None:
     from ..example import prepare_example
     from ..jobspec import EvaluationSpec, MergeSpec
     from ..pipeline import run_merge
-    from .evaluate import _summary_table
-    from .options import progress_bar
+    from .options import metrics_table, progress_bar
 
     root = Path(workdir)
     click.echo(f"preparing example assets in {root / 'assets'}")
@@ -38,6 +37,6 @@ def demo(workdir: str, device: str) -> None:
 
     from rich.console import Console
 
-    Console().print(_summary_table(json.loads(outcome.metrics_path.read_text())))
+    Console().print(metrics_table(json.loads(outcome.metrics_path.read_text())))
     click.echo(f"merged adapters: {', '.join(str(p) for p in outcome.adapter_dirs.values())}")
     click.echo(f"report: {outcome.report_path}  metrics: {outcome.metrics_path}  plot: {outcome.plot_path}")

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import InputError
 from ..methods.params import METHOD_PARAMS
-from .options import evaluation_options, evaluation_spec, one_line, progress_bar
+from .options import evaluation_options, evaluation_spec, metrics_table, one_line, progress_bar
 
 # Fields set by dedicated flags rather than generated ones.
 _SPECIAL = {"alphas"}
@@ -120,4 +120,9 @@ def merge(base, utility, safety, utility_data, safety_data, method, alphas, comp
         click.echo(f"  α={alpha:g}: {folder}")
     click.echo(f"  report: {outcome.report_path}")
     if outcome.metrics_path:
-        click.echo(f"  metrics: {outcome.metrics_path}")
+        import json
+
+        from rich.console import Console
+
+        Console().print(metrics_table(json.loads(outcome.metrics_path.read_text())))
+        click.echo(f"  metrics: {outcome.metrics_path}  plot: {outcome.plot_path}")

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-import torch
-
 from ..adapters import LoraFactors, load_adapter
 from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
