@@ -1,0 +1,177 @@
+"""Service commands of the `sstmerge` CLI: `serve`, `worker`, `keys` (registered through the
+`sstmerge.commands` entry point, so the core CLI never imports web or queue code)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from .config import TENANT_PATTERN, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def _use_data_dir(data_dir: Path | None) -> None:
+    """Point every setting derived from the data folder (and child processes) at `data_dir`."""
+    if data_dir is not None:
+        os.environ["SSTMERGE_DATA_DIR"] = str(data_dir.resolve())
+        get_settings.cache_clear()
+
+
+class WorkerProcess:
+    """One `sstmerge worker` child, restarted if it dies while the API is up."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+
+    def _spawn(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-m", "sstmerge_core.cli", "worker"])
+        log.info("worker started", extra={"pid": self._proc.pid})
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            code = self._proc.wait()
+            if self._stopping.is_set():
+                return
+            log.error("worker exited; restarting", extra={"returncode": code})
+            if self._stopping.wait(2.0):
+                return
+            self._spawn()
+
+    def start(self) -> WorkerProcess:
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM lets the running job finish), then a hard stop after `timeout` seconds."""
+        self._stopping.set()
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("worker did not stop in time; killing it (its job is re-queued on next start)")
+            self._proc.kill()
+            self._proc.wait()
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the database, broker, artifacts and scratch (SSTMERGE_DATA_DIR; default ~/.sstmerge).")
+@click.option("--worker/--no-worker", default=True, show_default=True,
+              help="Also run one job worker (embedded mode); --no-worker runs the API only (workers elsewhere).")
+def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
+    """Run the HTTP API, and by default one worker: with no configuration this is the embedded mode (SQLite
+    database, SQLite-backed Celery broker, local artifact folder) on this machine."""
+    import uvicorn
+
+    from .bootstrap import prepare
+    from .logging_setup import configure_logging
+    from .main import create_app
+
+    _use_data_dir(data_dir)
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    prepare(settings)
+    supervisor = WorkerProcess().start() if worker else None
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+@click.command()
+@click.option("--concurrency", type=int, default=None,
+              help="Jobs at a time (SSTMERGE_WORKER_CONCURRENCY; keep 1 per GPU).")
+@click.option("--queues", default=None, help="Comma-separated queues (default SSTMERGE_QUEUE).")
+@click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True,
+              help="prefork runs jobs in a child process, so a crash or OOM kill is detected and the job re-delivered.")
+def worker(concurrency: int | None, queues: str | None, pool: str) -> None:
+    """Run a job worker against the configured broker (SSTMERGE_BROKER_URL) and database."""
+    from workers.celery_app import app
+    from workers.tasks import worker_startup
+
+    settings = get_settings()
+    worker_startup()
+    argv = ["worker", f"--concurrency={concurrency or settings.worker_concurrency}",
+            f"--queues={queues or settings.queue}", f"--pool={pool}", f"--loglevel={settings.log_level}",
+            f"--hostname=sstmerge-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+    if settings.embedded_broker:
+        argv.append("--without-heartbeat")
+    app.worker_main(argv)
+
+
+@click.group()
+def keys() -> None:
+    """Manage API keys (stored as SHA-256 hashes; a key is shown once, at creation)."""
+
+
+def _session():
+    from .bootstrap import prepare
+    from .db.session import session_scope
+
+    settings = get_settings()
+    prepare(settings)
+    return session_scope(settings.resolved_database_url)
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant the key belongs to (created if new).")
+def keys_create(tenant: str) -> None:
+    """Create a key and print it (only this once)."""
+    from .services.auth import create_key
+
+    if not TENANT_PATTERN.match(tenant):
+        raise click.BadParameter("letters, digits, '_', '.', '-' (at most 64)", param_hint="--tenant")
+    with _session() as session:
+        key_id, key = create_key(session, tenant)
+    click.echo(key)
+    click.echo(f"key id {key_id} for tenant {tenant}; store the key now, it is not shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--tenant", default=None, help="Only this tenant's keys.")
+def keys_list(tenant: str | None) -> None:
+    """List key ids (never the keys)."""
+    from .services.auth import list_keys
+
+    with _session() as session:
+        for key in list_keys(session, tenant):
+            state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+            click.echo(f"{key.id}\t{key.tenant_id}\t{key.created_at:%Y-%m-%d %H:%M}\t{state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke the key with id KEY_ID."""
+    from .services.auth import revoke_key
+
+    with _session() as session:
+        if not revoke_key(session, key_id):
+            raise click.BadParameter(f"no active key with id {key_id}", param_hint="KEY_ID")
+    click.echo(f"revoked {key_id}")
+
+
+def register(group: click.Group) -> None:
+    """Entry point `sstmerge.commands`: add the service commands to the main group."""
+    from .demo import demo_service
+
+    for command in (serve, worker, keys, demo_service):
+        group.add_command(command)

@@ -1,0 +1,140 @@
+"""One `Settings` object, read from `SSTMERGE_*` environment variables, shared by the API, the worker and the CLI."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TenantKey(BaseModel):
+    """An API key given in the environment (never stored; compared by hash)."""
+
+    tenant: str
+    key: SecretStr
+
+
+def _split(value: object, sep: str) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(sep) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Paths left unset derive from `data_dir`."""
+
+    model_config = SettingsConfigDict(env_prefix="SSTMERGE_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path.home() / ".sstmerge", description="root of local state (database, artifacts, scratch)"
+    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/sstmerge.db")
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db (embedded), redis://… in production",
+    )
+    queue: str = Field(default="sstmerge", description="Celery queue the jobs go to")
+    broker_visibility_timeout: int = Field(
+        default=3600, ge=1, description="Redis: seconds before an unacknowledged job is re-delivered"
+    )
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = Field(default=None, description="local backend root; default <data_dir>/artifacts")
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, …); AWS when unset")
+    s3_region: str | None = None
+
+    work_dir: Path | None = Field(default=None, description="worker/API scratch space; default <data_dir>/work")
+    cache_dir: Path | None = Field(default=None, description="Fisher factor cache; default <data_dir>/cache")
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="colon-separated folders whose sub-folders are usable base models"
+    )
+    hub_enabled: bool = Field(default=False, description="allow Hugging Face Hub ids for base models and adapters")
+    hub_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated Hub ids offered by GET /models; when set, the only ones accepted",
+    )
+
+    api_keys: Annotated[list[TenantKey], NoDecode] = Field(
+        default_factory=list,
+        description='"tenant:key,tenant2:key2"; more keys can be created with `sstmerge keys create`',
+    )
+
+    max_upload_bytes: int = Field(default=2 << 30, ge=1, description="largest accepted upload (413 beyond)")
+    max_extracted_bytes: int = Field(default=4 << 30, ge=1, description="largest total uncompressed size of an archive")
+    max_archive_members: int = Field(default=256, ge=1, description="most entries an uploaded archive may hold")
+
+    device: str = Field(default="auto", description="torch device for jobs (auto, cpu, cuda, cuda:1)")
+    dtype: str = Field(default="auto", description="model dtype for jobs (auto, float32, bfloat16, float16)")
+    worker_concurrency: int = Field(default=1, ge=1, description="jobs per worker process; keep 1 per GPU")
+    job_lease_seconds: float = Field(
+        default=60.0, gt=0, description="a running job whose heartbeat is older is taken over"
+    )
+    heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="how often a worker refreshes a running job's heartbeat"
+    )
+    max_attempts: int = Field(default=3, ge=1, description="deliveries of one job before it fails as worker_lost")
+
+    log_level: str = "INFO"
+    log_json: bool = Field(default=True, description="one JSON object per log line")
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _colon_list(cls, value: object) -> object:
+        return _split(value, ":")
+
+    @field_validator("hub_models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _tenant_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = []
+        for item in _split(value, ","):
+            tenant, sep, key = item.partition(":")
+            if not sep or not key or not TENANT_PATTERN.match(tenant):
+                raise ValueError("SSTMERGE_API_KEYS must look like 'tenant:key,tenant2:key2'")
+            pairs.append({"tenant": tenant, "key": key})
+        return pairs
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'sstmerge.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.data_dir / "work"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True for kombu's SQLAlchemy transport (no fanout: remote control and gossip are off)."""
+        return self.resolved_broker_url.startswith("sqla+")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

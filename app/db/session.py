@@ -1,0 +1,54 @@
+"""Engines and sessions, one engine per (URL, process): forked Celery children never share a pool."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+_ENGINES: dict[tuple[str, int], Engine] = {}
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _drop_inherited_engines() -> None:
+    """In a forked child: forget the parent's pools without closing its connections (they are the parent's)."""
+    for key in [k for k in _ENGINES if k[1] != os.getpid()]:
+        _ENGINES.pop(key).dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_engines)
+
+
+def get_engine(url: str) -> Engine:
+    """The engine for `url` in this process (created on first use)."""
+    key = (url, os.getpid())
+    engine = _ENGINES.get(key)
+    if engine is None:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+        _ENGINES[key] = engine
+    return engine
+
+
+def session_factory(url: str) -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with session_factory(url)() as session, session.begin():
+        yield session

@@ -1,0 +1,129 @@
+"""Adapters: upload (archive or Hub), listing, deletion. Files go to storage before the row is committed;
+on any failure nothing stays behind."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import IO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..db.models import Adapter, new_id
+from ..errors import ApiError, not_found
+from ..storage import Storage
+from . import archives
+from .adapter_files import (
+    CONFIG_NAME,
+    KEPT_FILES,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    find_adapter_folder,
+    inspect_adapter,
+)
+from .jobs_index import active_references
+from .pagination import page_of, paginate
+from .uploads import clean_name, save_stream, staging_dir
+
+log = logging.getLogger(__name__)
+
+
+def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, name: str, source: str) -> Adapter:
+    info = inspect_adapter(folder)
+    adapter_id = new_id("ad")
+    prefix = f"tenants/{tenant}/adapters/{adapter_id}"
+    files = [folder / f for f in KEPT_FILES if (folder / f).is_file()]
+    try:
+        for path in files:
+            storage.put_file(f"{prefix}/{path.name}", path)
+        adapter = Adapter(
+            id=adapter_id, tenant_id=tenant, name=name, rank=info.rank, target_modules=info.target_modules,
+            modules=info.modules, fan_in_fan_out=info.fan_in_fan_out, sha256=info.sha256,
+            base_model_hint=info.base_model_hint, source=source[:500],
+            size_bytes=sum(p.stat().st_size for p in files), storage_prefix=prefix,
+        )
+        session.add(adapter)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete_prefix(prefix)
+        raise
+    log.info("adapter stored", extra={"tenant": tenant, "adapter_id": adapter_id, "adapter_sha256": info.sha256})
+    return adapter
+
+
+def create_from_archive(session: Session, storage: Storage, settings: Settings, tenant: str, upload: IO[bytes],
+                        filename: str | None, name: str | None) -> Adapter:
+    """Store the PEFT folder inside an uploaded .zip / .tar.gz."""
+    with staging_dir(settings.resolved_work_dir) as staging:
+        archive = staging / "upload"
+        save_stream(upload, archive, settings.max_upload_bytes)
+        root = staging / "extracted"
+        root.mkdir()
+        try:
+            files = archives.extract(archive, root, max_members=settings.max_archive_members,
+                                     max_bytes=settings.max_extracted_bytes)
+        except archives.ArchiveError as exc:
+            status = 413 if exc.code == "archive_too_large" else 422
+            raise ApiError(status, exc.code, str(exc)) from None
+        folder = find_adapter_folder(root, files)
+        return _store(session, storage, tenant, folder, name=name or clean_name(filename, "adapter"),
+                      source=f"upload:{Path(filename or 'archive').name}")
+
+
+def _fetch_from_hub(source: str, destination: Path) -> None:
+    """Download the config and safetensors weights of `hf://org/name[@revision]` into `destination`."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id, _, revision = source.removeprefix("hf://").partition("@")
+    try:
+        names = HfApi().list_repo_files(repo_id, revision=revision or None)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ApiError(422, "hub_not_found", f"{source}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the Hub client raises HTTP, network and OS errors alike
+        raise ApiError(502, "hub_unavailable", f"cannot reach the Hugging Face Hub for {source}: {exc}") from None
+    if WEIGHTS_NAME not in names:
+        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        raise ApiError(422, "pickle_refused" if pickles else "invalid_adapter",
+                       f"{source} has no {WEIGHTS_NAME}" + (" (pickled weights are refused)" if pickles else ""))
+    try:
+        snapshot_download(repo_id, revision=revision or None, local_dir=destination,
+                          allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise ApiError(502, "hub_unavailable", f"download of {source} failed: {exc}") from None
+
+
+def create_from_hub(session: Session, storage: Storage, settings: Settings, tenant: str, source: str,
+                    name: str | None) -> Adapter:
+    """Fetch `hf://org/name[@revision]` (safetensors and config only) and store it like an upload."""
+    if not settings.hub_enabled:
+        raise ApiError(422, "hub_disabled", "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)")
+    with staging_dir(settings.resolved_work_dir) as staging:
+        _fetch_from_hub(source, staging)
+        repo_name = source.removeprefix("hf://").partition("@")[0].rsplit("/", 1)[-1]
+        return _store(session, storage, tenant, staging, name=name or repo_name, source=source)
+
+
+def list_adapters(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Adapter], str | None]:
+    rows = session.scalars(paginate(select(Adapter).where(Adapter.tenant_id == tenant), Adapter, limit, cursor)).all()
+    return page_of(list(rows), limit)
+
+
+def get_adapter(session: Session, tenant: str, adapter_id: str) -> Adapter:
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None or adapter.tenant_id != tenant:
+        raise not_found("adapter", adapter_id)
+    return adapter
+
+
+def delete_adapter(session: Session, storage: Storage, tenant: str, adapter_id: str) -> None:
+    adapter = get_adapter(session, tenant, adapter_id)
+    jobs = active_references(session, tenant, adapter_id=adapter_id)
+    if jobs:
+        raise ApiError(409, "in_use", f"adapter {adapter_id} is used by unfinished jobs", {"jobs": jobs})
+    session.delete(adapter)
+    session.commit()
+    storage.delete_prefix(adapter.storage_prefix)

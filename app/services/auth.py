@@ -1,0 +1,65 @@
+"""API keys: `sst_<id>_<secret>` keys stored as SHA-256 only; environment keys compared by hash."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..config import TENANT_PATTERN, Settings
+from ..db.models import ApiKey, Tenant, utcnow
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def ensure_tenant(session: Session, tenant: str) -> None:
+    if not TENANT_PATTERN.match(tenant):
+        raise ValueError(f"invalid tenant name {tenant!r} (letters, digits, '_', '.', '-'; at most 64)")
+    if session.get(Tenant, tenant) is not None:
+        return
+    try:
+        with session.begin_nested():  # another process may register the same tenant concurrently
+            session.add(Tenant(id=tenant))
+    except IntegrityError:
+        pass
+
+
+def create_key(session: Session, tenant: str) -> tuple[str, str]:
+    """Create a key for `tenant` (created if new); returns (key id, key). The key is not stored."""
+    ensure_tenant(session, tenant)
+    key_id = secrets.token_hex(4)
+    key = f"sst_{key_id}_{secrets.token_urlsafe(32)}"
+    session.add(ApiKey(id=key_id, tenant_id=tenant, key_sha256=hash_key(key)))
+    session.flush()
+    return key_id, key
+
+
+def revoke_key(session: Session, key_id: str) -> bool:
+    key = session.get(ApiKey, key_id)
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = utcnow()
+    return True
+
+
+def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.tenant_id, ApiKey.created_at)
+    if tenant:
+        query = query.where(ApiKey.tenant_id == tenant)
+    return list(session.scalars(query))
+
+
+def authenticate(session: Session, settings: Settings, presented: str) -> str | None:
+    """The tenant owning `presented`, or None."""
+    digest = hash_key(presented)
+    for entry in settings.api_keys:
+        if hmac.compare_digest(hash_key(entry.key.get_secret_value()), digest):
+            return entry.tenant
+    key = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
+    return key.tenant_id if key else None

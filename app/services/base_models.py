@@ -1,0 +1,107 @@
+"""Base models the server offers: folders under `SSTMERGE_MODEL_DIRS`, and Hub ids when Hub access is on.
+
+For a local model the weight shapes are read from its safetensors headers (no torch), so that a job whose
+adapters do not fit the base model is refused at submit time, naming the module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..config import Settings
+from ..errors import ApiError
+from ..schemas import ModelOut
+from .adapter_files import read_safetensors_header
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """`name` as the user gave it; `path` for a local folder, else a Hub id with revision."""
+
+    name: str
+    path: Path | None
+
+    @property
+    def spec_value(self) -> str:
+        """What `MergeSpec.base_model` gets: the folder path or `org/name@rev`."""
+        return str(self.path) if self.path else self.name
+
+
+def _local_models(settings: Settings) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for root in settings.model_dirs:
+        if not root.is_dir():
+            continue
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and (child / "config.json").is_file() and child.name not in found:
+                found[child.name] = child
+    return found
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def list_models(settings: Settings) -> list[ModelOut]:
+    items = [ModelOut(name=name, source="local", model_type=_model_type(path))
+             for name, path in _local_models(settings).items()]
+    if settings.hub_enabled:
+        items += [ModelOut(name=hub_id, source="hub") for hub_id in settings.hub_models]
+    return items
+
+
+def resolve(settings: Settings, name: str) -> BaseModelRef:
+    """The base model called `name`, or a 422 `unknown_base_model`."""
+    local = _local_models(settings)
+    if name in local:
+        return BaseModelRef(name, local[name])
+    if HUB_ID.match(name) and settings.hub_enabled:
+        allowed = {m.partition("@")[0] for m in settings.hub_models}
+        if not allowed or name.partition("@")[0] in allowed:
+            return BaseModelRef(name, None)
+    hint = "" if settings.hub_enabled else " (Hub ids are disabled on this server)"
+    raise ApiError(422, "unknown_base_model", f"base model {name!r} is not available{hint}; see GET /models",
+                   {"available": sorted(local)})
+
+
+def model_aliases(ref: BaseModelRef) -> set[str]:
+    """Lower-case short names the base model goes by (folder name, Hub repo name, config `_name_or_path`)."""
+    names = {short_name(ref.name)}
+    if ref.path is not None:
+        try:
+            original = json.loads((ref.path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            original = None
+        if original:
+            names.add(short_name(str(original)))
+    return names
+
+
+def short_name(name_or_path: str) -> str:
+    """`/models/SmolLM2-135M/` or `HuggingFaceTB/SmolLM2-135M@main` -> `smollm2-135m`."""
+    return name_or_path.partition("@")[0].rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def weight_shapes(folder: Path) -> dict[str, list[int]]:
+    """Every tensor shape of a local model's safetensors weights (sharded or not); empty if none are found."""
+    files = sorted(folder.glob("*.safetensors"))
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return _weight_shapes(folder, stamp)
+
+
+@lru_cache(maxsize=32)
+def _weight_shapes(folder: Path, stamp: tuple) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for name, _, _ in stamp:
+        for key, entry in read_safetensors_header(folder / name).items():
+            shapes[key] = [int(d) for d in entry["shape"]]
+    return shapes

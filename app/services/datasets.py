@@ -1,0 +1,123 @@
+"""Datasets: JSONL/CSV uploads (or a Hub dataset copied to JSONL), validated with `sstmerge_core.data`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import IO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sstmerge_core.data import load_hub_examples, read_rows, to_examples
+from sstmerge_core.errors import DatasetError
+
+from ..config import Settings
+from ..db.models import Dataset, new_id
+from ..errors import ApiError, not_found
+from ..schemas import DatasetSource
+from ..storage import Storage
+from .jobs_index import active_references
+from .pagination import page_of, paginate
+from .uploads import clean_name, save_stream, staging_dir
+
+log = logging.getLogger(__name__)
+SUFFIXES = {".jsonl": ".jsonl", ".json": ".jsonl", ".csv": ".csv"}
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name: str, source: str) -> Dataset:
+    try:
+        rows = read_rows(path)
+        to_examples(rows, name)
+    except DatasetError as exc:
+        raise ApiError(422, exc.code, str(exc).replace(str(path), name)) from None
+    dataset_id = new_id("ds")
+    key = f"tenants/{tenant}/datasets/{dataset_id}/data{path.suffix}"
+    try:
+        storage.put_file(key, path)
+        dataset = Dataset(id=dataset_id, tenant_id=tenant, name=name, rows=len(rows), columns=_columns(rows),
+                          sha256=_file_sha256(path), source=source[:500], size_bytes=path.stat().st_size,
+                          storage_key=key)
+        session.add(dataset)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete_prefix(key.rsplit("/", 1)[0])
+        raise
+    log.info("dataset stored", extra={"tenant": tenant, "dataset_id": dataset_id, "rows": len(rows)})
+    return dataset
+
+
+def create_from_upload(session: Session, storage: Storage, settings: Settings, tenant: str, upload: IO[bytes],
+                       filename: str | None, name: str | None) -> Dataset:
+    suffix = SUFFIXES.get(Path(filename or "").suffix.lower())
+    if suffix is None:
+        raise ApiError(422, "invalid_dataset", "upload a .jsonl or .csv file (the file name's suffix tells the format)")
+    with staging_dir(settings.resolved_work_dir) as staging:
+        path = staging / f"data{suffix}"
+        save_stream(upload, path, settings.max_upload_bytes)
+        return _store(session, storage, tenant, path, name=name or clean_name(filename, "dataset"),
+                      source=f"upload:{Path(filename or '').name}")
+
+
+def create_from_hub(session: Session, storage: Storage, settings: Settings, tenant: str,
+                    body: DatasetSource) -> Dataset:
+    """Copy a Hub dataset's (prompt, response) columns into storage as JSONL."""
+    if not settings.hub_enabled:
+        raise ApiError(422, "hub_disabled", "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)")
+    dataset_id, _, revision = body.source.removeprefix("hf://").removeprefix("datasets/").partition("@")
+    try:
+        examples = load_hub_examples(dataset_id, split=body.split, revision=revision or None,
+                                     prompt_column=body.prompt_column, response_column=body.response_column,
+                                     limit=body.limit)
+    except DatasetError as exc:
+        raise ApiError(422, exc.code, str(exc)) from None
+    with staging_dir(settings.resolved_work_dir) as staging:
+        path = staging / "data.jsonl"
+        with path.open("w", encoding="utf-8") as out:
+            for example in examples:
+                row = {"prompt": example.prompt}
+                if example.response is not None:
+                    row["response"] = example.response
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return _store(session, storage, tenant, path, name=body.name or dataset_id.rsplit("/", 1)[-1],
+                      source=body.source)
+
+
+def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
+    rows = session.scalars(paginate(select(Dataset).where(Dataset.tenant_id == tenant), Dataset, limit, cursor)).all()
+    return page_of(list(rows), limit)
+
+
+def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant:
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: str) -> None:
+    dataset = get_dataset(session, tenant, dataset_id)
+    jobs = active_references(session, tenant, dataset_id=dataset_id)
+    if jobs:
+        raise ApiError(409, "in_use", f"dataset {dataset_id} is used by unfinished jobs", {"jobs": jobs})
+    session.delete(dataset)
+    session.commit()
+    storage.delete_prefix(dataset.storage_key.rsplit("/", 1)[0])

@@ -1,0 +1,31 @@
+"""Which unfinished jobs refer to an adapter or dataset (deleting those inputs is refused)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..db.models import TERMINAL_STATUSES, Job
+
+
+def request_adapter_ids(request: dict) -> set[str]:
+    refs = [*request.get("utility_adapters", []), request.get("safety_adapter") or {}]
+    return {ref["adapter_id"] for ref in refs if ref.get("adapter_id")}
+
+
+def request_dataset_ids(request: dict) -> set[str]:
+    ids = {request.get("utility_dataset_id"), request.get("safety_dataset_id")}
+    evaluation = request.get("evaluation") or {}
+    ids |= {evaluation.get(k) for k in ("harmful_dataset_id", "benign_dataset_id", "utility_eval_dataset_id")}
+    return {i for i in ids if i}
+
+
+def active_references(session: Session, tenant: str, *, adapter_id: str | None = None,
+                      dataset_id: str | None = None) -> list[str]:
+    """Ids of the tenant's queued/running jobs whose request names `adapter_id` or `dataset_id`."""
+    jobs = session.execute(
+        select(Job.id, Job.request).where(Job.tenant_id == tenant, Job.status.not_in(TERMINAL_STATUSES))
+    ).all()
+    return [job_id for job_id, request in jobs
+            if (adapter_id and adapter_id in request_adapter_ids(request))
+            or (dataset_id and dataset_id in request_dataset_ids(request))]

@@ -1,0 +1,231 @@
+"""Merge jobs: submit-time validation, idempotency, listing, cancellation, events and artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from sstmerge_core.jobspec import AdapterInput, EvaluationSpec, MergeSpec
+from sstmerge_core.methods.params import METHOD_PARAMS, parse_params
+
+from ..config import Settings
+from ..db.models import Adapter, Dataset, Job, JobEvent, utcnow
+from ..errors import ApiError, not_found
+from ..schemas import JobError, JobOut, MergeRequest, Progress
+from . import base_models
+from .pagination import page_of, paginate
+
+log = logging.getLogger(__name__)
+Enqueue = Callable[[str], None]
+
+
+def job_out(job: Job) -> JobOut:
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobOut(
+        id=job.id, status=job.status, progress=Progress(stage=job.stage, percent=job.percent), error=error,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, request=job.request,
+        summary=job.summary, cancel_requested=job.cancel_requested, attempts=job.attempts,
+    )
+
+
+def request_sha256(request: dict) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _errors(exc: ValidationError, *prefix: str) -> list[dict]:
+    return [{"loc": ["body", *prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def _check_method(body: MergeRequest) -> None:
+    for name in [body.method, *body.compare_with]:
+        if name not in METHOD_PARAMS:
+            raise ApiError(422, "unknown_method", f"unknown method {name!r}", {"methods": sorted(METHOD_PARAMS)})
+    try:
+        parse_params(body.method, body.params)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_params", f"invalid params for method {body.method!r}",
+                       _errors(exc, "params")) from None
+    if body.method == "sst" and not (body.utility_dataset_id and body.safety_dataset_id):
+        raise ApiError(422, "missing_dataset", "method 'sst' needs utility_dataset_id and safety_dataset_id")
+
+
+def _owned(session: Session, model, tenant: str, ids: set[str]) -> dict[str, object]:
+    rows = session.scalars(select(model).where(model.tenant_id == tenant, model.id.in_(ids))).all()
+    return {row.id: row for row in rows}
+
+
+def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -> None:
+    aliases = base_models.model_aliases(base)
+    for adapter in adapters:
+        hint = adapter.base_model_hint
+        if hint and base_models.short_name(hint) not in aliases:
+            raise ApiError(422, "base_model_mismatch",
+                           f"adapter {adapter.id} ({adapter.name}) was trained on {hint!r}, not on {base.name!r}",
+                           {"adapter_id": adapter.id, "base_model_hint": hint, "base_model": base.name})
+    shapes: dict[str, tuple[list[int], Adapter]] = {}
+    for adapter in adapters:
+        for module, (d_out, d_in, _) in adapter.modules.items():
+            seen = shapes.setdefault(module, ([d_out, d_in], adapter))
+            if seen[0] != [d_out, d_in]:
+                raise ApiError(422, "adapter_mismatch",
+                               f"module {module}: adapter {seen[1].id} has ΔW {tuple(seen[0])} but adapter "
+                               f"{adapter.id} has {(d_out, d_in)}; the adapters do not share a base model",
+                               {"module": module})
+    weights = base_models.weight_shapes(base.path) if base.path else {}
+    if not weights:
+        return
+    for adapter in adapters:
+        for module, (d_out, d_in, _) in adapter.modules.items():
+            key = f"{module}.weight"
+            shape = weights.get(key) or weights.get(key.split(".", 1)[-1])
+            expected = [d_in, d_out] if adapter.fan_in_fan_out else [d_out, d_in]
+            if shape is None:
+                raise ApiError(422, "base_model_mismatch",
+                               f"module {module} of adapter {adapter.id} does not exist in base model {base.name}",
+                               {"adapter_id": adapter.id, "module": module})
+            if shape != expected:
+                raise ApiError(422, "base_model_mismatch",
+                               f"module {module}: base model {base.name} has weight {tuple(shape)}, adapter "
+                               f"{adapter.id} expects {tuple(expected)}", {"adapter_id": adapter.id, "module": module})
+
+
+def validate(session: Session, settings: Settings, tenant: str, body: MergeRequest) -> None:
+    """Everything that can be checked without a model: 422 with a code naming the first problem."""
+    _check_method(body)
+    base = base_models.resolve(settings, body.base_model)
+    adapter_ids = {ref.adapter_id for ref in body.adapter_refs()}
+    adapters = _owned(session, Adapter, tenant, adapter_ids)
+    if missing := sorted(adapter_ids - adapters.keys()):
+        raise ApiError(422, "adapter_not_found", f"adapter(s) not found: {', '.join(missing)}", {"ids": missing})
+    dataset_ids = set(body.dataset_ids())
+    if missing := sorted(dataset_ids - _owned(session, Dataset, tenant, dataset_ids).keys()):
+        raise ApiError(422, "dataset_not_found", f"dataset(s) not found: {', '.join(missing)}", {"ids": missing})
+    _check_base_model(base, [adapters[ref.adapter_id] for ref in body.adapter_refs()])
+    try:  # the core's own checks, on placeholder paths
+        build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", "the job is not valid", _errors(exc)) from None
+
+
+def build_spec(body: MergeRequest, base_model: str, adapter_path: Callable[[str], str],
+               dataset_path: Callable[[str], str], **overrides) -> MergeSpec:
+    """The core `MergeSpec` for a request, with ids turned into local paths by the given functions."""
+    def adapter(ref) -> AdapterInput:
+        return AdapterInput(path=adapter_path(ref.adapter_id), weight=ref.weight, name=ref.adapter_id)
+
+    def data(ident: str | None) -> str | None:
+        return dataset_path(ident) if ident else None
+
+    evaluation = None
+    if body.evaluation:
+        ev = body.evaluation
+        evaluation = EvaluationSpec(
+            harmful=dataset_path(ev.harmful_dataset_id), benign=dataset_path(ev.benign_dataset_id),
+            utility_eval=dataset_path(ev.utility_eval_dataset_id), utility_metric=ev.utility_metric, judge=ev.judge,
+            max_new_tokens=ev.max_new_tokens, limit=ev.limit, batch_size=ev.batch_size,
+            utility_tolerance=ev.utility_tolerance,
+        )
+    return MergeSpec(
+        base_model=base_model, utility=[adapter(r) for r in body.utility_adapters],
+        safety=[adapter(body.safety_adapter)],
+        utility_data=data(body.utility_dataset_id), safety_data=data(body.safety_dataset_id), method=body.method,
+        params=body.params, compare_with=body.compare_with, evaluation=evaluation, **overrides,
+    )
+
+
+def _by_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant, Job.idempotency_key == key))
+
+
+def _replay(job: Job, digest: str) -> Job:
+    if job.request_sha256 != digest:
+        raise ApiError(409, "idempotency_conflict",
+                       "this Idempotency-Key was used for a different request", {"job_id": job.id})
+    return job
+
+
+def submit(session: Session, settings: Settings, enqueue: Enqueue, tenant: str, body: MergeRequest,
+           idempotency_key: str | None) -> tuple[Job, bool]:
+    """Create and enqueue a job; returns (job, created). Same key + same body returns the first job."""
+    request = body.model_dump(mode="json")
+    digest = request_sha256(request)
+    if idempotency_key and (existing := _by_key(session, tenant, idempotency_key)):
+        return _replay(existing, digest), False
+    validate(session, settings, tenant, body)
+    job = Job(tenant_id=tenant, queue=settings.queue, request=request, request_sha256=digest,
+              idempotency_key=idempotency_key)
+    job.events.append(JobEvent(kind="status", message="queued"))
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        existing = _by_key(session, tenant, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, digest), False
+    try:
+        enqueue(job.id)
+    except Exception as exc:
+        log.exception("enqueue failed", extra={"job_id": job.id})
+        session.delete(job)
+        session.commit()
+        raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again") from exc
+    log.info("job queued", extra={"tenant": tenant, "job_id": job.id, "method": body.method})
+    return job, True
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant:
+        raise not_found("merge", job_id)
+    return job
+
+
+def list_jobs(session: Session, tenant: str, status: str | None, limit: int,
+              cursor: str | None) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.tenant_id == tenant)
+    if status:
+        query = query.where(Job.status == status)
+    return page_of(list(session.scalars(paginate(query, Job, limit, cursor)).all()), limit)
+
+
+def cancel(session: Session, tenant: str, job_id: str) -> Job:
+    """A queued job is cancelled now; a running one at its next stage boundary."""
+    job = get_job(session, tenant, job_id)
+    now = utcnow()
+    queued = session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now)
+    ).rowcount
+    running = 0 if queued else session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
+    ).rowcount
+    if queued or running:
+        message = "cancelled" if queued else "cancel requested"
+        session.add(JobEvent(job_id=job.id, kind="status" if queued else "log", message=message))
+    session.commit()
+    session.refresh(job)
+    if job.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_finished", f"merge {job.id} already {job.status}")
+    log.info("job cancel", extra={"tenant": tenant, "job_id": job.id, "status": job.status})
+    return job
+
+
+def list_events(session: Session, job: Job, after: int, limit: int) -> tuple[list[JobEvent], str | None]:
+    rows = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.id > after).order_by(JobEvent.id).limit(limit + 1)
+    ).all()
+    page = list(rows[:limit])
+    return page, (str(page[-1].id) if len(rows) > limit else None)
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())

@@ -1,0 +1,150 @@
+"""Helpers of the service tests: archives, uploads, polling, worker processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+from app.config import Settings
+
+API_KEYS = {"acme": "key-acme-7c1f0d2b9e", "globex": "key-globex-4a8e6f3d1c"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEYS[tenant]}"}
+
+
+def zip_dir(folder: Path, destination: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(destination, "w") as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, prefix + path.name)
+    return destination
+
+
+def tar_dir(folder: Path, destination: Path, prefix: str = "") -> Path:
+    with tarfile.open(destination, "w:gz") as archive:
+        for path in sorted(folder.iterdir()):
+            archive.add(path, prefix + path.name)
+    return destination
+
+
+def tar_with(destination: Path, members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> Path:
+    with tarfile.open(destination, "w:gz") as archive:
+        for info in members:
+            payload = (data or {}).get(info.name)
+            if payload is not None:
+                info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return destination
+
+
+def upload_adapter(client, tenant: str, archive: Path, name: str | None = None):
+    data = {"name": name} if name else {}
+    with archive.open("rb") as handle:
+        return client.post("/adapters", headers=auth(tenant), files={"file": (archive.name, handle)}, data=data)
+
+
+def upload_dataset(client, tenant: str, path: Path, name: str | None = None):
+    data = {"name": name} if name else {}
+    with path.open("rb") as handle:
+        return client.post("/datasets", headers=auth(tenant), files={"file": (path.name, handle)}, data=data)
+
+
+def wait_for(client, tenant: str, job_id: str, until=TERMINAL, timeout: float = 240.0, check=None) -> dict:
+    """Poll GET /merges/{id} until its status is in `until` (or `check(job)` is true)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/merges/{job_id}", headers=auth(tenant)).json()
+        if job["status"] in until or (check is not None and check(job)):
+            return job
+        if job["status"] in TERMINAL or time.monotonic() > deadline:
+            events = client.get(f"/merges/{job_id}/events", headers=auth(tenant)).json()
+            raise AssertionError(f"job {job_id} did not reach {until}: {job}\nevents: {events}")
+        time.sleep(0.2)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process the same `Settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSTMERGE_")}
+    env.update({
+        "SSTMERGE_DATA_DIR": str(settings.data_dir),
+        "SSTMERGE_QUEUE": settings.queue,
+        "SSTMERGE_BROKER_VISIBILITY_TIMEOUT": str(settings.broker_visibility_timeout),
+        "SSTMERGE_MODEL_DIRS": ":".join(str(p) for p in settings.model_dirs),
+        "SSTMERGE_API_KEYS": ",".join(f"{k.tenant}:{k.key.get_secret_value()}" for k in settings.api_keys),
+        "SSTMERGE_JOB_LEASE_SECONDS": str(settings.job_lease_seconds),
+        "SSTMERGE_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "SSTMERGE_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+    })
+    for name in ("database_url", "broker_url", "storage_backend", "s3_bucket", "s3_prefix", "s3_endpoint_url",
+                 "s3_region"):
+        if (value := getattr(settings, name)) is not None:
+            env[f"SSTMERGE_{name.upper()}"] = value
+    return env
+
+
+class WorkerProcess:
+    """`sstmerge worker` in its own process group, so that a test can SIGKILL the worker and its pool child."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sstmerge_core.cli", "worker"], env=settings_env(settings),
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+SLOW_PARAMS = {"alphas": [0.5, 1.0], "max_samples": 400, "max_length": 64, "continuation_tokens": 32}
+
+
+def long_data(folder: Path, name: str, rows: int = 400) -> Path:
+    """Prompts without responses, so that the sampled utility Fisher generates continuations: with
+    `SLOW_PARAMS` the pass takes several seconds on the tiny model. Unique text: no Fisher cache hit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    return write_jsonl(folder / f"{name}.jsonl", [
+        {"prompt": f"[{tag}] How do I bake bread number {n} at home today?"} for n in range(rows)])
+
+
+def merge_body(ids: dict[str, str], **overrides) -> dict:
+    """A small SST job on the tiny model (no evaluation unless given)."""
+    body = {
+        "base_model": "tiny-qwen2",
+        "utility_adapters": [{"adapter_id": ids["utility"], "weight": 1.0}],
+        "safety_adapter": {"adapter_id": ids["safety"], "weight": 1.0},
+        "utility_dataset_id": ids["data:utility"], "safety_dataset_id": ids["data:safety"],
+        "method": "sst",
+        "params": {"alphas": [1.0], "max_samples": 4, "max_length": 32, "batch_size": 4, "continuation_tokens": 4},
+    }
+    body.update(overrides)
+    return body
