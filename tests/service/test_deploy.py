@@ -64,6 +64,6 @@ def test_dockerfile_copies_existing_files(dockerfile):
 
 
 def test_every_setting_is_documented():
-    docs = (ROOT / "docs" / "service.md").read_text()
+    docs = (ROOT / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`SSTMERGE_{name.upper()}`" not in docs]
     assert not missing, missing
