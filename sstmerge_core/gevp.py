@@ -132,8 +132,8 @@ def truncate_product(B: torch.Tensor, A: torch.Tensor, max_rank: int) -> tuple[t
 
 
 def truncated_svd(delta: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`max_rank` factors (B, A) of a dense Δ by SVD, and ‖Δ − B A‖_F / ‖Δ‖_F."""
-    U, S, Vh = torch.linalg.svd(delta.to(_F64), full_matrices=False)
+    """Best rank-`max_rank` factors (B, A) of a dense Δ by SVD (in Δ's precision), and ‖Δ − B A‖_F / ‖Δ‖_F."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(max_rank, int((S > 0).sum()))
     total = torch.linalg.norm(S)
     error = float(torch.linalg.norm(S[k:]) / total) if total > 0 else 0.0

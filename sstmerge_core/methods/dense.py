@@ -45,7 +45,7 @@ def dense_merge(rule: Rule) -> Callable[[ModuleInputs, CommonParams, list[float]
         for alpha in alphas:
             torch.manual_seed(module_seed(params.seed, inputs.name))
             w = torch.tensor(weights + ([alpha] if has_safety else []), dtype=torch.float32)
-            merged = rule(tensors, w, params).double()
+            merged = rule(tensors, w, params)
             if not torch.any(merged):
                 results.append(ModuleResult(None, {"svd_rel_error": 0.0}))
                 continue
