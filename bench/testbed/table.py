@@ -1,0 +1,133 @@
+"""The testbed table: SST-Merge (several selection rules) against every baseline over an α sweep,
+evaluated on held-out prompts, compared at matched safety (SPEC §3, §5, §8).
+
+    python -m bench.testbed.table --assets bench/assets --out bench/out/table
+
+Needs `python -m bench.testbed.prepare` first (model, datasets, trained adapters). Every SST variant
+reuses one pair of cached Fisher passes; the base model is loaded once and every merged adapter is
+evaluated on it (base, before = base + utility, safety = base + safety, and each method × α).
+Writes OUT/metrics.json, OUT/plot.png and OUT/table.md, and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sstmerge_core.jobspec import AdapterInput, EvaluationSpec, MergeSpec
+
+SST_CONFIGS = {
+    "sst soft β=1": {"selection": "soft", "beta": 1.0},
+    "sst soft β=10": {"selection": "soft", "beta": 10.0},
+    "sst topk k=16": {"selection": "topk", "k": 16},
+    "sst topk k=64": {"selection": "topk", "k": 64},
+    "sst input k_in=8": {"selection": "input", "k_in": 8},
+    "sst soft β=1, empirical U": {"selection": "soft", "beta": 1.0, "utility_fisher": "empirical"},
+}
+BASELINES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+
+
+def fmt_rate(block: dict) -> str:
+    return f"{block['rate']:.2f} [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
+
+
+def fmt(value) -> str:
+    return "—" if value is None else f"{value:+.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(metrics: dict) -> str:
+    """One row per evaluated model: the columns of the testbed table."""
+    header = ("| model | α | safety [95% CI] | over-refusal [95% CI] | utility | safety_gain | utility_drop | "
+              "safety_tax | refusal_tax | Pareto |")
+    lines = [header, "|---" * 10 + "|"]
+    for m in metrics["models"]:
+        d = m["derived"] or {}
+        alpha = "" if m["alpha"] is None else f"{m['alpha']:g}"
+        lines.append(
+            f"| {m['label']} | {alpha} | {fmt_rate(m['safety'])} | "
+            f"{fmt_rate(m['over_refusal'])} | {m['utility']['value']:.3f} | {fmt(d.get('safety_gain'))} | "
+            f"{fmt(d.get('utility_drop'))} | {fmt(d.get('safety_tax'))} | {fmt(d.get('refusal_tax'))} | "
+            f"{'yes' if m['pareto'] else ''} |")
+    return "\n".join(lines)
+
+
+def matched_safety(metrics: dict, reference: str = "linear") -> str:
+    """For each non-linear merge, the linear point of closest safety: differences in over-refusal and utility."""
+    models = [m for m in metrics["models"] if m["kind"] in ("merged", "baseline")]
+    refs = [m for m in models if m["method"] == reference]
+    lines = ["| model | α | safety | nearest linear | Δ safety | Δ over-refusal | Δ utility |", "|---" * 7 + "|"]
+    for m in models:
+        if m["method"] == reference or not refs:
+            continue
+        r = min(refs, key=lambda x: abs(x["safety"]["rate"] - m["safety"]["rate"]))
+        lines.append(
+            f"| {m['label']} | {m['alpha']:g} | {m['safety']['rate']:.2f} | {r['label']} | "
+            f"{m['safety']['rate'] - r['safety']['rate']:+.2f} | "
+            f"{m['over_refusal']['rate'] - r['over_refusal']['rate']:+.2f} | "
+            f"{m['utility']['value'] - r['utility']['value']:+.3f} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--assets", "assets_dir", default="bench/assets", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default="bench/out/table", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--alpha", "alphas", multiple=True, type=float, default=(0.5, 1.0, 1.5, 2.0), show_default=True)
+@click.option("--max-samples", default=200, show_default=True, help="Examples per Fisher data set.")
+@click.option("--limit", default=None, type=int, help="Prompts per evaluation set (default: all).")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--configs", default=",".join(SST_CONFIGS), show_default=True, help="SST configurations (comma list).")
+def main(assets_dir: Path, out: Path, alphas: tuple[float, ...], max_samples: int, limit: int | None,
+         max_new_tokens: int, configs: str) -> None:
+    """Merge with every SST configuration and baseline, evaluate all points, print the table."""
+    from sstmerge_core.evaluation.runner import Variant, evaluate_variants, write_outputs
+    from sstmerge_core.modeling import ModelRef
+    from sstmerge_core.pipeline import ModelCache, run_merge
+
+    manifest = json.loads((assets_dir / "testbed.json").read_text())
+    data, adapters, base = manifest["datasets"], manifest["adapters"], manifest["base_model"]
+    evaluation = EvaluationSpec(harmful=data["harmful_eval"], benign=data["benign_eval"],
+                                utility_eval=data["utility_eval"], utility_metric="exact_match",
+                                max_new_tokens=max_new_tokens, limit=limit, batch_size=16)
+    cache = ModelCache()
+    common = dict(base_model=base, utility=[AdapterInput(path=adapters["utility"])],
+                  safety=[AdapterInput(path=adapters["safety"])], utility_data=data["utility_fisher"],
+                  safety_data=data["safety_fisher"], device="cpu", dtype="float32",
+                  cache_dir=str(out / "cache"))
+    variants = [Variant("base", "base"), Variant("before", "before", (AdapterInput(path=adapters["utility"]),)),
+                Variant("safety", "safety", (AdapterInput(path=adapters["safety"]),))]
+    for name in [c.strip() for c in configs.split(",") if c.strip()]:
+        params = {**SST_CONFIGS[name], "alphas": list(alphas), "max_samples": max_samples, "max_length": 192}
+        outcome = run_merge(MergeSpec(**common, method="sst", params=params), out / name.replace(" ", "_"),
+                            model_cache=cache)
+        click.echo(f"{name}: fisher {outcome.summary['timings_s']}, diagnostics {outcome.summary['diagnostics']}")
+        variants += [Variant(f"{name} @{a:g}", "merged", str(d), method="sst", alpha=a, params=params)
+                     for a, d in outcome.adapter_dirs.items()]
+    for name in BASELINES:
+        outcome = run_merge(MergeSpec(**common, method=name, params={"alphas": list(alphas)}), out / name,
+                            model_cache=cache)
+        variants += [Variant(f"{name} @{a:g}", "baseline", str(d), method=name, alpha=a)
+                     for a, d in outcome.adapter_dirs.items()]
+
+    model, tokenizer = cache.get(ModelRef.parse(base), "cpu", "float32")
+    with click.progressbar(length=1000, label="evaluating") as bar:
+        state = {"done": 0}
+
+        def progress(_stage: str, fraction: float) -> None:
+            step = int(fraction * 1000) - state["done"]
+            if step > 0:
+                bar.update(step)
+                state["done"] += step
+
+        metrics = evaluate_variants(model, tokenizer, variants, evaluation, progress, main_method="sst")
+    write_outputs(metrics, out / "metrics.json", out / "plot.png")
+    table = markdown_table(metrics) + "\n\nAt matched safety (nearest linear point):\n\n" + matched_safety(metrics)
+    (out / "table.md").write_text(table + "\n")
+    click.echo(table)
+    click.echo(f"recommended: {metrics['recommended']}")
+
+
+if __name__ == "__main__":
+    main()
