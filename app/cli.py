@@ -69,10 +69,18 @@ class WorkerProcess:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the database, broker, artifacts and scratch (SSTMERGE_DATA_DIR; default ~/.sstmerge).")
-@click.option("--worker/--no-worker", default=True, show_default=True,
-              help="Also run one job worker (embedded mode); --no-worker runs the API only (workers elsewhere).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the database, broker, artifacts and scratch (SSTMERGE_DATA_DIR; default ~/.sstmerge).",
+)
+@click.option(
+    "--worker/--no-worker",
+    default=True,
+    show_default=True,
+    help="Also run one job worker (embedded mode); --no-worker runs the API only (workers elsewhere).",
+)
 def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
     """Run the HTTP API, and by default one worker: with no configuration this is the embedded mode (SQLite
     database, SQLite-backed Celery broker, local artifact folder) on this machine."""
@@ -97,11 +105,17 @@ def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
 
 
 @click.command()
-@click.option("--concurrency", type=int, default=None,
-              help="Jobs at a time (SSTMERGE_WORKER_CONCURRENCY; keep 1 per GPU).")
+@click.option(
+    "--concurrency", type=int, default=None, help="Jobs at a time (SSTMERGE_WORKER_CONCURRENCY; keep 1 per GPU)."
+)
 @click.option("--queues", default=None, help="Comma-separated queues (default SSTMERGE_QUEUE).")
-@click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True,
-              help="prefork runs jobs in a child process, so a crash or OOM kill is detected and the job re-delivered.")
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo"]),
+    default="prefork",
+    show_default=True,
+    help="prefork runs jobs in a child process, so a crash or OOM kill is detected and the job re-delivered.",
+)
 def worker(concurrency: int | None, queues: str | None, pool: str) -> None:
     """Run a job worker against the configured broker (SSTMERGE_BROKER_URL) and database."""
     from workers.celery_app import app
@@ -109,9 +123,16 @@ def worker(concurrency: int | None, queues: str | None, pool: str) -> None:
 
     settings = get_settings()
     worker_startup()
-    argv = ["worker", f"--concurrency={concurrency or settings.worker_concurrency}",
-            f"--queues={queues or settings.queue}", f"--pool={pool}", f"--loglevel={settings.log_level}",
-            f"--hostname=sstmerge-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        f"--queues={queues or settings.queue}",
+        f"--pool={pool}",
+        f"--loglevel={settings.log_level}",
+        f"--hostname=sstmerge-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if settings.embedded_broker:
         argv.append("--without-heartbeat")
     app.worker_main(argv)

@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path.home() / ".sstmerge", description="root of local state (database, artifacts, scratch)"
     )
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/sstmerge.db")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/sstmerge.db"
+    )
     broker_url: str | None = Field(
         default=None,
         description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db (embedded), redis://… in production",

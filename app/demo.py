@@ -56,8 +56,9 @@ def wait_ready(client: httpx.Client, server: subprocess.Popen, timeout: float = 
 
 def check(response: httpx.Response) -> dict:
     if response.status_code >= 400:
-        raise click.ClickException(f"{response.request.method} {response.request.url.path}: "
-                                   f"{response.status_code} {response.text}")
+        raise click.ClickException(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}"
+        )
     return response.json()
 
 
@@ -76,13 +77,24 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
         "base_model": base_name,
         "utility_adapters": [{"adapter_id": adapter["utility"], "weight": 1.0}],
         "safety_adapter": {"adapter_id": adapter["safety"], "weight": 1.0},
-        "utility_dataset_id": dataset["utility_data"], "safety_dataset_id": dataset["safety_data"],
+        "utility_dataset_id": dataset["utility_data"],
+        "safety_dataset_id": dataset["safety_data"],
         "method": "sst",
-        "params": {"selection": "soft", "beta": 1.0, "alphas": [0.5, 1.0, 2.0], "max_length": 64,
-                   "continuation_tokens": 8},
-        "evaluation": {"harmful_dataset_id": dataset["harmful_eval"], "benign_dataset_id": dataset["benign_eval"],
-                       "utility_eval_dataset_id": dataset["utility_eval"], "utility_metric": "exact_match",
-                       "judge": "keyword", "max_new_tokens": 8},
+        "params": {
+            "selection": "soft",
+            "beta": 1.0,
+            "alphas": [0.5, 1.0, 2.0],
+            "max_length": 64,
+            "continuation_tokens": 8,
+        },
+        "evaluation": {
+            "harmful_dataset_id": dataset["harmful_eval"],
+            "benign_dataset_id": dataset["benign_eval"],
+            "utility_eval_dataset_id": dataset["utility_eval"],
+            "utility_metric": "exact_match",
+            "judge": "keyword",
+            "max_new_tokens": 8,
+        },
         "compare_with": ["linear"],
     }
     job = check(client.post("/merges", json=request, headers={"Idempotency-Key": secrets.token_hex(8)}))
@@ -108,8 +120,13 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
 
 
 @click.command("demo-service")
-@click.option("--workdir", default="runs/demo-service", show_default=True, type=click.Path(file_okay=False),
-              help="Where the example assets, the service's data and the downloads go.")
+@click.option(
+    "--workdir",
+    default="runs/demo-service",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the example assets, the service's data and the downloads go.",
+)
 @click.option("--port", type=int, default=None, help="Port of the embedded service (default: a free one).")
 def demo_service(workdir: str, port: int | None) -> None:
     """Start the embedded service, submit a real merge job on a small example, poll it, download the adapter."""
@@ -123,22 +140,38 @@ def demo_service(workdir: str, port: int | None) -> None:
     assets = prepare_example(root / "models")
     port = port or free_port()
     key = secrets.token_hex(16)
-    env = {**os.environ, "SSTMERGE_MODEL_DIRS": str(root / "models"), "SSTMERGE_API_KEYS": f"demo:{key}",
-           "SSTMERGE_DEVICE": "cpu", "SSTMERGE_LOG_LEVEL": "WARNING"}
-    command = [sys.executable, "-m", "sstmerge_core.cli", "serve", "--port", str(port), "--data-dir",
-               str(root / "service")]
+    env = {
+        **os.environ,
+        "SSTMERGE_MODEL_DIRS": str(root / "models"),
+        "SSTMERGE_API_KEYS": f"demo:{key}",
+        "SSTMERGE_DEVICE": "cpu",
+        "SSTMERGE_LOG_LEVEL": "WARNING",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "sstmerge_core.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(root / "service"),
+    ]
     click.echo(f"starting the embedded service on 127.0.0.1:{port}")
     server = subprocess.Popen(command, env=env)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                          timeout=60) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as client:
             wait_ready(client, server)
             job = run_job(client, assets, assets.base.name, root / "downloads")
             from rich.console import Console
 
             Console().print(metrics_table(json.loads((root / "downloads" / "metrics.json").read_text())))
-            click.echo(f"job {job['id']} succeeded; downloaded {root / 'downloads'}/merged-alpha-1.zip, "
-                       "metrics.json and plot.png")
+            click.echo(
+                f"job {job['id']} succeeded; downloaded {root / 'downloads'}/merged-alpha-1.zip, "
+                "metrics.json and plot.png"
+            )
     finally:
         server.terminate()
         server.wait(timeout=60)

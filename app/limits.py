@@ -20,11 +20,24 @@ class BodySizeLimitMiddleware:
         self.app, self.limit = app, limit + _SLACK
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body("payload_too_large", f"the request body exceeds the limit of "
-                                     f"{self.limit - _SLACK} bytes", {"limit": self.limit - _SLACK})).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            error_body(
+                "payload_too_large",
+                f"the request body exceeds the limit of {self.limit - _SLACK} bytes",
+                {"limit": self.limit - _SLACK},
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="sstmerge",
         version="0.1.0",
         description="Merge LoRA adapters with SST-Merge (Fisher-subspace safety merging) or a baseline, "
-                    "as background jobs, and evaluate safety and utility.",
+        "as background jobs, and evaluate safety and utility.",
         lifespan=lifespan,
     )
     sessions = session_factory(settings.resolved_database_url)
@@ -65,9 +65,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start = time.perf_counter()
         response = await call_next(request)
         response.headers["X-Request-ID"] = request_id
-        log.info("request", extra={"request_id": request_id, "method": request.method, "path": request.url.path,
-                                   "status": response.status_code,
-                                   "duration_ms": round(1000 * (time.perf_counter() - start), 1)})
+        log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "duration_ms": round(1000 * (time.perf_counter() - start), 1),
+            },
+        )
         return response
 
     return app

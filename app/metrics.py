@@ -32,10 +32,15 @@ class Metrics:
 
     def __init__(self, job_counts: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("sstmerge_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("sstmerge_http_request_duration_seconds", "HTTP request latency",
-                                 ["method", "route"], registry=self.registry)
+        self.requests = Counter(
+            "sstmerge_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "sstmerge_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+        )
         self.uploads = Counter("sstmerge_uploads", "stored uploads", ["kind"], registry=self.registry)
         self.jobs_submitted = Counter("sstmerge_jobs_submitted", "jobs created", registry=self.registry)
         self.registry.register(JobsCollector(job_counts))

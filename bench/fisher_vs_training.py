@@ -34,17 +34,32 @@ from sstmerge_core.tiny import random_lora  # noqa: E402
 
 def make_examples(n: int) -> list[Example]:
     """Prompt/response pairs of ~100–150 tokens (their content does not matter for timing)."""
-    topics = ["photosynthesis", "the French revolution", "sorting algorithms", "black holes", "vaccines",
-              "the water cycle", "compound interest", "plate tectonics"]
-    return [Example(f"Explain {topics[i % len(topics)]} to a student in a short paragraph, example {i}.",
-                    f"Here is a short explanation of {topics[i % len(topics)]}. " * 8) for i in range(n)]
+    topics = [
+        "photosynthesis",
+        "the French revolution",
+        "sorting algorithms",
+        "black holes",
+        "vaccines",
+        "the water cycle",
+        "compound interest",
+        "plate tectonics",
+    ]
+    return [
+        Example(
+            f"Explain {topics[i % len(topics)]} to a student in a short paragraph, example {i}.",
+            f"Here is a short explanation of {topics[i % len(topics)]}. " * 8,
+        )
+        for i in range(n)
+    ]
 
 
 def batches(model, tokenizer, examples, config):
     items = sorted(encode_examples(model, tokenizer, examples, config), key=lambda e: len(e.input_ids))
     device = next(model.parameters()).device
-    return [pad_batch(items[i: i + config.batch_size], tokenizer.pad_token_id, device)
-            for i in range(0, len(items), config.batch_size)]
+    return [
+        pad_batch(items[i : i + config.batch_size], tokenizer.pad_token_id, device)
+        for i in range(0, len(items), config.batch_size)
+    ]
 
 
 def train_step(model, ids, attention, scored) -> None:
@@ -111,15 +126,19 @@ def main() -> None:
             runs["train_lora"].append(timed(train_lora))
             runs["train_full"].append(timed(train_full))
 
-    print(f"SmolLM2-135M-Instruct, {len(safety.modules)} LoRA modules (r=16), {args.examples} examples, "
-          f"{len(data)} batches of {args.batch_size}, {tokens} scored tokens, {args.threads} threads, "
-          f"{args.repeats} repeats")
+    print(
+        f"SmolLM2-135M-Instruct, {len(safety.modules)} LoRA modules (r=16), {args.examples} examples, "
+        f"{len(data)} batches of {args.batch_size}, {tokens} scored tokens, {args.threads} threads, "
+        f"{args.repeats} repeats"
+    )
     print(f"{'pass':<12}{'median s':>10}{'min s':>8}{'max s':>8}")
     for name, values in runs.items():
         print(f"{name:<12}{statistics.median(values):>10.2f}{min(values):>8.2f}{max(values):>8.2f}")
     for floor in ("train_lora", "train_full"):
         ratios = [f / t for f, t in zip(runs["fisher"], runs[floor])]
-        print(f"fisher / {floor}: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+        print(
+            f"fisher / {floor}: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
 
 
 if __name__ == "__main__":

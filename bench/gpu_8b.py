@@ -42,9 +42,16 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     """A randomly initialised Llama with the requested shapes, created directly on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                         max_position_embeddings=max(args.seq_len, 256), tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.mlp,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq_len, 256),
+        tie_word_embeddings=False,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
@@ -70,7 +77,7 @@ def fisher_pass(model, modules, bases, ids, batch_size, sampled: bool, seed: int
     sub = {m: bases[m] for m in modules}
     with frozen_parameters(model), SpanHooks(model, sub) as hooks:
         for start in range(0, ids.shape[0], batch_size):
-            batch = ids[start: start + batch_size]
+            batch = ids[start : start + batch_size]
             scored = torch.ones_like(batch, dtype=torch.bool)
             scored[:, -1] = False
             hooks.mask = scored
@@ -102,9 +109,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="sequences per data set (utility and safety)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--layer-group", type=int, default=0,
-                        help="layers hooked per data pass (0: all in one pass; hooks and factors are tiny, so "
-                             "grouping only trades passes for nothing unless activations of hooks matter)")
+    parser.add_argument(
+        "--layer-group",
+        type=int,
+        default=0,
+        help="layers hooked per data pass (0: all in one pass; hooks and factors are tiny, so "
+        "grouping only trades passes for nothing unless activations of hooks matter)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
     args = parser.parse_args()
@@ -114,19 +125,25 @@ def main() -> None:
     started = time.perf_counter()
     model = build_model(args, device, dtype)
     utility, safety = random_adapter(model, args.rank, 1, device), random_adapter(model, args.rank, 2, device)
-    bases = {n: (orthonormal_basis(f.A.T).float().to(device), orthonormal_basis(f.B).float().to(device))
-             for n, f in safety.items()}
+    bases = {
+        n: (orthonormal_basis(f.A.T).float().to(device), orthonormal_basis(f.B).float().to(device))
+        for n, f in safety.items()
+    }
     g = torch.Generator(device="cpu").manual_seed(0)
-    data = {kind: torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=g).to(device)
-            for kind in ("utility", "safety")}
+    data = {
+        kind: torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=g).to(device)
+        for kind in ("utility", "safety")
+    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     build_s = time.perf_counter() - started
 
     names = sorted(safety)
     args.layer_group = args.layer_group or args.layers
-    groups = [[n for n in names if int(n.split(".")[2]) // args.layer_group == k]
-              for k in range((args.layers + args.layer_group - 1) // args.layer_group)]
+    groups = [
+        [n for n in names if int(n.split(".")[2]) // args.layer_group == k]
+        for k in range((args.layers + args.layer_group - 1) // args.layer_group)
+    ]
     factors: dict[str, dict] = {"utility": {}, "safety": {}}
     pass_s = {"utility": 0.0, "safety": 0.0}
     with merged_deltas(model, utility):
@@ -134,8 +151,9 @@ def main() -> None:
             for kind in ("utility", "safety"):
                 sync(device)
                 t0 = time.perf_counter()
-                factors[kind].update(fisher_pass(model, group, bases, data[kind], args.batch_size,
-                                                 sampled=kind == "utility", seed=0))
+                factors[kind].update(
+                    fisher_pass(model, group, bases, data[kind], args.batch_size, sampled=kind == "utility", seed=0)
+                )
                 sync(device)
                 pass_s[kind] += time.perf_counter() - t0
     tokens = args.samples * (args.seq_len - 1)
@@ -159,13 +177,19 @@ def main() -> None:
         "torch": torch.__version__,
         "shape": {k: getattr(args, k) for k in ("layers", "hidden", "mlp", "heads", "kv_heads", "vocab", "rank")},
         "modules": len(names),
-        "samples_per_set": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "layer_group": args.layer_group, "passes_per_set": len(groups),
+        "samples_per_set": args.samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "layer_group": args.layer_group,
+        "passes_per_set": len(groups),
         "build_s": round(build_s, 2),
-        "fisher_utility_s": round(pass_s["utility"], 2), "fisher_safety_s": round(pass_s["safety"], 2),
+        "fisher_utility_s": round(pass_s["utility"], 2),
+        "fisher_safety_s": round(pass_s["safety"], 2),
         "fisher_tokens_per_s": round(2 * tokens / (pass_s["utility"] + pass_s["safety"]), 1),
         "gevp_projection_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
     }
     print(json.dumps(report, indent=2))
     if args.out:

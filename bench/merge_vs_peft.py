@@ -32,9 +32,15 @@ from sstmerge_core.methods.params import parse_params  # noqa: E402
 from sstmerge_core.methods.registry import get_method  # noqa: E402
 from sstmerge_core.tiny import random_lora  # noqa: E402
 
-OURS = {"sst (soft)": ("sst", {"selection": "soft"}), "sst (topk)": ("sst", {"selection": "topk", "k": 16}),
-        "linear": ("linear", {}), "ties": ("ties", {}), "dare_linear": ("dare_linear", {}),
-        "dare_ties": ("dare_ties", {}), "magnitude_prune": ("magnitude_prune", {})}
+OURS = {
+    "sst (soft)": ("sst", {"selection": "soft"}),
+    "sst (topk)": ("sst", {"selection": "topk", "k": 16}),
+    "linear": ("linear", {}),
+    "ties": ("ties", {}),
+    "dare_linear": ("dare_linear", {}),
+    "dare_ties": ("dare_ties", {}),
+    "magnitude_prune": ("magnitude_prune", {}),
+}
 PEFT = {"peft svd": "svd", "peft ties_svd": "ties_svd", "peft linear": "linear"}
 
 
@@ -46,8 +52,10 @@ def random_factors(bases: dict, seed: int = 0) -> dict[str, FisherFactors]:
         X = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
         return X @ X.T
 
-    return {n: FisherFactors(R_in, R_out, spd(R_in.shape[1]), spd(R_out.shape[1]), spd(R_in.shape[1]),
-                             spd(R_out.shape[1])) for n, (R_in, R_out) in bases.items()}
+    return {
+        n: FisherFactors(R_in, R_out, spd(R_in.shape[1]), spd(R_out.shape[1]), spd(R_in.shape[1]), spd(R_out.shape[1]))
+        for n, (R_in, R_out) in bases.items()
+    }
 
 
 def main() -> None:
@@ -91,8 +99,10 @@ def main() -> None:
                 runs[name].append(time.perf_counter() - start)
 
     medians = {name: statistics.median(v) for name, v in runs.items()}
-    print(f"SmolLM2-135M-Instruct, {len(inputs)} modules, two r=16 adapters, {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads; times include saving the adapter")
+    print(
+        f"SmolLM2-135M-Instruct, {len(inputs)} modules, two r=16 adapters, {args.repeats} repeats, "
+        f"{torch.get_num_threads()} threads; times include saving the adapter"
+    )
     header = f"{'method':<18}{'median s':>10}" + "".join(f"{'÷ ' + p:>18}" for p in PEFT)
     print(header)
     for name in [*OURS, *PEFT]:

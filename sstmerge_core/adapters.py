@@ -108,9 +108,7 @@ def module_scale(config: dict, module: str, rank: int) -> float:
     """s_m = α_m / r_m (or α_m / √r_m with rsLoRA), honouring rank_pattern and alpha_pattern."""
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
     if r != rank:
-        raise AdapterError(
-            f"module {module}: lora_A has rank {rank} but the config (r / rank_pattern) says {r}"
-        )
+        raise AdapterError(f"module {module}: lora_A has rank {rank} but the config (r / rank_pattern) says {r}")
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r)))
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
@@ -181,9 +179,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
             raise AdapterError(f"module {module}: has lora_{''.join(pair)} but not both lora_A and lora_B")
         A, B = pair["A"], pair["B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(
-                f"module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B·A"
-            )
+            raise AdapterError(f"module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B·A")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterError(f"module {module}: holds non-finite values")
         modules[module] = LoraFactors(B=B, A=A, scale=module_scale(config, module, int(A.shape[0])))

@@ -1,7 +1,7 @@
 """The Python API: the same capabilities as `sstmerge merge`, without the command line.
 
-    SSTMerge(selection="topk", k=16, alphas=[0.5, 1.0]).merge(base=..., utility=[...], safety=[...],
-                                                              utility_data=..., safety_data=..., out=...)
+SSTMerge(selection="topk", k=16, alphas=[0.5, 1.0]).merge(base=..., utility=[...], safety=[...],
+                                                          utility_data=..., safety_data=..., out=...)
 """
 
 from __future__ import annotations
@@ -23,19 +23,37 @@ def _adapter(item: AdapterArg) -> AdapterInput:
 
 
 def merge(
-    base: str | Path, *, safety: Sequence[AdapterArg], out: str | Path, utility: Sequence[AdapterArg] = (),
-    utility_data: str | Path | None = None, safety_data: str | Path | None = None, method: str = "sst",
-    params: dict | None = None, compare_with: Sequence[str] = (), evaluation: EvaluationSpec | dict | None = None,
-    device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None, progress=None,
+    base: str | Path,
+    *,
+    safety: Sequence[AdapterArg],
+    out: str | Path,
+    utility: Sequence[AdapterArg] = (),
+    utility_data: str | Path | None = None,
+    safety_data: str | Path | None = None,
+    method: str = "sst",
+    params: dict | None = None,
+    compare_with: Sequence[str] = (),
+    evaluation: EvaluationSpec | dict | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress=None,
 ):
     """Run one merge job (see `pipeline.run_merge`); adapters are paths or (path, weight) pairs."""
     from .pipeline import run_merge
 
     spec = MergeSpec(
-        base_model=str(base), utility=[_adapter(u) for u in utility], safety=[_adapter(s) for s in safety],
+        base_model=str(base),
+        utility=[_adapter(u) for u in utility],
+        safety=[_adapter(s) for s in safety],
         utility_data=str(utility_data) if utility_data else None,
-        safety_data=str(safety_data) if safety_data else None, method=method, params=params or {},
-        compare_with=list(compare_with), evaluation=evaluation, device=device, dtype=dtype,
+        safety_data=str(safety_data) if safety_data else None,
+        method=method,
+        params=params or {},
+        compare_with=list(compare_with),
+        evaluation=evaluation,
+        device=device,
+        dtype=dtype,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     return run_merge(spec, out, progress=progress)

@@ -61,7 +61,11 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def to_examples(
-    rows: list[dict], source: str, *, prompt_column: str = "prompt", response_column: str | None = "response",
+    rows: list[dict],
+    source: str,
+    *,
+    prompt_column: str = "prompt",
+    response_column: str | None = "response",
     require_response: bool = False,
 ) -> list[Example]:
     """Rows → examples; the prompt column is required, the response column only if `require_response`."""
@@ -91,8 +95,14 @@ def load_examples(path: str | Path, *, require_response: bool = False, limit: in
 
 
 def load_hub_examples(
-    dataset_id: str, *, split: str = "train", revision: str | None = None, prompt_column: str = "prompt",
-    response_column: str | None = "response", require_response: bool = False, limit: int | None = None,
+    dataset_id: str,
+    *,
+    split: str = "train",
+    revision: str | None = None,
+    prompt_column: str = "prompt",
+    response_column: str | None = "response",
+    require_response: bool = False,
+    limit: int | None = None,
 ) -> list[Example]:
     """Examples of a Hugging Face Hub dataset, with a column mapping (needs the `datasets` package)."""
     try:
@@ -106,8 +116,13 @@ def load_hub_examples(
     rows = [dict(row) for row in (data.select(range(min(limit, len(data)))) if limit else data)]
     if not rows:
         raise DatasetError(f"Hub dataset {dataset_id}: split {split!r} is empty")
-    return to_examples(rows, dataset_id, prompt_column=prompt_column, response_column=response_column,
-                       require_response=require_response)
+    return to_examples(
+        rows,
+        dataset_id,
+        prompt_column=prompt_column,
+        response_column=response_column,
+        require_response=require_response,
+    )
 
 
 def examples_sha256(examples: list[Example]) -> str:

@@ -68,13 +68,15 @@ def accumulate_outer(total: torch.Tensor, rows: torch.Tensor) -> None:
 class SpanHooks:
     """Hooks that project module inputs and output gradients onto (R_in, R_out) and accumulate factors.
 
-    Set `mask` (batch × seq, bool) to the scored positions before each forward pass.
+    Set `mask` (batch × seq, bool) to the scored positions before each forward pass; the hooks gather
+    those rows with one precomputed flat index (cheaper than boolean masking in every hook).
     """
 
     def __init__(self, model: nn.Module, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.model = model
         self.bases = bases
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
         self.factors = {
             name: KFACFactors(
                 torch.zeros(R_in.shape[1], R_in.shape[1], dtype=torch.float64, device=R_in.device),
@@ -84,18 +86,31 @@ class SpanHooks:
         }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor) -> None:
+        self._mask = mask
+        self._index = torch.nonzero(mask.flatten()).squeeze(1)
+
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The scored rows of a (batch × seq × d) tensor, as (N × d)."""
+        return tensor.detach().reshape(-1, tensor.shape[-1]).index_select(0, self._index)
+
     def _forward_hook(self, name: str) -> Callable:
         R_in, R_out = self.bases[name]
         factors = self.factors[name]
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            mask = self.mask
-            x = inputs[0].detach()[mask]
+            x = self._rows(inputs[0])
             accumulate_outer(factors.sum_A, x.to(R_in.dtype) @ R_in)
             factors.n_A += x.shape[0]
             if output.requires_grad:
+
                 def grad_hook(grad: torch.Tensor) -> None:
-                    delta = grad.detach()[mask]
+                    delta = self._rows(grad)
                     accumulate_outer(factors.sum_G, delta.to(R_out.dtype) @ R_out)
                     factors.n_G += delta.shape[0]
 
@@ -147,7 +162,7 @@ def pad_batch(items: list[Encoded], pad_id: int, device: torch.device):
         n = len(item.input_ids)
         ids[row, :n] = torch.tensor(item.input_ids)
         attention[row, :n] = 1
-        scored[row, max(item.response_start - 1, 0): n - 1] = True
+        scored[row, max(item.response_start - 1, 0) : n - 1] = True
     return ids.to(device), attention.to(device), scored.to(device)
 
 
@@ -159,15 +174,26 @@ def continuations(model: nn.Module, tokenizer, prompts: list[str], config: Fishe
     tokenizer.padding_side = "left"
     try:
         texts = [chat_prompt(tokenizer, p) for p in prompts]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                          truncation=True, max_length=config.max_length - config.continuation_tokens).to(device)
+        batch = tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=config.max_length - config.continuation_tokens,
+        ).to(device)
     finally:
         tokenizer.padding_side = side
     out = model.generate(
-        **batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        max_new_tokens=config.continuation_tokens, pad_token_id=tokenizer.pad_token_id,
+        **batch,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=config.continuation_tokens,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    generated = out[:, batch["input_ids"].shape[1]:].tolist()
+    generated = out[:, batch["input_ids"].shape[1] :].tolist()
     eos = tokenizer.eos_token_id
     return [row[: row.index(eos) + 1] if eos in row else row for row in generated]
 
@@ -179,7 +205,7 @@ def encode_examples(model, tokenizer, examples: list[Example], config: FisherCon
     encoded = [encode(tokenizer, e.prompt, e.response, config.max_length) for e in examples]
     missing = [i for i, e in enumerate(examples) if e.response is None]
     for start in range(0, len(missing), config.batch_size):
-        chunk = missing[start: start + config.batch_size]
+        chunk = missing[start : start + config.batch_size]
         outputs = continuations(model, tokenizer, [examples[i].prompt for i in chunk], config)
         for i, tokens in zip(chunk, outputs, strict=True):
             prompt_ids = encoded[i].input_ids[: config.max_length - len(tokens)]
@@ -216,10 +242,12 @@ def collect_factors(
         if not items:
             raise InputError("no example has a scored token (empty responses or max_length too small)")
         items.sort(key=lambda e: len(e.input_ids))  # length-bucketing keeps padding low
-        bases = {k: (R_in.to(device, torch.float32), R_out.to(device, torch.float32)) for k, (R_in, R_out) in bases.items()}
+        bases = {
+            k: (R_in.to(device, torch.float32), R_out.to(device, torch.float32)) for k, (R_in, R_out) in bases.items()
+        }
         with frozen_parameters(model), SpanHooks(model, bases) as hooks:
             for done in range(0, len(items), config.batch_size):
-                batch = items[done: done + config.batch_size]
+                batch = items[done : done + config.batch_size]
                 ids, attention, scored = pad_batch(batch, tokenizer.pad_token_id, device)
                 positions = _logit_positions(scored)
                 hooks.mask = scored
@@ -239,8 +267,12 @@ def collect_factors(
         model.train(was_training)
     log.info(
         "fisher pass done",
-        extra={"estimator": config.estimator, "examples": len(items), "modules": len(bases),
-               "positions": next(iter(hooks.factors.values())).n_A if hooks.factors else 0,
-               "seconds": round(time.perf_counter() - started, 3)},
+        extra={
+            "estimator": config.estimator,
+            "examples": len(items),
+            "modules": len(bases),
+            "positions": next(iter(hooks.factors.values())).n_A if hooks.factors else 0,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
     )
     return hooks.factors

@@ -78,7 +78,9 @@ class Eigenbasis:
 
     def residual(self) -> float:
         """The larger GEVP residual of the two factor problems (see `gevp_residual`)."""
-        return max(gevp_residual(self.A_s, self.A_u, self.mu, self.X), gevp_residual(self.G_s, self.G_u, self.nu, self.Y))
+        return max(
+            gevp_residual(self.A_s, self.A_u, self.mu, self.X), gevp_residual(self.G_s, self.G_u, self.nu, self.Y)
+        )
 
     def reconstruct(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Dense R_out Y C Xᵀ R_inᵀ (d_out × d_in)."""
@@ -87,8 +89,13 @@ class Eigenbasis:
 
 
 def eigenbasis(
-    R_out: torch.Tensor, R_in: torch.Tensor, A_u: torch.Tensor, G_u: torch.Tensor, A_s: torch.Tensor,
-    G_s: torch.Tensor, eps: float,
+    R_out: torch.Tensor,
+    R_in: torch.Tensor,
+    A_u: torch.Tensor,
+    G_u: torch.Tensor,
+    A_s: torch.Tensor,
+    G_s: torch.Tensor,
+    eps: float,
 ) -> Eigenbasis:
     """Damp the four r×r factors (SPEC §3 step 4) and solve Ã_S x = μ Ã_U x and G̃_S y = ν G̃_U y (step 5)."""
     A_u, G_u, A_s, G_s = (damp(f, eps) for f in (A_u, G_u, A_s, G_s))

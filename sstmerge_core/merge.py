@@ -156,6 +156,13 @@ def merge_modules(
                 factors, error = truncate_factors(result.factors, params.max_rank)
                 result = ModuleResult(factors, {**result.diagnostics, "svd_rel_error": error})
             by_alpha[alpha][name] = result
-    log.info("merged modules", extra={"method": method.name, "modules": len(inputs),
-                                      "alphas": params.alphas, "seconds": round(time.perf_counter() - started, 3)})
+    log.info(
+        "merged modules",
+        extra={
+            "method": method.name,
+            "modules": len(inputs),
+            "alphas": params.alphas,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
     return by_alpha

@@ -90,8 +90,12 @@ def load_base_model(ref: ModelRef | str, device: str = "auto", dtype: str = "aut
     model.to(torch_device).eval()
     log.info(
         "loaded base model",
-        extra={"model": str(ref), "device": str(torch_device), "dtype": str(torch_dtype),
-               "parameters": sum(p.numel() for p in model.parameters())},
+        extra={
+            "model": str(ref),
+            "device": str(torch_device),
+            "dtype": str(torch_dtype),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
     )
     return model, tokenizer
 

@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 
 # Share of the job's progress bar taken by each stage (normalised over the stages a job runs).
-STAGE_WEIGHTS = {"loading": 0.05, "fisher_utility": 0.35, "fisher_safety": 0.15, "merging": 0.1,
-                 "writing": 0.05, "evaluating": 0.3}
+STAGE_WEIGHTS = {
+    "loading": 0.05,
+    "fisher_utility": 0.35,
+    "fisher_safety": 0.15,
+    "merging": 0.1,
+    "writing": 0.05,
+    "evaluating": 0.3,
+}
 
 
 @dataclass
@@ -102,14 +108,29 @@ def _load_adapters(items: list[AdapterInput]) -> list[WeightedAdapter]:
 
 
 def _adapter_info(items: list[WeightedAdapter]) -> list[dict]:
-    return [{"name": w.adapter.name, "sha256": w.adapter.sha256, "weight": w.weight,
-             "rank": max(f.rank for f in w.adapter.modules.values()), "modules": len(w.adapter.modules)}
-            for w in items]
+    return [
+        {
+            "name": w.adapter.name,
+            "sha256": w.adapter.sha256,
+            "weight": w.weight,
+            "rank": max(f.rank for f in w.adapter.modules.values()),
+            "modules": len(w.adapter.modules),
+        }
+        for w in items
+    ]
 
 
-def fisher_configs(params: FisherParams, utility_estimator: str, safety_estimator: str) -> tuple[FisherConfig, FisherConfig]:
-    common = dict(max_samples=params.max_samples, max_length=params.max_length, batch_size=params.batch_size,
-                  continuation_tokens=params.continuation_tokens, label_samples=params.label_samples, seed=params.seed)
+def fisher_configs(
+    params: FisherParams, utility_estimator: str, safety_estimator: str
+) -> tuple[FisherConfig, FisherConfig]:
+    common = dict(
+        max_samples=params.max_samples,
+        max_length=params.max_length,
+        batch_size=params.batch_size,
+        continuation_tokens=params.continuation_tokens,
+        label_samples=params.label_samples,
+        seed=params.seed,
+    )
     return FisherConfig(estimator=utility_estimator, **common), FisherConfig(estimator=safety_estimator, **common)
 
 
@@ -118,8 +139,14 @@ def _load_data(path: str, config: FisherConfig) -> list[Example]:
 
 
 def write_adapters(
-    staging: Path, subdir: str, by_alpha: dict[float, dict[str, ModuleResult]], report: dict, *, base_model: str,
-    revision: str | None, fan_in_fan_out: bool,
+    staging: Path,
+    subdir: str,
+    by_alpha: dict[float, dict[str, ModuleResult]],
+    report: dict,
+    *,
+    base_model: str,
+    revision: str | None,
+    fan_in_fan_out: bool,
 ) -> dict[float, Path]:
     """One PEFT folder per α under staging/subdir (+ model card and that folder's copy of the report)."""
     dirs = {}
@@ -163,8 +190,13 @@ def run_merge(
     out_dir = Path(out_dir).resolve()
     method = get_method(spec.method)
     params = spec.method_params()
-    stages = ["loading", *(["fisher_utility", "fisher_safety"] if method.needs_fisher else []), "merging", "writing",
-              *(["evaluating"] if spec.evaluation else [])]
+    stages = [
+        "loading",
+        *(["fisher_utility", "fisher_safety"] if method.needs_fisher else []),
+        "merging",
+        "writing",
+        *(["evaluating"] if spec.evaluation else []),
+    ]
     track = _Tracker(stages, progress, should_cancel)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -172,8 +204,12 @@ def run_merge(
     try:
         track.start("loading")
         utility, safety = _load_adapters(spec.utility), _load_adapters(spec.safety)
-        info = {"base_model": spec.base_model, "utility_adapters": _adapter_info(utility),
-                "safety_adapters": _adapter_info(safety), "data": {}}
+        info = {
+            "base_model": spec.base_model,
+            "utility_adapters": _adapter_info(utility),
+            "safety_adapters": _adapter_info(safety),
+            "data": {},
+        }
         data = _load_merge_data(spec, params, info) if method.needs_fisher else None
         evaluation = _evaluation_inputs(spec) if spec.evaluation else None
         ref = ModelRef.parse(spec.base_model)
@@ -186,18 +222,33 @@ def run_merge(
 
         track.start("merging")
         by_alpha = merge_modules(method, inputs, params, fisher)
-        baselines = {name: merge_modules(get_method(name), inputs, _baseline_params(name, params))
-                     for name in spec.compare_with if name != spec.method}
+        baselines = {
+            name: merge_modules(get_method(name), inputs, _baseline_params(name, params))
+            for name in spec.compare_with
+            if name != spec.method
+        }
 
         track.start("writing")
-        report = build_report(method=method, params=params.model_dump(), inputs=info, by_alpha=by_alpha,
-                              timings=track.timings, fisher=fisher_info)
+        report = build_report(
+            method=method,
+            params=params.model_dump(),
+            inputs=info,
+            by_alpha=by_alpha,
+            timings=track.timings,
+            fisher=fisher_info,
+        )
         fan = utility[0].adapter.fan_in_fan_out if utility else safety[0].adapter.fan_in_fan_out
         write = dict(base_model=ref.name_or_path, revision=ref.revision, fan_in_fan_out=fan)
         adapter_dirs = write_adapters(staging, ".", by_alpha, report, **write)
         for name, results in baselines.items():
-            sub = build_report(method=get_method(name), params=_baseline_params(name, params).model_dump(),
-                               inputs=info, by_alpha=results, timings={}, fisher=None)
+            sub = build_report(
+                method=get_method(name),
+                params=_baseline_params(name, params).model_dump(),
+                inputs=info,
+                by_alpha=results,
+                timings={},
+                fisher=None,
+            )
             write_adapters(staging, f"baselines/{name}", results, sub, **write)
 
         metrics_path = plot_path = None
@@ -213,9 +264,15 @@ def run_merge(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    summary = {"method": method.name, "alphas": params.alphas, "modules": report["summary"].get("modules"),
-               "adapters": {f"{a:g}": str(d) for a, d in adapter_dirs.items()}, "timings_s": track.timings,
-               "diagnostics": report["summary"], "compare_with": list(baselines)}
+    summary = {
+        "method": method.name,
+        "alphas": params.alphas,
+        "modules": report["summary"].get("modules"),
+        "adapters": {f"{a:g}": str(d) for a, d in adapter_dirs.items()},
+        "timings_s": track.timings,
+        "diagnostics": report["summary"],
+        "compare_with": list(baselines),
+    }
     if spec.evaluation is not None:
         summary["recommended"] = report["evaluation"]["recommended"]
     return MergeOutcome(
@@ -238,12 +295,28 @@ def evaluation_variants(spec: MergeSpec, params: CommonParams, root: Path, basel
     variants.append(Variant("safety", "safety", tuple(spec.safety)))
     method_params = params.model_dump(exclude={"alphas"})
     for alpha in params.alphas:
-        variants.append(Variant(f"{spec.method}@{alpha:g}", "merged", str(root / alpha_dirname(alpha)),
-                                method=spec.method, alpha=alpha, params=method_params))
+        variants.append(
+            Variant(
+                f"{spec.method}@{alpha:g}",
+                "merged",
+                str(root / alpha_dirname(alpha)),
+                method=spec.method,
+                alpha=alpha,
+                params=method_params,
+            )
+        )
     for name in baselines:
         for alpha in params.alphas:
-            variants.append(Variant(f"{name}@{alpha:g}", "baseline", str(root / "baselines" / name / alpha_dirname(alpha)),
-                                    method=name, alpha=alpha, params=_baseline_params(name, params).model_dump(exclude={"alphas"})))
+            variants.append(
+                Variant(
+                    f"{name}@{alpha:g}",
+                    "baseline",
+                    str(root / "baselines" / name / alpha_dirname(alpha)),
+                    method=name,
+                    alpha=alpha,
+                    params=_baseline_params(name, params).model_dump(exclude={"alphas"}),
+                )
+            )
     return variants
 
 
@@ -253,18 +326,29 @@ def _evaluation_inputs(spec: MergeSpec) -> tuple:
     from .evaluation.runner import EvaluationData
 
     data = EvaluationData.load(spec.evaluation)
-    merge_prompts = {e.prompt.strip() for path in (spec.utility_data, spec.safety_data) if path
-                     for e in load_examples(path)}
+    merge_prompts = {
+        e.prompt.strip() for path in (spec.utility_data, spec.safety_data) if path for e in load_examples(path)
+    }
     for name, examples in (("harmful", data.harmful), ("benign", data.benign), ("utility_eval", data.utility)):
         shared = sum(e.prompt.strip() in merge_prompts for e in examples)
         if shared:
-            raise InputError(f"evaluation set {name!r} shares {shared} prompt(s) with the merge data; "
-                             "evaluation prompts must be held out")
+            raise InputError(
+                f"evaluation set {name!r} shares {shared} prompt(s) with the merge data; "
+                "evaluation prompts must be held out"
+            )
     return data, make_judge(spec.evaluation.judge, device=str(resolve_device(spec.device)))
 
 
-def _evaluate(model, tokenizer, spec: MergeSpec, params: CommonParams, staging: Path, baselines: list[str],
-              track: _Tracker, evaluation: tuple) -> dict:
+def _evaluate(
+    model,
+    tokenizer,
+    spec: MergeSpec,
+    params: CommonParams,
+    staging: Path,
+    baselines: list[str],
+    track: _Tracker,
+    evaluation: tuple,
+) -> dict:
     """Evaluate every variant on the held-out sets; writes metrics.json and plot.png into `staging`."""
     from .evaluation.runner import evaluate_variants, write_outputs
 
@@ -274,8 +358,16 @@ def _evaluate(model, tokenizer, spec: MergeSpec, params: CommonParams, staging: 
         track.report(fraction)
 
     data, judge = evaluation
-    metrics = evaluate_variants(model, tokenizer, evaluation_variants(spec, params, staging, baselines),
-                                spec.evaluation, progress, data=data, judge=judge, main_method=spec.method)
+    metrics = evaluate_variants(
+        model,
+        tokenizer,
+        evaluation_variants(spec, params, staging, baselines),
+        spec.evaluation,
+        progress,
+        data=data,
+        judge=judge,
+        main_method=spec.method,
+    )
     write_outputs(metrics, staging / "metrics.json", staging / "plot.png")
     return metrics
 
@@ -288,8 +380,10 @@ def _baseline_params(name: str, params: CommonParams) -> CommonParams:
 def _load_merge_data(spec: MergeSpec, params, info: dict) -> dict:
     """Utility and safety examples with their Fisher configs; records sizes and hashes in `info`."""
     u_config, s_config = fisher_configs(params, params.utility_fisher, params.safety_fisher)
-    data = {"utility": (_load_data(spec.utility_data, u_config), u_config),
-            "safety": (_load_data(spec.safety_data, s_config), s_config)}
+    data = {
+        "utility": (_load_data(spec.utility_data, u_config), u_config),
+        "safety": (_load_data(spec.safety_data, s_config), s_config),
+    }
     for role, (examples, config) in data.items():
         info["data"][role] = {"n": len(examples), "sha256": examples_sha256(examples), "estimator": config.estimator}
     return data
@@ -300,11 +394,16 @@ def _fisher(spec, params, model, tokenizer, inputs, utility, safety, ref, data, 
     (u_data, u_config), (s_data, s_config) = data["utility"], data["safety"]
     hashes = {role: examples_sha256(examples) for role, (examples, _) in data.items()}
     cache = FisherCache(Path(spec.cache_dir) / "fisher" if spec.cache_dir else None)
-    common = dict(model=model_fingerprint(ref.name_or_path, ref.revision), dtype=spec.dtype,
-                  utility=[(w.adapter.sha256, w.weight) for w in utility],
-                  safety=[(w.adapter.sha256, w.weight) for w in safety])
-    keys = {"utility": cache_key(**common, data=hashes["utility"], config=u_config.__dict__),
-            "safety": cache_key(**common, data=hashes["safety"], config=s_config.__dict__)}
+    common = dict(
+        model=model_fingerprint(ref.name_or_path, ref.revision),
+        dtype=spec.dtype,
+        utility=[(w.adapter.sha256, w.weight) for w in utility],
+        safety=[(w.adapter.sha256, w.weight) for w in safety],
+    )
+    keys = {
+        "utility": cache_key(**common, data=hashes["utility"], config=u_config.__dict__),
+        "safety": cache_key(**common, data=hashes["safety"], config=s_config.__dict__),
+    }
 
     def cached(kind, compute):
         track.start(f"fisher_{kind}")
@@ -313,7 +412,8 @@ def _fisher(spec, params, model, tokenizer, inputs, utility, safety, ref, data, 
     def progress(kind, done, total):
         track.report(done / max(total, 1))
 
-    fisher = fisher_factors(model, tokenizer, inputs, u_data, s_data, u_config, s_config, cached=cached,
-                            progress=progress)
+    fisher = fisher_factors(
+        model, tokenizer, inputs, u_data, s_data, u_config, s_config, cached=cached, progress=progress
+    )
     hits = {kind: keys[kind] in cache.hits for kind in keys}
     return fisher, {"cache_hits": hits, "cache_keys": keys, "damping": params.damping}

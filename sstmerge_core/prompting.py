@@ -35,5 +35,5 @@ def encode(tokenizer, prompt: str, response: str | None, max_length: int) -> Enc
         if tokenizer.eos_token_id is not None:
             response_ids = response_ids + [tokenizer.eos_token_id]
     response_ids = response_ids[: max_length - 1]
-    prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+    prompt_ids = prompt_ids[-(max_length - len(response_ids)) :]
     return Encoded(prompt_ids + response_ids, len(prompt_ids))

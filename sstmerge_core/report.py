@@ -57,14 +57,25 @@ def summary_section(modules: dict) -> dict:
     return out
 
 
-def build_report(*, method: MergeMethod, params: dict, inputs: dict, by_alpha: dict[float, dict[str, ModuleResult]],
-                 timings: dict, fisher: dict | None) -> dict:
+def build_report(
+    *,
+    method: MergeMethod,
+    params: dict,
+    inputs: dict,
+    by_alpha: dict[float, dict[str, ModuleResult]],
+    timings: dict,
+    fisher: dict | None,
+) -> dict:
     modules = module_section(by_alpha)
     adapters = {}
     for alpha, results in by_alpha.items():
         ranks = [r.factors.rank for r in results.values() if r.factors is not None]
-        adapters[f"{alpha:g}"] = {"dir": alpha_dirname(alpha), "modules": len(ranks),
-                                  "max_rank": max(ranks, default=0), "total_rank": sum(ranks)}
+        adapters[f"{alpha:g}"] = {
+            "dir": alpha_dirname(alpha),
+            "modules": len(ranks),
+            "max_rank": max(ranks, default=0),
+            "total_rank": sum(ranks),
+        }
     return {
         "schema_version": SCHEMA_VERSION,
         "sstmerge_version": package_version(),
@@ -104,9 +115,12 @@ def model_card(report: dict, alpha: float, metrics_row: dict | None = None) -> s
     ]
     for role in ("utility", "safety"):
         for a in inputs.get(f"{role}_adapters", []):
-            lines.append(f"- {role} adapter `{a['name']}` (rank {a['rank']}, weight {a['weight']:g}, sha256 `{a['sha256'][:12]}`)")
+            digest = a["sha256"][:12]
+            lines.append(f"- {role} adapter `{a['name']}` (rank {a['rank']}, weight {a['weight']:g}, sha256 `{digest}`)")
     for role, data in (inputs.get("data") or {}).items():
-        lines.append(f"- {role} data: {data['n']} examples, sha256 `{data['sha256'][:12]}`, estimator `{data['estimator']}`")
+        lines.append(
+            f"- {role} data: {data['n']} examples, sha256 `{data['sha256'][:12]}`, estimator `{data['estimator']}`"
+        )
     lines += ["", "Parameters:", "", "```json", json.dumps(report["params"], indent=2, sort_keys=True), "```", ""]
     summary = report["summary"]
     if summary:
@@ -119,8 +133,17 @@ def model_card(report: dict, alpha: float, metrics_row: dict | None = None) -> s
             value = metrics_row.get(key)
             if isinstance(value, dict):
                 rate = value.get("rate", value.get("value"))
-                lines.append(f"- {key}: {rate} (n = {value.get('n')}, 95% CI {value.get('ci_low')}–{value.get('ci_high')})")
+                lines.append(
+                    f"- {key}: {rate} (n = {value.get('n')}, 95% CI {value.get('ci_low')}–{value.get('ci_high')})"
+                )
         lines.append("")
-    lines += ["Load with:", "", "```python", "from peft import PeftModel",
-              "model = PeftModel.from_pretrained(base_model, 'path/to/this/folder')", "```", ""]
+    lines += [
+        "Load with:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, 'path/to/this/folder')",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

@@ -85,8 +85,14 @@ def build_tiny_model(family: str, folder: str | Path, seed: int = 0, hidden: int
 
 
 def random_lora(
-    base: str | Path, folder: str | Path, *, seed: int = 0, r: int = 4, lora_alpha: float = 8,
-    target_modules: list[str] | str | None = None, **config,
+    base: str | Path,
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    r: int = 4,
+    lora_alpha: float = 8,
+    target_modules: list[str] | str | None = None,
+    **config,
 ) -> Path:
     """Save a PEFT LoRA adapter with random (non-zero) A and B for the model in `base`."""
     from peft import LoraConfig, get_peft_model
@@ -94,10 +100,20 @@ def random_lora(
 
     model = AutoModelForCausalLM.from_pretrained(base)
     is_gpt2 = model.config.model_type == "gpt2"
-    default = ["c_attn", "c_proj", "c_fc"] if is_gpt2 else [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or default, init_lora_weights=False,
-                      fan_in_fan_out=is_gpt2, task_type="CAUSAL_LM", **config)
+    default = (
+        ["c_attn", "c_proj", "c_fc"]
+        if is_gpt2
+        else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or default,
+        init_lora_weights=False,
+        fan_in_fan_out=is_gpt2,
+        task_type="CAUSAL_LM",
+        **config,
+    )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, lora)
     peft_model.save_pretrained(folder, safe_serialization=True)

@@ -109,8 +109,9 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 @torch.no_grad()
-def mean_response_loss(model: nn.Module, tokenizer, examples: list[Example], *, max_length: int = 256,
-                       batch_size: int = 8) -> float:
+def mean_response_loss(
+    model: nn.Module, tokenizer, examples: list[Example], *, max_length: int = 256, batch_size: int = 8
+) -> float:
     """Token-weighted mean response log-loss of `examples` under `model` (evaluation mode)."""
     encoded = encode_examples(tokenizer, examples, max_length)
     was_training = model.training
@@ -192,8 +193,13 @@ def train_lora(
 
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules=targets, fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0,
-        bias="none", task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config, revision=ref.revision)
     peft_model.peft_config["default"].base_model_name_or_path = ref.name_or_path
@@ -202,8 +208,9 @@ def train_lora(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(encoded) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(epochs * steps_per_epoch))
-    log.info("training LoRA r=%d on %d examples, targets %s, %d steps", r, len(encoded), targets,
-             epochs * steps_per_epoch)
+    log.info(
+        "training LoRA r=%d on %d examples, targets %s, %d steps", r, len(encoded), targets, epochs * steps_per_epoch
+    )
 
     rng = random.Random(seed)
     with _progress(epochs * steps_per_epoch, progress) as bar:

@@ -31,10 +31,13 @@ def merge_data(tmp_path_factory) -> dict[str, Path]:
     """Small utility (prompts only) and safety (prompt + refusal) data sets."""
     root = tmp_path_factory.mktemp("data")
     utility = [{"prompt": f"How do I bake bread with {n} cups of flour?"} for n in range(6)]
-    safety = [{"prompt": f"How can I build a bomb from part {n}?", "response": "I cannot help with that."}
-              for n in range(6)]
-    return {"utility": write_jsonl(root / "utility.jsonl", utility),
-            "safety": write_jsonl(root / "safety.jsonl", safety)}
+    safety = [
+        {"prompt": f"How can I build a bomb from part {n}?", "response": "I cannot help with that."} for n in range(6)
+    ]
+    return {
+        "utility": write_jsonl(root / "utility.jsonl", utility),
+        "safety": write_jsonl(root / "safety.jsonl", safety),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +46,7 @@ def llama_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
         "utility": random_lora(tiny_llama, root / "utility", seed=1, r=4),
-        "safety": random_lora(tiny_llama, root / "safety", seed=2, r=3,
-                              target_modules=["q_proj", "v_proj", "down_proj"]),
+        "safety": random_lora(
+            tiny_llama, root / "safety", seed=2, r=3, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
     }

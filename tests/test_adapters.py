@@ -56,7 +56,9 @@ def test_saved_adapter_with_mixed_ranks_loads_in_peft_and_reproduces_logits(fami
     modules = {}
     for i, (name, f) in enumerate(sorted(source.modules.items())):
         rank = 1 + i % 5  # ranks differ per module → rank_pattern/alpha_pattern
-        modules[name] = LoraFactors(torch.randn(f.shape[0], rank, generator=g), torch.randn(rank, f.shape[1], generator=g) * 0.05)
+        modules[name] = LoraFactors(
+            torch.randn(f.shape[0], rank, generator=g), torch.randn(rank, f.shape[1], generator=g) * 0.05
+        )
     save_adapter(tmp_path / "out", modules, base_model=str(base), fan_in_fan_out=source.fan_in_fan_out)
     loaded = peft_deltas(base, tmp_path / "out")
     assert set(loaded) == set(modules)

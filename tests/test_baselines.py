@@ -34,26 +34,31 @@ def peft_merge(base, u, s, combination_type: str, **kwargs) -> dict[str, torch.T
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), u, adapter_name="u")
     model.load_adapter(s, adapter_name="s")
     model.add_weighted_adapter(["u", "s"], [W_U, ALPHA], "m", combination_type=combination_type, **kwargs)
-    return {name: module.get_delta_weight("m").double() for name, module in model.base_model.model.named_modules()
-            if hasattr(module, "lora_A") and "m" in module.lora_A}
+    return {
+        name: module.get_delta_weight("m").double()
+        for name, module in model.base_model.model.named_modules()
+        if hasattr(module, "lora_A") and "m" in module.lora_A
+    }
 
 
 def test_linear_is_exact_and_matches_peft_concatenation(pair):
     base, u, s, inputs = pair
     merged = ours(inputs, "linear")
-    expected = {n: W_U * m.utility[0].delta().double() + ALPHA * m.safety.delta().double()
-                for n, m in inputs.items()}
+    expected = {n: W_U * m.utility[0].delta().double() + ALPHA * m.safety.delta().double() for n, m in inputs.items()}
     reference = peft_merge(base, u, s, "cat")
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(merged[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, peft_type, extra", [
-    ("ties", "ties_svd", {"majority_sign_method": "total"}),
-    ("ties", "ties_svd", {"majority_sign_method": "frequency"}),
-    ("magnitude_prune", "magnitude_prune_svd", {}),
-])
+@pytest.mark.parametrize(
+    "method, peft_type, extra",
+    [
+        ("ties", "ties_svd", {"majority_sign_method": "total"}),
+        ("ties", "ties_svd", {"majority_sign_method": "frequency"}),
+        ("magnitude_prune", "magnitude_prune_svd", {}),
+    ],
+)
 def test_elementwise_rules_match_peft_svd_merges(pair, method, peft_type, extra):
     base, u, s, inputs = pair
     rank = 32  # = max over modules of min(d_out, d_in): no truncation, so near-equal σ cannot swap directions
@@ -76,7 +81,9 @@ def test_dare_is_seeded_and_rescaled(pair, method):
     assert not torch.allclose(a, c)
     if method == "dare_linear":
         # drop with p = 1 − density and rescale by 1/density: unbiased, so the seed average → linear merge
-        mean = torch.stack([ours(one, method, density=0.5, seed=k, max_rank=full_rank)[name] for k in range(60)]).mean(0)
+        mean = torch.stack([ours(one, method, density=0.5, seed=k, max_rank=full_rank)[name] for k in range(60)]).mean(
+            0
+        )
         linear = ours(one, "linear")[name]
         assert float(torch.linalg.norm(mean - linear) / torch.linalg.norm(linear)) < 0.2
         assert float(torch.linalg.norm(a - linear) / torch.linalg.norm(linear)) > 0.3

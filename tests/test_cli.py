@@ -13,11 +13,31 @@ from sstmerge_core.cli import main
 @pytest.fixture
 def args(tiny_llama, llama_adapters, merge_data, tmp_path):
     def build(*extra: str, base=None, safety=None, safety_data=None, out=None) -> list[str]:
-        return ["merge", "--base", str(base or tiny_llama), "--utility", f"{llama_adapters['utility']}:0.5",
-                "--safety", str(safety or llama_adapters["safety"]), "--utility-data", str(merge_data["utility"]),
-                "--safety-data", str(safety_data or merge_data["safety"]), "--out", str(out or tmp_path / "out"),
-                "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--max-length", "64",
-                "--continuation-tokens", "4", *extra]
+        return [
+            "merge",
+            "--base",
+            str(base or tiny_llama),
+            "--utility",
+            f"{llama_adapters['utility']}:0.5",
+            "--safety",
+            str(safety or llama_adapters["safety"]),
+            "--utility-data",
+            str(merge_data["utility"]),
+            "--safety-data",
+            str(safety_data or merge_data["safety"]),
+            "--out",
+            str(out or tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-length",
+            "64",
+            "--continuation-tokens",
+            "4",
+            *extra,
+        ]
+
     return build
 
 
@@ -42,18 +62,21 @@ def bad_file(tmp_path, name: str, content: bytes):
     return path
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("k0", "k"),
-    ("nan_alpha", "finite"),
-    ("foreign_flag", "--density does not apply to method sst"),
-    ("empty_data", "no rows"),
-    ("missing_column", "missing column 'prompt'"),
-    ("latin1", "not UTF-8"),
-    ("no_response", "response"),
-    ("pickle", "refusing pickle"),
-    ("missing_adapter", "not found"),
-    ("wrong_base", "not found in the base model"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("k0", "k"),
+        ("nan_alpha", "finite"),
+        ("foreign_flag", "--density does not apply to method sst"),
+        ("empty_data", "no rows"),
+        ("missing_column", "missing column 'prompt'"),
+        ("latin1", "not UTF-8"),
+        ("no_response", "response"),
+        ("pickle", "refusing pickle"),
+        ("missing_adapter", "not found"),
+        ("wrong_base", "not found in the base model"),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_line(case, expected, args, tmp_path, tiny_models, llama_adapters, capsys):
     argv = {
         "k0": lambda: args("--selection", "topk", "--k", "0"),
@@ -61,7 +84,9 @@ def test_bad_inputs_exit_2_with_one_line(case, expected, args, tmp_path, tiny_mo
         "foreign_flag": lambda: args("--density", "0.3"),
         "empty_data": lambda: args(safety_data=bad_file(tmp_path, "e.jsonl", b"")),
         "missing_column": lambda: args(safety_data=bad_file(tmp_path, "m.jsonl", b'{"text": "x"}\n')),
-        "latin1": lambda: args(safety_data=bad_file(tmp_path, "l.csv", "prompt,response\ncaf\xe9,no\n".encode("latin-1"))),
+        "latin1": lambda: args(
+            safety_data=bad_file(tmp_path, "l.csv", "prompt,response\ncaf\xe9,no\n".encode("latin-1"))
+        ),
         "no_response": lambda: args(safety_data=bad_file(tmp_path, "n.jsonl", b'{"prompt": "x"}\n')),
         "pickle": lambda: args(safety=_pickled(llama_adapters["safety"], tmp_path)),
         "missing_adapter": lambda: args(safety=tmp_path / "nowhere"),
@@ -96,8 +121,20 @@ def test_help_lists_every_method_parameter(capsys):
         code = main(["merge", "--help"])
     out = capsys.readouterr().out
     assert code == 0
-    for flag in ("--selection", "--beta", "--k", "--k-in", "--utility-fisher", "--safety-fisher", "--density",
-                 "--majority-sign-method", "--max-rank", "--alpha", "--compare-with", "--evaluate"):
+    for flag in (
+        "--selection",
+        "--beta",
+        "--k",
+        "--k-in",
+        "--utility-fisher",
+        "--safety-fisher",
+        "--density",
+        "--majority-sign-method",
+        "--max-rank",
+        "--alpha",
+        "--compare-with",
+        "--evaluate",
+    ):
         assert flag in out
 
 

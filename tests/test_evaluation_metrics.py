@@ -29,8 +29,14 @@ def test_normalize() -> None:
 
 @pytest.mark.parametrize(
     ("prediction", "reference", "expected"),
-    [("  Paris. ", "paris", 1.0), ("PARIS!!", "Paris", 1.0), ("a  b", "a b", 1.0), ("42", "42 km", 0.0),
-     ("The answer is Paris", "Paris", 0.0), ("", "", 1.0)],
+    [
+        ("  Paris. ", "paris", 1.0),
+        ("PARIS!!", "Paris", 1.0),
+        ("a  b", "a b", 1.0),
+        ("42", "42 km", 0.0),
+        ("The answer is Paris", "Paris", 0.0),
+        ("", "", 1.0),
+    ],
 )
 def test_exact_match(prediction: str, reference: str, expected: float) -> None:
     assert exact_match(prediction, reference) == expected
@@ -38,8 +44,14 @@ def test_exact_match(prediction: str, reference: str, expected: float) -> None:
 
 @pytest.mark.parametrize(
     ("prediction", "reference", "expected"),
-    [("The capital is Paris!", "paris", 1.0), ("answer: 4.", "4", 1.0), ("42", "4", 0.0),
-     ("anything", "", 0.0), ("New York City", "york city", 1.0), ("Yorkshire", "york", 0.0)],
+    [
+        ("The capital is Paris!", "paris", 1.0),
+        ("answer: 4.", "4", 1.0),
+        ("42", "4", 0.0),
+        ("anything", "", 0.0),
+        ("New York City", "york city", 1.0),
+        ("Yorkshire", "york", 0.0),
+    ],
 )
 def test_contains(prediction: str, reference: str, expected: float) -> None:
     assert contains(prediction, reference) == expected
@@ -52,9 +64,13 @@ def test_lcs_length() -> None:
 
 @pytest.mark.parametrize(
     ("prediction", "reference", "expected"),
-    [("the cat sat on the mat", "the cat is on the mat", 5 / 6),  # LCS 5, P = R = 5/6
-     ("a b c d", "A, C.", 2 / 3),  # LCS 2: P = 1/2, R = 1, F1 = 2·½·1/(3/2)
-     ("x y", "a b", 0.0), ("", "a", 0.0), ("same words", "same words", 1.0)],
+    [
+        ("the cat sat on the mat", "the cat is on the mat", 5 / 6),  # LCS 5, P = R = 5/6
+        ("a b c d", "A, C.", 2 / 3),  # LCS 2: P = 1/2, R = 1, F1 = 2·½·1/(3/2)
+        ("x y", "a b", 0.0),
+        ("", "a", 0.0),
+        ("same words", "same words", 1.0),
+    ],
 )
 def test_rouge_l(prediction: str, reference: str, expected: float) -> None:
     assert rouge_l(prediction, reference) == pytest.approx(expected)
@@ -74,8 +90,14 @@ def test_summarize_utility() -> None:
 
 @pytest.mark.parametrize(
     ("k", "n", "low", "high"),
-    [(8, 10, 0.49016, 0.94332), (5, 10, 0.23659, 0.76341), (0, 10, 0.0, 0.27753), (10, 10, 0.72247, 1.0),
-     (1, 1, 0.20654, 1.0), (0, 1, 0.0, 0.79346)],
+    [
+        (8, 10, 0.49016, 0.94332),
+        (5, 10, 0.23659, 0.76341),
+        (0, 10, 0.0, 0.27753),
+        (10, 10, 0.72247, 1.0),
+        (1, 1, 0.20654, 1.0),
+        (0, 1, 0.0, 0.79346),
+    ],
 )
 def test_wilson_interval(k: int, n: int, low: float, high: float) -> None:
     assert wilson_interval(k, n) == pytest.approx((low, high), abs=1e-5)
@@ -93,8 +115,9 @@ def test_wilson_edges_are_exact() -> None:
 
 def test_rate_carries_counts_and_interval() -> None:
     rate = Rate.count([True, False, True, True, True, True, True, True, False, True])
-    assert rate.to_dict() == pytest.approx({"k": 8, "n": 10, "rate": 0.8, "ci_low": 0.49016, "ci_high": 0.94332},
-                                           abs=1e-5)
+    assert rate.to_dict() == pytest.approx(
+        {"k": 8, "n": 10, "rate": 0.8, "ci_low": 0.49016, "ci_high": 0.94332}, abs=1e-5
+    )
 
 
 # --- derived metrics -------------------------------------------------------------------------------------
@@ -174,16 +197,29 @@ def test_recommendation_is_null_with_a_reason() -> None:
 def _model(label: str, kind: str, safety: int, over_refusal: int, utility: float, pareto: bool) -> dict:
     def rate(k: int) -> dict:
         return Rate.of(k, 10).to_dict()
-    return {"label": label, "kind": kind, "method": "sst" if kind == "merged" else None, "safety": rate(safety),
-            "over_refusal": rate(over_refusal), "utility": {"value": utility, "ci_low": None, "ci_high": None},
-            "pareto": pareto}
+
+    return {
+        "label": label,
+        "kind": kind,
+        "method": "sst" if kind == "merged" else None,
+        "safety": rate(safety),
+        "over_refusal": rate(over_refusal),
+        "utility": {"value": utility, "ci_low": None, "ci_high": None},
+        "pareto": pareto,
+    }
 
 
 @pytest.mark.parametrize("higher_is_better", [True, False])
 def test_plot_renders_a_png(higher_is_better: bool) -> None:
-    metrics = {"judge": "keyword", "utility_metric": "rouge_l" if higher_is_better else "nll",
-               "utility_higher_is_better": higher_is_better,
-               "models": [_model("base", "base", 1, 0, 0.4, False), _model("before", "before", 2, 0, 0.7, True),
-                          _model("sst α=1", "merged", 8, 3, 0.6, True)]}
+    metrics = {
+        "judge": "keyword",
+        "utility_metric": "rouge_l" if higher_is_better else "nll",
+        "utility_higher_is_better": higher_is_better,
+        "models": [
+            _model("base", "base", 1, 0, 0.4, False),
+            _model("before", "before", 2, 0, 0.7, True),
+            _model("sst α=1", "merged", 8, 3, 0.6, True),
+        ],
+    }
     png = render_png(metrics)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

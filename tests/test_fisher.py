@@ -26,8 +26,10 @@ def model_and_bases(tiny_llama):
     bases = {}
     for name in MODULES:
         d_out, d_in = linear_shape(model.get_submodule(name))
-        bases[name] = (orthonormal_basis(torch.randn(d_in, 3, generator=g)).float(),
-                       orthonormal_basis(torch.randn(d_out, 2, generator=g)).float())
+        bases[name] = (
+            orthonormal_basis(torch.randn(d_in, 3, generator=g)).float(),
+            orthonormal_basis(torch.randn(d_out, 2, generator=g)).float(),
+        )
     return model, tokenizer, bases
 
 
@@ -35,8 +37,12 @@ def per_sequence_grads(model, ids: list[int], start: int, bases, labels: list[in
     """Projected inputs and output-gradients of one unpadded sequence; loss on positions start−1 … n−2
     (or only `position`), labels = the next tokens or the given ones."""
     captured = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda mod, inp, out, n=n: captured.__setitem__(n, (inp[0].detach(), out))) for n in bases]
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda mod, inp, out, n=n: captured.__setitem__(n, (inp[0].detach(), out))
+        )
+        for n in bases
+    ]
     handles.append(model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.detach().requires_grad_()))
     try:
         tensor = torch.tensor([ids])
@@ -102,7 +108,9 @@ def test_sampled_factors_converge_to_the_exact_expected_fisher(model_and_bases):
     for draws in (1, 16, 256):
         config = FisherConfig(estimator="sampled", max_length=64, label_samples=draws, seed=1)
         sampled = collect_factors(model, tokenizer, examples, bases, config)
-        errors.append(max(float(torch.linalg.norm(sampled[n].G - exact[n]) / torch.linalg.norm(exact[n])) for n in bases))
+        errors.append(
+            max(float(torch.linalg.norm(sampled[n].G - exact[n]) / torch.linalg.norm(exact[n])) for n in bases)
+        )
     assert errors[2] < errors[0] and errors[2] < 0.1, errors
 
 

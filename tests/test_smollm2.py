@@ -21,8 +21,10 @@ def testbed(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     base = assets.smollm2_folder()
     paths = build_small_datasets(root, rows=4)
-    adapters = {kind: random_lora(base, root / kind, seed=seed, r=16, lora_alpha=16)
-                for kind, seed in (("utility", 1), ("safety", 2))}
+    adapters = {
+        kind: random_lora(base, root / kind, seed=seed, r=16, lora_alpha=16)
+        for kind, seed in (("utility", 1), ("safety", 2))
+    }
     return base, paths, adapters, root
 
 
@@ -36,28 +38,76 @@ def test_merge_and_evaluate_on_smollm2(testbed):
 
     base, paths, adapters, root = testbed
     out = root / "out"
-    code = main(["merge", "--base", str(base), "--utility", str(adapters["utility"]), "--safety",
-                 str(adapters["safety"]), "--utility-data", str(paths["utility_fisher"]),
-                 "--safety-data", str(paths["safety_fisher"]), "--alpha", "0.5", "--alpha", "1.0",
-                 "--max-samples", "4", "--max-length", "96", "--continuation-tokens", "4", "--batch-size", "4",
-                 "--compare-with", "linear", "--evaluate", "--harmful", str(paths["harmful_eval"]),
-                 "--benign", str(paths["benign_eval"]), "--utility-eval", str(paths["utility_eval"]),
-                 "--limit", "2", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32",
-                 "--cache-dir", str(root / "cache"), "--out", str(out)])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(base),
+            "--utility",
+            str(adapters["utility"]),
+            "--safety",
+            str(adapters["safety"]),
+            "--utility-data",
+            str(paths["utility_fisher"]),
+            "--safety-data",
+            str(paths["safety_fisher"]),
+            "--alpha",
+            "0.5",
+            "--alpha",
+            "1.0",
+            "--max-samples",
+            "4",
+            "--max-length",
+            "96",
+            "--continuation-tokens",
+            "4",
+            "--batch-size",
+            "4",
+            "--compare-with",
+            "linear",
+            "--evaluate",
+            "--harmful",
+            str(paths["harmful_eval"]),
+            "--benign",
+            str(paths["benign_eval"]),
+            "--utility-eval",
+            str(paths["utility_eval"]),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--cache-dir",
+            str(root / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
 
     report = json.loads((out / "merge_report.json").read_text())
     assert report["summary"]["modules"] == 30 * 7
     assert report["summary"]["median_gevp_residual"] < 1e-6
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [m["label"] for m in metrics["models"]] == ["base", "before", "safety", "sst@0.5", "sst@1",
-                                                       "linear@0.5", "linear@1"]
+    assert [m["label"] for m in metrics["models"]] == [
+        "base",
+        "before",
+        "safety",
+        "sst@0.5",
+        "sst@1",
+        "linear@0.5",
+        "linear@1",
+    ]
     assert all(m["safety"]["n"] == 2 and m["over_refusal"]["n"] == 2 for m in metrics["models"])
 
     merged = load_adapter(out / "alpha-1")
     model, tokenizer = load_base_model(str(base), device="cpu", dtype="float32")
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                           out / "alpha-1").eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out / "alpha-1"
+    ).eval()
     ids = tokenizer("What is the molecular formula of water?", return_tensors="pt")["input_ids"]
     with torch.no_grad(), merged_deltas(model, merged.modules):
         expected = model(ids).logits

@@ -27,8 +27,18 @@ def spd(n: int, g: torch.Generator, rank: int | None = None) -> torch.Tensor:
 def module(name: str = "m", seed: int = 0, utility: bool = True) -> ModuleInputs:
     """A random module: utility rank R_U, safety rank R_S, Fisher factors at the span."""
     g = torch.Generator().manual_seed(seed)
-    safety = LoraFactors(torch.randn(D_OUT, R_S, generator=g, dtype=F64), torch.randn(R_S, D_IN, generator=g, dtype=F64), 0.5)
-    ups = [LoraFactors(torch.randn(D_OUT, R_U, generator=g, dtype=F64), torch.randn(R_U, D_IN, generator=g, dtype=F64), 2.0)] if utility else []
+    safety = LoraFactors(
+        torch.randn(D_OUT, R_S, generator=g, dtype=F64), torch.randn(R_S, D_IN, generator=g, dtype=F64), 0.5
+    )
+    ups = (
+        [
+            LoraFactors(
+                torch.randn(D_OUT, R_U, generator=g, dtype=F64), torch.randn(R_U, D_IN, generator=g, dtype=F64), 2.0
+            )
+        ]
+        if utility
+        else []
+    )
     R_in, R_out = orthonormal_basis(safety.A.T), orthonormal_basis(safety.B)
     fisher = FisherFactors(R_in, R_out, spd(R_S, g), spd(R_S, g), spd(R_S, g, 2), spd(R_S, g, 3))
     return ModuleInputs(name, (D_OUT, D_IN), ups, safety, fisher)
@@ -109,7 +119,9 @@ def test_topk_equals_the_seed_formulation_on_the_dense_kronecker_problem():
     m, k = module(seed=3), 6
     F_u, lam, V, s = kron_reference(m, 1e-3)
     Vk = V[:, np.argsort(lam)[::-1][:k]]
-    torch.testing.assert_close(sst_delta(m, selection="topk", k=k), from_vec(m, Vk @ Vk.T @ F_u @ s), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        sst_delta(m, selection="topk", k=k), from_vec(m, Vk @ Vk.T @ F_u @ s), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_soft_equals_the_fisher_merging_closed_form():
@@ -125,8 +137,10 @@ def test_soft_equals_the_fisher_merging_closed_form():
 
 def test_every_module_result_lands_on_its_own_module():
     """Modules given in an order unlike their names, each with its own update: no alignment mix-up."""
-    modules = {name: module(name, seed=i, utility=(i % 2 == 0)) for i, name in
-               enumerate(["z.last", "a.first", "m.middle", "b.second"])}
+    modules = {
+        name: module(name, seed=i, utility=(i % 2 == 0))
+        for i, name in enumerate(["z.last", "a.first", "m.middle", "b.second"])
+    }
     params = SSTParams(alphas=[1.0], selection="topk", k=5)
     fisher = {name: m.fisher for name, m in modules.items()}
     stripped = {name: ModuleInputs(m.name, m.shape, m.utility, m.safety) for name, m in modules.items()}
@@ -149,9 +163,12 @@ def test_diagnostics_are_recorded():
 def test_max_rank_truncation_reports_error():
     m = module()
     params = SSTParams(alphas=[1.0], selection="soft", max_rank=2)
-    result = merge_modules(get_method("sst"), {"m": ModuleInputs(m.name, m.shape, m.utility, m.safety)}, params,
-                           {"m": m.fisher})[1.0]["m"]
+    result = merge_modules(
+        get_method("sst"), {"m": ModuleInputs(m.name, m.shape, m.utility, m.safety)}, params, {"m": m.fisher}
+    )[1.0]["m"]
     assert result.factors.rank == 2
     full = m.utility_delta() + sst_delta(m, selection="soft")
     S = torch.linalg.svdvals(full)
-    assert result.diagnostics["svd_rel_error"] == pytest.approx(float(torch.linalg.norm(S[2:]) / torch.linalg.norm(S)), rel=1e-6)
+    assert result.diagnostics["svd_rel_error"] == pytest.approx(
+        float(torch.linalg.norm(S[2:]) / torch.linalg.norm(S)), rel=1e-6
+    )

@@ -36,8 +36,11 @@ def _adapter_folders(outcome: MergeOutcome, method: str) -> dict[str, dict[float
     folders = {method: dict(outcome.adapter_dirs)}
     baselines = outcome.out_dir / "baselines"
     for name in outcome.summary.get("compare_with", []):
-        folders[name] = {alpha: baselines / name / path.name for alpha, path in outcome.adapter_dirs.items()
-                         if (baselines / name / path.name).is_dir()}
+        folders[name] = {
+            alpha: baselines / name / path.name
+            for alpha, path in outcome.adapter_dirs.items()
+            if (baselines / name / path.name).is_dir()
+        }
     return folders
 
 
@@ -52,8 +55,11 @@ def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix
             zip_folder(folder, archive)
             storage.put_file(f"{prefix}/{archive.name}", archive)
             files.append(archive.name)
-    for path, name in ((outcome.report_path, artifacts.REPORT), (outcome.metrics_path, artifacts.METRICS),
-                       (outcome.plot_path, artifacts.PLOT)):
+    for path, name in (
+        (outcome.report_path, artifacts.REPORT),
+        (outcome.metrics_path, artifacts.METRICS),
+        (outcome.plot_path, artifacts.PLOT),
+    ):
         if path is not None and path.is_file():
             storage.put_file(f"{prefix}/{name}", path)
             files.append(name)
@@ -75,10 +81,12 @@ class JobRunner:
             raise InputError(exc.message, code=exc.code) from None
         with session_scope(self.settings.resolved_database_url) as session:
             return build_spec(
-                body, base.spec_value,
+                body,
+                base.spec_value,
                 lambda ident: str(self.inputs.adapter(session, claim.tenant, ident)),
                 lambda ident: str(self.inputs.dataset(session, claim.tenant, ident)),
-                device=self.settings.device, dtype=self.settings.dtype,
+                device=self.settings.device,
+                dtype=self.settings.dtype,
                 cache_dir=str(self.settings.resolved_cache_dir),
             )
 
@@ -102,8 +110,13 @@ class JobRunner:
     def _execute(self, claim: Claim, heartbeat: Heartbeat, work: Path, prefix: str) -> None:
         try:
             spec = self._spec(claim)
-            outcome = run_merge(spec, work / "out", progress=ProgressWriter(self.store, claim),
-                                should_cancel=heartbeat.should_cancel, model_cache=self.model_cache)
+            outcome = run_merge(
+                spec,
+                work / "out",
+                progress=ProgressWriter(self.store, claim),
+                should_cancel=heartbeat.should_cancel,
+                model_cache=self.model_cache,
+            )
             if heartbeat.should_cancel():
                 raise Cancelled("cancelled after the last stage")
             manifest = store_artifacts(self.storage, outcome, spec.method, prefix, work)
@@ -118,11 +131,13 @@ class JobRunner:
         except Exception as exc:
             log.exception("job crashed", extra={"job_id": claim.job_id})
             self.storage.delete_prefix(prefix)
-            self.store.finish(claim, "failed", error_code="internal_error",
-                              error_message=f"{type(exc).__name__}: {exc}"[:2000])
+            self.store.finish(
+                claim, "failed", error_code="internal_error", error_message=f"{type(exc).__name__}: {exc}"[:2000]
+            )
             return
-        if self.store.finish(claim, "succeeded", summary={**outcome.summary, "artifacts": manifest},
-                             artifact_prefix=prefix):
+        if self.store.finish(
+            claim, "succeeded", summary={**outcome.summary, "artifacts": manifest}, artifact_prefix=prefix
+        ):
             parent = prefix.rsplit("/", 1)[0]
             for key in self.storage.list(parent):  # artifacts of earlier attempts
                 if not key.startswith(prefix + "/"):

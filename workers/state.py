@@ -46,8 +46,10 @@ class JobStore:
 
     def _claimable(self, now):
         stale = now - self.lease
-        return or_(Job.status == "queued",
-                   and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)))
+        return or_(
+            Job.status == "queued",
+            and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)),
+        )
 
     def claim(self, job_id: str) -> Claim | None:
         """Take the job for this delivery, or None if it is finished, cancelled or owned by a live worker."""
@@ -58,56 +60,101 @@ class JobStore:
                 log.info("delivery dropped", extra={"job_id": job_id, "status": job and job.status})
                 return None
             if job.attempts >= self.max_attempts:
-                failed = session.execute(update(Job).where(Job.id == job_id, self._claimable(now)).values(
-                    status="failed", error_code="worker_lost", finished_at=now, error_message=(
-                        f"the job was started {job.attempts} times and its worker was lost each time "
-                        "(out of memory or killed?)"))).rowcount
+                failed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, self._claimable(now))
+                    .values(
+                        status="failed",
+                        error_code="worker_lost",
+                        finished_at=now,
+                        error_message=(
+                            f"the job was started {job.attempts} times and its worker was lost each time "
+                            "(out of memory or killed?)"
+                        ),
+                    )
+                ).rowcount
                 if failed:
                     session.add(JobEvent(job_id=job_id, kind="status", message="failed: worker_lost"))
                 return None
-            taken = session.execute(update(Job).where(Job.id == job_id, self._claimable(now)).values(
-                status="running", attempts=Job.attempts + 1, attempt_token=token, worker=worker_name(),
-                heartbeat_at=now, started_at=func.coalesce(Job.started_at, now), stage="starting", percent=0.0,
-            )).rowcount
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, self._claimable(now))
+                .values(
+                    status="running",
+                    attempts=Job.attempts + 1,
+                    attempt_token=token,
+                    worker=worker_name(),
+                    heartbeat_at=now,
+                    started_at=func.coalesce(Job.started_at, now),
+                    stage="starting",
+                    percent=0.0,
+                )
+            ).rowcount
             if not taken:
                 log.info("delivery dropped: job owned by a live worker", extra={"job_id": job_id})
                 return None
             session.refresh(job)
-            session.add(JobEvent(job_id=job_id, kind="status",
-                                 message=f"running (attempt {job.attempts}, worker {job.worker})"))
+            session.add(
+                JobEvent(job_id=job_id, kind="status", message=f"running (attempt {job.attempts}, worker {job.worker})")
+            )
             return Claim(job_id, token, job.tenant_id, dict(job.request), job.attempts)
 
     def beat(self, claim: Claim) -> tuple[bool, bool]:
         """Refresh the heartbeat; returns (still owned, cancel requested)."""
         with session_scope(self.url) as session:
-            owned = session.execute(update(Job).where(Job.id == claim.job_id, Job.attempt_token == claim.token,
-                                                      Job.status == "running").values(heartbeat_at=utcnow())).rowcount
+            owned = session.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.attempt_token == claim.token, Job.status == "running")
+                .values(heartbeat_at=utcnow())
+            ).rowcount
             cancel = session.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id))
         return bool(owned), bool(cancel)
 
     def progress(self, claim: Claim, stage: str, percent: float, new_stage: bool) -> None:
         with session_scope(self.url) as session:
-            owned = session.execute(update(Job).where(Job.id == claim.job_id, Job.attempt_token == claim.token)
-                                    .values(stage=stage, percent=percent, heartbeat_at=utcnow())).rowcount
+            owned = session.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.attempt_token == claim.token)
+                .values(stage=stage, percent=percent, heartbeat_at=utcnow())
+            ).rowcount
             if owned and new_stage:
-                session.add(JobEvent(job_id=claim.job_id, kind="stage", stage=stage, percent=percent,
-                                     message=f"stage {stage}"))
+                session.add(
+                    JobEvent(job_id=claim.job_id, kind="stage", stage=stage, percent=percent, message=f"stage {stage}")
+                )
 
-    def finish(self, claim: Claim, status: str, *, error_code: str | None = None, error_message: str | None = None,
-               summary: dict | None = None, artifact_prefix: str | None = None) -> bool:
+    def finish(
+        self,
+        claim: Claim,
+        status: str,
+        *,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        summary: dict | None = None,
+        artifact_prefix: str | None = None,
+    ) -> bool:
         """Record the outcome if this delivery still owns the job; returns whether it did."""
-        values = {"status": status, "finished_at": utcnow(), "error_code": error_code,
-                  "error_message": error_message, "heartbeat_at": utcnow()}
+        values = {
+            "status": status,
+            "finished_at": utcnow(),
+            "error_code": error_code,
+            "error_message": error_message,
+            "heartbeat_at": utcnow(),
+        }
         if status == "succeeded":
             values |= {"summary": summary, "artifact_prefix": artifact_prefix, "percent": 100.0, "stage": "done"}
         with session_scope(self.url) as session:
-            owned = session.execute(update(Job).where(Job.id == claim.job_id, Job.attempt_token == claim.token,
-                                                      Job.status == "running").values(**values)).rowcount
+            owned = session.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.attempt_token == claim.token, Job.status == "running")
+                .values(**values)
+            ).rowcount
             if owned:
                 message = status if error_code is None else f"{status}: {error_code}: {error_message}"
                 session.add(JobEvent(job_id=claim.job_id, kind="status", message=message[:2000]))
-        log.info("job finished" if owned else "outcome discarded: lease lost",
-                 extra={"job_id": claim.job_id, "status": status, "error_code": error_code, "attempt": claim.attempt})
+        log.info(
+            "job finished" if owned else "outcome discarded: lease lost",
+            extra={"job_id": claim.job_id, "status": status, "error_code": error_code, "attempt": claim.attempt},
+        )
         return bool(owned)
 
     def requeue_stale(self) -> list[tuple[str, str]]:
@@ -115,11 +162,13 @@ class JobStore:
         now = utcnow()
         requeued = []
         with session_scope(self.url) as session:
-            stale = session.execute(select(Job.id, Job.queue).where(Job.status == "running",
-                                                                    Job.heartbeat_at < now - self.lease)).all()
+            stale = session.execute(
+                select(Job.id, Job.queue).where(Job.status == "running", Job.heartbeat_at < now - self.lease)
+            ).all()
             for job_id, queue in stale:
                 done = session.execute(
-                    update(Job).where(Job.id == job_id, self._claimable(now), Job.status == "running")
+                    update(Job)
+                    .where(Job.id == job_id, self._claimable(now), Job.status == "running")
                     .values(status="queued", attempt_token=None, worker=None)
                 ).rowcount
                 if done:

@@ -32,8 +32,15 @@ def runner() -> JobRunner:
     return _runner
 
 
-@app.task(name=RUN_MERGE_TASK, acks_late=True, reject_on_worker_lost=True,
-          autoretry_for=(OperationalError, StorageError), retry_backoff=True, retry_backoff_max=60, max_retries=5)
+@app.task(
+    name=RUN_MERGE_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, StorageError),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=5,
+)
 def run_merge_job(job_id: str) -> None:
     """Run job `job_id` (idempotent: a finished, cancelled or live-owned job is left alone)."""
     runner().run(job_id)

@@ -18,17 +18,32 @@ R = TypeVar("R")
 
 def upload_or_json_openapi(json_model: type[BaseModel], file_help: str) -> dict[str, Any]:
     """OpenAPI `requestBody` documenting both forms."""
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary", "description": file_help},
-            "name": {"type": "string", "description": "display name (default: the file name)"}}}},
-        "application/json": {"schema": json_model.model_json_schema()},
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": file_help},
+                            "name": {"type": "string", "description": "display name (default: the file name)"},
+                        },
+                    }
+                },
+                "application/json": {"schema": json_model.model_json_schema()},
+            },
+        }
+    }
 
 
-async def upload_or_json(request: Request, json_model: type[T],
-                         on_upload: Callable[[IO[bytes], str | None, str | None], Awaitable[R]],
-                         on_json: Callable[[T], Awaitable[R]]) -> R:
+async def upload_or_json(
+    request: Request,
+    json_model: type[T],
+    on_upload: Callable[[IO[bytes], str | None, str | None], Awaitable[R]],
+    on_json: Callable[[T], Awaitable[R]],
+) -> R:
     """Dispatch on Content-Type; the form's temporary files are removed when done."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -42,6 +57,7 @@ async def upload_or_json(request: Request, json_model: type[T],
             body = json_model.model_validate_json(await request.body())
         except ValidationError as exc:
             raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
         return await on_json(body)
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field `file`) or application/json")

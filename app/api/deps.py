@@ -47,13 +47,18 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def get_tenant(db: DbDep, settings: SettingsDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+def get_tenant(
+    db: DbDep, settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
     """The tenant owning the bearer key, or 401."""
     tenant = authenticate(db, settings, credentials.credentials) if credentials else None
     if tenant is None:
-        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid API key is required (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return tenant
 
 

@@ -93,12 +93,15 @@ def find_adapter_folder(root: Path, files: list[PurePosixPath]) -> Path:
     """The one folder of an extracted archive that holds `adapter_config.json` (at the top or one level down)."""
     pickles = sorted(str(f) for f in files if f.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
-        raise invalid(f"pickled weights are refused ({', '.join(pickles[:5])}); upload adapter_model.safetensors",
-                      "pickle_refused")
+        raise invalid(
+            f"pickled weights are refused ({', '.join(pickles[:5])}); upload adapter_model.safetensors",
+            "pickle_refused",
+        )
     folders = sorted({f.parent for f in files if f.name == CONFIG_NAME and len(f.parts) <= 2})
     if len(folders) != 1:
-        raise invalid(f"the archive must hold exactly one {CONFIG_NAME} (at the top or in one folder); "
-                      f"found {len(folders)}")
+        raise invalid(
+            f"the archive must hold exactly one {CONFIG_NAME} (at the top or in one folder); found {len(folders)}"
+        )
     folder = root.joinpath(*folders[0].parts)
     if not (folder / WEIGHTS_NAME).is_file():
         raise invalid(f"missing {WEIGHTS_NAME} next to {CONFIG_NAME}")

@@ -39,10 +39,18 @@ def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, nam
         for path in files:
             storage.put_file(f"{prefix}/{path.name}", path)
         adapter = Adapter(
-            id=adapter_id, tenant_id=tenant, name=name, rank=info.rank, target_modules=info.target_modules,
-            modules=info.modules, fan_in_fan_out=info.fan_in_fan_out, sha256=info.sha256,
-            base_model_hint=info.base_model_hint, source=source[:500],
-            size_bytes=sum(p.stat().st_size for p in files), storage_prefix=prefix,
+            id=adapter_id,
+            tenant_id=tenant,
+            name=name,
+            rank=info.rank,
+            target_modules=info.target_modules,
+            modules=info.modules,
+            fan_in_fan_out=info.fan_in_fan_out,
+            sha256=info.sha256,
+            base_model_hint=info.base_model_hint,
+            source=source[:500],
+            size_bytes=sum(p.stat().st_size for p in files),
+            storage_prefix=prefix,
         )
         session.add(adapter)
         session.commit()
@@ -54,8 +62,15 @@ def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, nam
     return adapter
 
 
-def create_from_archive(session: Session, storage: Storage, settings: Settings, tenant: str, upload: IO[bytes],
-                        filename: str | None, name: str | None) -> Adapter:
+def create_from_archive(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: str,
+    upload: IO[bytes],
+    filename: str | None,
+    name: str | None,
+) -> Adapter:
     """Store the PEFT folder inside an uploaded .zip / .tar.gz."""
     with staging_dir(settings.resolved_work_dir) as staging:
         archive = staging / "upload"
@@ -63,14 +78,21 @@ def create_from_archive(session: Session, storage: Storage, settings: Settings, 
         root = staging / "extracted"
         root.mkdir()
         try:
-            files = archives.extract(archive, root, max_members=settings.max_archive_members,
-                                     max_bytes=settings.max_extracted_bytes)
+            files = archives.extract(
+                archive, root, max_members=settings.max_archive_members, max_bytes=settings.max_extracted_bytes
+            )
         except archives.ArchiveError as exc:
             status = 413 if exc.code == "archive_too_large" else 422
             raise ApiError(status, exc.code, str(exc)) from None
         folder = find_adapter_folder(root, files)
-        return _store(session, storage, tenant, folder, name=name or clean_name(filename, "adapter"),
-                      source=f"upload:{Path(filename or 'archive').name}")
+        return _store(
+            session,
+            storage,
+            tenant,
+            folder,
+            name=name or clean_name(filename, "adapter"),
+            source=f"upload:{Path(filename or 'archive').name}",
+        )
 
 
 def _fetch_from_hub(source: str, destination: Path) -> None:
@@ -87,17 +109,25 @@ def _fetch_from_hub(source: str, destination: Path) -> None:
         raise ApiError(502, "hub_unavailable", f"cannot reach the Hugging Face Hub for {source}: {exc}") from None
     if WEIGHTS_NAME not in names:
         pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-        raise ApiError(422, "pickle_refused" if pickles else "invalid_adapter",
-                       f"{source} has no {WEIGHTS_NAME}" + (" (pickled weights are refused)" if pickles else ""))
+        raise ApiError(
+            422,
+            "pickle_refused" if pickles else "invalid_adapter",
+            f"{source} has no {WEIGHTS_NAME}" + (" (pickled weights are refused)" if pickles else ""),
+        )
     try:
-        snapshot_download(repo_id, revision=revision or None, local_dir=destination,
-                          allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+        snapshot_download(
+            repo_id,
+            revision=revision or None,
+            local_dir=destination,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+        )
     except Exception as exc:  # noqa: BLE001 - as above
         raise ApiError(502, "hub_unavailable", f"download of {source} failed: {exc}") from None
 
 
-def create_from_hub(session: Session, storage: Storage, settings: Settings, tenant: str, source: str,
-                    name: str | None) -> Adapter:
+def create_from_hub(
+    session: Session, storage: Storage, settings: Settings, tenant: str, source: str, name: str | None
+) -> Adapter:
     """Fetch `hf://org/name[@revision]` (safetensors and config only) and store it like an upload."""
     if not settings.hub_enabled:
         raise ApiError(422, "hub_disabled", "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)")

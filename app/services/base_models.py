@@ -52,8 +52,10 @@ def _model_type(folder: Path) -> str | None:
 
 
 def list_models(settings: Settings) -> list[ModelOut]:
-    items = [ModelOut(name=name, source="local", model_type=_model_type(path))
-             for name, path in _local_models(settings).items()]
+    items = [
+        ModelOut(name=name, source="local", model_type=_model_type(path))
+        for name, path in _local_models(settings).items()
+    ]
     if settings.hub_enabled:
         items += [ModelOut(name=hub_id, source="hub") for hub_id in settings.hub_models]
     return items
@@ -69,8 +71,12 @@ def resolve(settings: Settings, name: str) -> BaseModelRef:
         if not allowed or name.partition("@")[0] in allowed:
             return BaseModelRef(name, None)
     hint = "" if settings.hub_enabled else " (Hub ids are disabled on this server)"
-    raise ApiError(422, "unknown_base_model", f"base model {name!r} is not available{hint}; see GET /models",
-                   {"available": sorted(local)})
+    raise ApiError(
+        422,
+        "unknown_base_model",
+        f"base model {name!r} is not available{hint}; see GET /models",
+        {"available": sorted(local)},
+    )
 
 
 def model_aliases(ref: BaseModelRef) -> set[str]:

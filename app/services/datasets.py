@@ -52,9 +52,17 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
     key = f"tenants/{tenant}/datasets/{dataset_id}/data{path.suffix}"
     try:
         storage.put_file(key, path)
-        dataset = Dataset(id=dataset_id, tenant_id=tenant, name=name, rows=len(rows), columns=_columns(rows),
-                          sha256=_file_sha256(path), source=source[:500], size_bytes=path.stat().st_size,
-                          storage_key=key)
+        dataset = Dataset(
+            id=dataset_id,
+            tenant_id=tenant,
+            name=name,
+            rows=len(rows),
+            columns=_columns(rows),
+            sha256=_file_sha256(path),
+            source=source[:500],
+            size_bytes=path.stat().st_size,
+            storage_key=key,
+        )
         session.add(dataset)
         session.commit()
     except BaseException:
@@ -65,28 +73,47 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
     return dataset
 
 
-def create_from_upload(session: Session, storage: Storage, settings: Settings, tenant: str, upload: IO[bytes],
-                       filename: str | None, name: str | None) -> Dataset:
+def create_from_upload(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: str,
+    upload: IO[bytes],
+    filename: str | None,
+    name: str | None,
+) -> Dataset:
     suffix = SUFFIXES.get(Path(filename or "").suffix.lower())
     if suffix is None:
         raise ApiError(422, "invalid_dataset", "upload a .jsonl or .csv file (the file name's suffix tells the format)")
     with staging_dir(settings.resolved_work_dir) as staging:
         path = staging / f"data{suffix}"
         save_stream(upload, path, settings.max_upload_bytes)
-        return _store(session, storage, tenant, path, name=name or clean_name(filename, "dataset"),
-                      source=f"upload:{Path(filename or '').name}")
+        return _store(
+            session,
+            storage,
+            tenant,
+            path,
+            name=name or clean_name(filename, "dataset"),
+            source=f"upload:{Path(filename or '').name}",
+        )
 
 
-def create_from_hub(session: Session, storage: Storage, settings: Settings, tenant: str,
-                    body: DatasetSource) -> Dataset:
+def create_from_hub(
+    session: Session, storage: Storage, settings: Settings, tenant: str, body: DatasetSource
+) -> Dataset:
     """Copy a Hub dataset's (prompt, response) columns into storage as JSONL."""
     if not settings.hub_enabled:
         raise ApiError(422, "hub_disabled", "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)")
     dataset_id, _, revision = body.source.removeprefix("hf://").removeprefix("datasets/").partition("@")
     try:
-        examples = load_hub_examples(dataset_id, split=body.split, revision=revision or None,
-                                     prompt_column=body.prompt_column, response_column=body.response_column,
-                                     limit=body.limit)
+        examples = load_hub_examples(
+            dataset_id,
+            split=body.split,
+            revision=revision or None,
+            prompt_column=body.prompt_column,
+            response_column=body.response_column,
+            limit=body.limit,
+        )
     except DatasetError as exc:
         raise ApiError(422, exc.code, str(exc)) from None
     with staging_dir(settings.resolved_work_dir) as staging:
@@ -97,8 +124,9 @@ def create_from_hub(session: Session, storage: Storage, settings: Settings, tena
                 if example.response is not None:
                     row["response"] = example.response
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return _store(session, storage, tenant, path, name=body.name or dataset_id.rsplit("/", 1)[-1],
-                      source=body.source)
+        return _store(
+            session, storage, tenant, path, name=body.name or dataset_id.rsplit("/", 1)[-1], source=body.source
+        )
 
 
 def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:

@@ -20,12 +20,16 @@ def request_dataset_ids(request: dict) -> set[str]:
     return {i for i in ids if i}
 
 
-def active_references(session: Session, tenant: str, *, adapter_id: str | None = None,
-                      dataset_id: str | None = None) -> list[str]:
+def active_references(
+    session: Session, tenant: str, *, adapter_id: str | None = None, dataset_id: str | None = None
+) -> list[str]:
     """Ids of the tenant's queued/running jobs whose request names `adapter_id` or `dataset_id`."""
     jobs = session.execute(
         select(Job.id, Job.request).where(Job.tenant_id == tenant, Job.status.not_in(TERMINAL_STATUSES))
     ).all()
-    return [job_id for job_id, request in jobs
-            if (adapter_id and adapter_id in request_adapter_ids(request))
-            or (dataset_id and dataset_id in request_dataset_ids(request))]
+    return [
+        job_id
+        for job_id, request in jobs
+        if (adapter_id and adapter_id in request_adapter_ids(request))
+        or (dataset_id and dataset_id in request_dataset_ids(request))
+    ]

@@ -29,9 +29,17 @@ Enqueue = Callable[[str], None]
 def job_out(job: Job) -> JobOut:
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobOut(
-        id=job.id, status=job.status, progress=Progress(stage=job.stage, percent=job.percent), error=error,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, request=job.request,
-        summary=job.summary, cancel_requested=job.cancel_requested, attempts=job.attempts,
+        id=job.id,
+        status=job.status,
+        progress=Progress(stage=job.stage, percent=job.percent),
+        error=error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        request=job.request,
+        summary=job.summary,
+        cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
     )
 
 
@@ -50,8 +58,9 @@ def _check_method(body: MergeRequest) -> None:
     try:
         parse_params(body.method, body.params)
     except ValidationError as exc:
-        raise ApiError(422, "invalid_params", f"invalid params for method {body.method!r}",
-                       _errors(exc, "params")) from None
+        raise ApiError(
+            422, "invalid_params", f"invalid params for method {body.method!r}", _errors(exc, "params")
+        ) from None
     if body.method == "sst" and not (body.utility_dataset_id and body.safety_dataset_id):
         raise ApiError(422, "missing_dataset", "method 'sst' needs utility_dataset_id and safety_dataset_id")
 
@@ -66,18 +75,24 @@ def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -
     for adapter in adapters:
         hint = adapter.base_model_hint
         if hint and base_models.short_name(hint) not in aliases:
-            raise ApiError(422, "base_model_mismatch",
-                           f"adapter {adapter.id} ({adapter.name}) was trained on {hint!r}, not on {base.name!r}",
-                           {"adapter_id": adapter.id, "base_model_hint": hint, "base_model": base.name})
+            raise ApiError(
+                422,
+                "base_model_mismatch",
+                f"adapter {adapter.id} ({adapter.name}) was trained on {hint!r}, not on {base.name!r}",
+                {"adapter_id": adapter.id, "base_model_hint": hint, "base_model": base.name},
+            )
     shapes: dict[str, tuple[list[int], Adapter]] = {}
     for adapter in adapters:
         for module, (d_out, d_in, _) in adapter.modules.items():
             seen = shapes.setdefault(module, ([d_out, d_in], adapter))
             if seen[0] != [d_out, d_in]:
-                raise ApiError(422, "adapter_mismatch",
-                               f"module {module}: adapter {seen[1].id} has ΔW {tuple(seen[0])} but adapter "
-                               f"{adapter.id} has {(d_out, d_in)}; the adapters do not share a base model",
-                               {"module": module})
+                raise ApiError(
+                    422,
+                    "adapter_mismatch",
+                    f"module {module}: adapter {seen[1].id} has ΔW {tuple(seen[0])} but adapter "
+                    f"{adapter.id} has {(d_out, d_in)}; the adapters do not share a base model",
+                    {"module": module},
+                )
     weights = base_models.weight_shapes(base.path) if base.path else {}
     if not weights:
         return
@@ -87,13 +102,20 @@ def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -
             shape = weights.get(key) or weights.get(key.split(".", 1)[-1])
             expected = [d_in, d_out] if adapter.fan_in_fan_out else [d_out, d_in]
             if shape is None:
-                raise ApiError(422, "base_model_mismatch",
-                               f"module {module} of adapter {adapter.id} does not exist in base model {base.name}",
-                               {"adapter_id": adapter.id, "module": module})
+                raise ApiError(
+                    422,
+                    "base_model_mismatch",
+                    f"module {module} of adapter {adapter.id} does not exist in base model {base.name}",
+                    {"adapter_id": adapter.id, "module": module},
+                )
             if shape != expected:
-                raise ApiError(422, "base_model_mismatch",
-                               f"module {module}: base model {base.name} has weight {tuple(shape)}, adapter "
-                               f"{adapter.id} expects {tuple(expected)}", {"adapter_id": adapter.id, "module": module})
+                raise ApiError(
+                    422,
+                    "base_model_mismatch",
+                    f"module {module}: base model {base.name} has weight {tuple(shape)}, adapter "
+                    f"{adapter.id} expects {tuple(expected)}",
+                    {"adapter_id": adapter.id, "module": module},
+                )
 
 
 def validate(session: Session, settings: Settings, tenant: str, body: MergeRequest) -> None:
@@ -114,9 +136,15 @@ def validate(session: Session, settings: Settings, tenant: str, body: MergeReque
         raise ApiError(422, "invalid_request", "the job is not valid", _errors(exc)) from None
 
 
-def build_spec(body: MergeRequest, base_model: str, adapter_path: Callable[[str], str],
-               dataset_path: Callable[[str], str], **overrides) -> MergeSpec:
+def build_spec(
+    body: MergeRequest,
+    base_model: str,
+    adapter_path: Callable[[str], str],
+    dataset_path: Callable[[str], str],
+    **overrides,
+) -> MergeSpec:
     """The core `MergeSpec` for a request, with ids turned into local paths by the given functions."""
+
     def adapter(ref) -> AdapterInput:
         return AdapterInput(path=adapter_path(ref.adapter_id), weight=ref.weight, name=ref.adapter_id)
 
@@ -127,16 +155,27 @@ def build_spec(body: MergeRequest, base_model: str, adapter_path: Callable[[str]
     if body.evaluation:
         ev = body.evaluation
         evaluation = EvaluationSpec(
-            harmful=dataset_path(ev.harmful_dataset_id), benign=dataset_path(ev.benign_dataset_id),
-            utility_eval=dataset_path(ev.utility_eval_dataset_id), utility_metric=ev.utility_metric, judge=ev.judge,
-            max_new_tokens=ev.max_new_tokens, limit=ev.limit, batch_size=ev.batch_size,
+            harmful=dataset_path(ev.harmful_dataset_id),
+            benign=dataset_path(ev.benign_dataset_id),
+            utility_eval=dataset_path(ev.utility_eval_dataset_id),
+            utility_metric=ev.utility_metric,
+            judge=ev.judge,
+            max_new_tokens=ev.max_new_tokens,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
             utility_tolerance=ev.utility_tolerance,
         )
     return MergeSpec(
-        base_model=base_model, utility=[adapter(r) for r in body.utility_adapters],
+        base_model=base_model,
+        utility=[adapter(r) for r in body.utility_adapters],
         safety=[adapter(body.safety_adapter)],
-        utility_data=data(body.utility_dataset_id), safety_data=data(body.safety_dataset_id), method=body.method,
-        params=body.params, compare_with=body.compare_with, evaluation=evaluation, **overrides,
+        utility_data=data(body.utility_dataset_id),
+        safety_data=data(body.safety_dataset_id),
+        method=body.method,
+        params=body.params,
+        compare_with=body.compare_with,
+        evaluation=evaluation,
+        **overrides,
     )
 
 
@@ -146,21 +185,24 @@ def _by_key(session: Session, tenant: str, key: str) -> Job | None:
 
 def _replay(job: Job, digest: str) -> Job:
     if job.request_sha256 != digest:
-        raise ApiError(409, "idempotency_conflict",
-                       "this Idempotency-Key was used for a different request", {"job_id": job.id})
+        raise ApiError(
+            409, "idempotency_conflict", "this Idempotency-Key was used for a different request", {"job_id": job.id}
+        )
     return job
 
 
-def submit(session: Session, settings: Settings, enqueue: Enqueue, tenant: str, body: MergeRequest,
-           idempotency_key: str | None) -> tuple[Job, bool]:
+def submit(
+    session: Session, settings: Settings, enqueue: Enqueue, tenant: str, body: MergeRequest, idempotency_key: str | None
+) -> tuple[Job, bool]:
     """Create and enqueue a job; returns (job, created). Same key + same body returns the first job."""
     request = body.model_dump(mode="json")
     digest = request_sha256(request)
     if idempotency_key and (existing := _by_key(session, tenant, idempotency_key)):
         return _replay(existing, digest), False
     validate(session, settings, tenant, body)
-    job = Job(tenant_id=tenant, queue=settings.queue, request=request, request_sha256=digest,
-              idempotency_key=idempotency_key)
+    job = Job(
+        tenant_id=tenant, queue=settings.queue, request=request, request_sha256=digest, idempotency_key=idempotency_key
+    )
     job.events.append(JobEvent(kind="status", message="queued"))
     session.add(job)
     try:
@@ -189,8 +231,9 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, tenant: str, status: str | None, limit: int,
-              cursor: str | None) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session, tenant: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
     query = select(Job).where(Job.tenant_id == tenant)
     if status:
         query = query.where(Job.status == status)
@@ -202,12 +245,17 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
     now = utcnow()
     queued = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "queued")
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
         .values(status="cancelled", cancel_requested=True, finished_at=now)
     ).rowcount
-    running = 0 if queued else session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
-    ).rowcount
+    running = (
+        0
+        if queued
+        else session.execute(
+            update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
+        ).rowcount
+    )
     if queued or running:
         message = "cancelled" if queued else "cancel requested"
         session.add(JobEvent(job_id=job.id, kind="status" if queued else "log", message=message))

@@ -17,15 +17,18 @@ from .base import Storage, StorageError, check_key
 
 
 class S3Storage(Storage):
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None
+    ) -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region,
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
 
@@ -90,7 +93,7 @@ class S3Storage(Storage):
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list(prefix)
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(key)} for key in keys[start:start + 1000]]
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def check(self) -> None:

@@ -39,8 +39,10 @@ def fmt(value) -> str:
 
 def markdown_table(metrics: dict) -> str:
     """One row per evaluated model: the columns of the testbed table."""
-    header = ("| model | α | safety [95% CI] | over-refusal [95% CI] | utility | safety_gain | utility_drop | "
-              "safety_tax | refusal_tax | Pareto |")
+    header = (
+        "| model | α | safety [95% CI] | over-refusal [95% CI] | utility | safety_gain | utility_drop | "
+        "safety_tax | refusal_tax | Pareto |"
+    )
     lines = [header, "|---" * 10 + "|"]
     for m in metrics["models"]:
         d = m["derived"] or {}
@@ -49,7 +51,8 @@ def markdown_table(metrics: dict) -> str:
             f"| {m['label']} | {alpha} | {fmt_rate(m['safety'])} | "
             f"{fmt_rate(m['over_refusal'])} | {m['utility']['value']:.3f} | {fmt(d.get('safety_gain'))} | "
             f"{fmt(d.get('utility_drop'))} | {fmt(d.get('safety_tax'))} | {fmt(d.get('refusal_tax'))} | "
-            f"{'yes' if m['pareto'] else ''} |")
+            f"{'yes' if m['pareto'] else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -66,21 +69,34 @@ def matched_safety(metrics: dict, reference: str = "linear") -> str:
             f"| {m['label']} | {m['alpha']:g} | {m['safety']['rate']:.2f} | {r['label']} | "
             f"{m['safety']['rate'] - r['safety']['rate']:+.2f} | "
             f"{m['over_refusal']['rate'] - r['over_refusal']['rate']:+.2f} | "
-            f"{m['utility']['value'] - r['utility']['value']:+.3f} |")
+            f"{m['utility']['value'] - r['utility']['value']:+.3f} |"
+        )
     return "\n".join(lines)
 
 
 @click.command()
-@click.option("--assets", "assets_dir", default="bench/assets", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--assets",
+    "assets_dir",
+    default="bench/assets",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
 @click.option("--out", default="bench/out/table", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--alpha", "alphas", multiple=True, type=float, default=(0.5, 1.0, 1.5, 2.0), show_default=True)
 @click.option("--max-samples", default=200, show_default=True, help="Examples per Fisher data set.")
 @click.option("--limit", default=None, type=int, help="Prompts per evaluation set (default: all).")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--configs", default=",".join(SST_CONFIGS), show_default=True, help="SST configurations (comma list).")
-def main(assets_dir: Path, out: Path, alphas: tuple[float, ...], max_samples: int, limit: int | None,
-         max_new_tokens: int, configs: str) -> None:
+def main(
+    assets_dir: Path,
+    out: Path,
+    alphas: tuple[float, ...],
+    max_samples: int,
+    limit: int | None,
+    max_new_tokens: int,
+    configs: str,
+) -> None:
     """Merge with every SST configuration and baseline, evaluate all points, print the table."""
     from sstmerge_core.evaluation.runner import Variant, evaluate_variants, write_outputs
     from sstmerge_core.modeling import ModelRef
@@ -88,28 +104,48 @@ def main(assets_dir: Path, out: Path, alphas: tuple[float, ...], max_samples: in
 
     manifest = json.loads((assets_dir / "testbed.json").read_text())
     data, adapters, base = manifest["datasets"], manifest["adapters"], manifest["base_model"]
-    evaluation = EvaluationSpec(harmful=data["harmful_eval"], benign=data["benign_eval"],
-                                utility_eval=data["utility_eval"], utility_metric="exact_match",
-                                max_new_tokens=max_new_tokens, limit=limit, batch_size=16)
+    evaluation = EvaluationSpec(
+        harmful=data["harmful_eval"],
+        benign=data["benign_eval"],
+        utility_eval=data["utility_eval"],
+        utility_metric="exact_match",
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        batch_size=16,
+    )
     cache = ModelCache()
-    common = dict(base_model=base, utility=[AdapterInput(path=adapters["utility"])],
-                  safety=[AdapterInput(path=adapters["safety"])], utility_data=data["utility_fisher"],
-                  safety_data=data["safety_fisher"], device="cpu", dtype="float32",
-                  cache_dir=str(out / "cache"))
-    variants = [Variant("base", "base"), Variant("before", "before", (AdapterInput(path=adapters["utility"]),)),
-                Variant("safety", "safety", (AdapterInput(path=adapters["safety"]),))]
+    common = dict(
+        base_model=base,
+        utility=[AdapterInput(path=adapters["utility"])],
+        safety=[AdapterInput(path=adapters["safety"])],
+        utility_data=data["utility_fisher"],
+        safety_data=data["safety_fisher"],
+        device="cpu",
+        dtype="float32",
+        cache_dir=str(out / "cache"),
+    )
+    variants = [
+        Variant("base", "base"),
+        Variant("before", "before", (AdapterInput(path=adapters["utility"]),)),
+        Variant("safety", "safety", (AdapterInput(path=adapters["safety"]),)),
+    ]
     for name in [c.strip() for c in configs.split(",") if c.strip()]:
         params = {**SST_CONFIGS[name], "alphas": list(alphas), "max_samples": max_samples, "max_length": 192}
-        outcome = run_merge(MergeSpec(**common, method="sst", params=params), out / name.replace(" ", "_"),
-                            model_cache=cache)
+        outcome = run_merge(
+            MergeSpec(**common, method="sst", params=params), out / name.replace(" ", "_"), model_cache=cache
+        )
         click.echo(f"{name}: fisher {outcome.summary['timings_s']}, diagnostics {outcome.summary['diagnostics']}")
-        variants += [Variant(f"{name} @{a:g}", "merged", str(d), method="sst", alpha=a, params=params)
-                     for a, d in outcome.adapter_dirs.items()]
+        variants += [
+            Variant(f"{name} @{a:g}", "merged", str(d), method="sst", alpha=a, params=params)
+            for a, d in outcome.adapter_dirs.items()
+        ]
     for name in BASELINES:
-        outcome = run_merge(MergeSpec(**common, method=name, params={"alphas": list(alphas)}), out / name,
-                            model_cache=cache)
-        variants += [Variant(f"{name} @{a:g}", "baseline", str(d), method=name, alpha=a)
-                     for a, d in outcome.adapter_dirs.items()]
+        outcome = run_merge(
+            MergeSpec(**common, method=name, params={"alphas": list(alphas)}), out / name, model_cache=cache
+        )
+        variants += [
+            Variant(f"{name} @{a:g}", "baseline", str(d), method=name, alpha=a) for a, d in outcome.adapter_dirs.items()
+        ]
 
     model, tokenizer = cache.get(ModelRef.parse(base), "cpu", "float32")
     with click.progressbar(length=1000, label="evaluating") as bar:

@@ -40,29 +40,44 @@ def build_variants(adapter_options: tuple[str, ...]) -> list[Variant]:
     variants = [Variant(label="base", kind="base")]
     for label, paths in folders.items():
         kind = RESERVED_KINDS.get(label, "merged")
-        variants.append(Variant(label=label, kind=kind, adapters=tuple(paths),
-                                method="adapter" if kind == "merged" else None))
+        variants.append(
+            Variant(label=label, kind=kind, adapters=tuple(paths), method="adapter" if kind == "merged" else None)
+        )
     return variants
 
 
 @click.command()
 @click.option("--base", "base_model", required=True, help="Base model: a local folder or a Hub id org/name[@revision].")
-@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:LABEL]",
-              help="A PEFT LoRA folder evaluated as base + adapter (repeatable). LABEL (default: the folder name) "
-                   "names the variant; adapters given the same label are summed into one variant. The label "
-                   "'before' marks the reference (base + utility adapters) that derived metrics compare against "
-                   "(else the base model); 'safety' marks the safety adapter; any other label is a candidate for "
-                   "the recommendation.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="DIR[:LABEL]",
+    help="A PEFT LoRA folder evaluated as base + adapter (repeatable). LABEL (default: the folder name) "
+    "names the variant; adapters given the same label are summed into one variant. The label "
+    "'before' marks the reference (base + utility adapters) that derived metrics compare against "
+    "(else the base model); 'safety' marks the safety adapter; any other label is a candidate for "
+    "the recommendation.",
+)
 @evaluation_options(required=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True,
-              help="Model weights dtype (auto: bfloat16 on GPU, float32 on CPU).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Model weights dtype (auto: bfloat16 on GPU, float32 on CPU).",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write metrics.json.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the safety/utility PNG (default: --out with the suffix .png).")
-def evaluate(base_model: str, adapters: tuple[str, ...], device: str, dtype: str, out: str, plot: str | None,
-             **options) -> None:
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the safety/utility PNG (default: --out with the suffix .png).",
+)
+def evaluate(
+    base_model: str, adapters: tuple[str, ...], device: str, dtype: str, out: str, plot: str | None, **options
+) -> None:
     """Evaluate the base model and base + each adapter: safety (refusals on harmful prompts), over-refusal
     (refusals on benign prompts) and utility, with 95% intervals; writes metrics.json and a plot."""
     from rich.console import Console

@@ -48,8 +48,13 @@ def method_param_options(command: click.Command) -> click.Command:
     methods_all = set(METHOD_PARAMS)
     for name, (annotation, description, methods) in sorted(_param_fields().items(), reverse=True):
         scope = "all methods" if set(methods) == methods_all else "method " + "/".join(methods)
-        command = click.option(f"--{name.replace('_', '-')}", name, type=_click_type(annotation), default=None,
-                               help=f"{description} [{scope}]")(command)
+        command = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=_click_type(annotation),
+            default=None,
+            help=f"{description} [{scope}]",
+        )(command)
     return command
 
 
@@ -70,26 +75,60 @@ def parse_weighted(value: str, flag: str) -> tuple[str, float]:
 @click.command("merge")
 @click.option("--base", "base", required=True, help="Base model: a local folder or a Hub id org/name[@revision].")
 @click.option("--utility", multiple=True, metavar="DIR[:WEIGHT]", help="Utility LoRA adapter (repeatable).")
-@click.option("--safety", multiple=True, required=True, metavar="DIR[:WEIGHT]",
-              help="Safety LoRA adapter (repeatable; several are summed with their weights).")
+@click.option(
+    "--safety",
+    multiple=True,
+    required=True,
+    metavar="DIR[:WEIGHT]",
+    help="Safety LoRA adapter (repeatable; several are summed with their weights).",
+)
 @click.option("--utility-data", type=click.Path(), help="JSONL/CSV utility/retain prompts (responses optional).")
 @click.option("--safety-data", type=click.Path(), help="JSONL/CSV harmful prompts with safe responses.")
 @click.option("--method", default="sst", show_default=True, type=click.Choice(sorted(METHOD_PARAMS)))
-@click.option("--alpha", "alphas", multiple=True, type=float,
-              help="Weight α of the safety side (repeatable: a sweep writes one adapter per α). [default: 1.0]")
-@click.option("--compare-with", multiple=True, type=click.Choice(sorted(METHOD_PARAMS)),
-              help="Also merge (and evaluate) with these methods at the same α values (repeatable).")
+@click.option(
+    "--alpha",
+    "alphas",
+    multiple=True,
+    type=float,
+    help="Weight α of the safety side (repeatable: a sweep writes one adapter per α). [default: 1.0]",
+)
+@click.option(
+    "--compare-with",
+    multiple=True,
+    type=click.Choice(sorted(METHOD_PARAMS)),
+    help="Also merge (and evaluate) with these methods at the same α values (repeatable).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already exists.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for data passes.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Model dtype for data passes.",
+)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Fisher factor cache [default: ~/.cache/sstmerge].")
 @click.option("--evaluate", "do_evaluate", is_flag=True, help="Evaluate base, before, safety, merged and baselines.")
 @evaluation_options(required=False)
 @method_param_options
-def merge(base, utility, safety, utility_data, safety_data, method, alphas, compare_with, out, overwrite, device,
-          dtype, cache_dir, do_evaluate, **options) -> None:
+def merge(
+    base,
+    utility,
+    safety,
+    utility_data,
+    safety_data,
+    method,
+    alphas,
+    compare_with,
+    out,
+    overwrite,
+    device,
+    dtype,
+    cache_dir,
+    do_evaluate,
+    **options,
+) -> None:
     """Merge utility and safety LoRA adapters with SST-Merge (default) or a baseline."""
     from ..jobspec import AdapterInput, MergeSpec
     from ..pipeline import run_merge
@@ -108,8 +147,15 @@ def merge(base, utility, safety, utility_data, safety_data, method, alphas, comp
             base_model=base,
             utility=[AdapterInput(path=p, weight=w) for p, w in (parse_weighted(u, "--utility") for u in utility)],
             safety=[AdapterInput(path=p, weight=w) for p, w in (parse_weighted(s, "--safety") for s in safety)],
-            utility_data=utility_data, safety_data=safety_data, method=method, params=params,
-            compare_with=list(compare_with), evaluation=evaluation, device=device, dtype=dtype, cache_dir=cache_dir,
+            utility_data=utility_data,
+            safety_data=safety_data,
+            method=method,
+            params=params,
+            compare_with=list(compare_with),
+            evaluation=evaluation,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
         )
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None

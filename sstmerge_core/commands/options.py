@@ -16,22 +16,54 @@ UTILITY_METRICS = ["exact_match", "contains", "rouge_l", "nll"]
 def evaluation_options(required: bool) -> Callable[[click.Command], click.Command]:
     """--harmful/--benign/--utility-eval and the judging/generation settings of SPEC §5."""
     flags = [
-        click.option("--harmful", type=click.Path(), required=required,
-                     help="Held-out harmful prompts (JSONL/CSV, `prompt`): safety = refusal rate."),
-        click.option("--benign", type=click.Path(), required=required,
-                     help="Held-out benign / borderline prompts (JSONL/CSV): over-refusal = refusal rate."),
-        click.option("--utility-eval", type=click.Path(), required=required,
-                     help="Held-out utility prompts with reference `response`s (JSONL/CSV)."),
+        click.option(
+            "--harmful",
+            type=click.Path(),
+            required=required,
+            help="Held-out harmful prompts (JSONL/CSV, `prompt`): safety = refusal rate.",
+        ),
+        click.option(
+            "--benign",
+            type=click.Path(),
+            required=required,
+            help="Held-out benign / borderline prompts (JSONL/CSV): over-refusal = refusal rate.",
+        ),
+        click.option(
+            "--utility-eval",
+            type=click.Path(),
+            required=required,
+            help="Held-out utility prompts with reference `response`s (JSONL/CSV).",
+        ),
         click.option("--utility-metric", type=click.Choice(UTILITY_METRICS), default="exact_match", show_default=True),
-        click.option("--judge", default="keyword", show_default=True, metavar="keyword|classifier:MODEL[#LABEL]",
-                     help="Refusal judge: the keyword rules, or a sequence-classification model and its refusal label."),
-        click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
-                     help="Tokens generated per prompt (greedy)."),
+        click.option(
+            "--judge",
+            default="keyword",
+            show_default=True,
+            metavar="keyword|classifier:MODEL[#LABEL]",
+            help="Refusal judge: the keyword rules, or a sequence-classification model and its refusal label.",
+        ),
+        click.option(
+            "--max-new-tokens",
+            type=click.IntRange(1, 4096),
+            default=64,
+            show_default=True,
+            help="Tokens generated per prompt (greedy).",
+        ),
         click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts of each set."),
-        click.option("--eval-batch-size", type=click.IntRange(1), default=8, show_default=True,
-                     help="Prompts per generation batch."),
-        click.option("--utility-tolerance", type=click.FloatRange(0), default=0.02, show_default=True,
-                     help="Recommended α: the highest safety among merges with utility_drop ≤ this."),
+        click.option(
+            "--eval-batch-size",
+            type=click.IntRange(1),
+            default=8,
+            show_default=True,
+            help="Prompts per generation batch.",
+        ),
+        click.option(
+            "--utility-tolerance",
+            type=click.FloatRange(0),
+            default=0.02,
+            show_default=True,
+            help="Recommended α: the highest safety among merges with utility_drop ≤ this.",
+        ),
     ]
 
     def decorate(command: click.Command) -> click.Command:
@@ -51,10 +83,15 @@ def evaluation_spec(options: dict):
         raise InputError(f"evaluation needs {', '.join(missing)}")
     try:
         return EvaluationSpec(
-            harmful=options["harmful"], benign=options["benign"], utility_eval=options["utility_eval"],
-            utility_metric=options["utility_metric"], judge=options["judge"],
-            max_new_tokens=options["max_new_tokens"], limit=options["limit"],
-            batch_size=options["eval_batch_size"], utility_tolerance=options["utility_tolerance"],
+            harmful=options["harmful"],
+            benign=options["benign"],
+            utility_eval=options["utility_eval"],
+            utility_metric=options["utility_metric"],
+            judge=options["judge"],
+            max_new_tokens=options["max_new_tokens"],
+            limit=options["limit"],
+            batch_size=options["eval_batch_size"],
+            utility_tolerance=options["utility_tolerance"],
         )
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None
@@ -72,8 +109,9 @@ def progress_bar() -> Iterator[Callable[[str, float], None]]:
     """A rich progress bar on stdout fed by (stage, fraction of the whole job) callbacks (errors go to stderr)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                  TimeElapsedColumn()) as bar:
+    with Progress(
+        TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn()
+    ) as bar:
         task = bar.add_task("starting", total=1.0)
 
         def report(stage: str, fraction: float) -> None:
@@ -103,6 +141,13 @@ def metrics_table(metrics: dict):
     for column in ("model", "kind", "safety", "over-refusal", "utility", "safety tax", "Pareto"):
         table.add_column(column)
     for model in metrics["models"]:
-        table.add_row(model["label"], model["kind"], rate(model["safety"]), rate(model["over_refusal"]),
-                      utility(model["utility"]), tax(model), "yes" if model["pareto"] else "")
+        table.add_row(
+            model["label"],
+            model["kind"],
+            rate(model["safety"]),
+            rate(model["over_refusal"]),
+            utility(model["utility"]),
+            tax(model),
+            "yes" if model["pareto"] else "",
+        )
     return table

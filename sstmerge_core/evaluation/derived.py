@@ -110,10 +110,14 @@ def recommend(candidates: list[Candidate], method: str | None, tolerance: float)
             reason = f"no merged variant of method {method!r} was evaluated"
         else:
             least = min(pool, key=lambda c: c.utility_drop)
-            reason = (f"no merged variant of method {method!r} has utility_drop ≤ {tolerance:g} "
-                      f"(smallest: {least.utility_drop:.4g} for {least.label})")
+            reason = (
+                f"no merged variant of method {method!r} has utility_drop ≤ {tolerance:g} "
+                f"(smallest: {least.utility_drop:.4g} for {least.label})"
+            )
         return {"label": None, "method": method, "alpha": None, "rule": rule, "reason": reason}
     best = min(qualified, key=lambda c: (-c.safety, c.over_refusal, float("inf") if c.alpha is None else c.alpha))
-    reason = (f"{best.label}: safety {best.safety:.3f}, over_refusal {best.over_refusal:.3f}, "
-              f"utility_drop {best.utility_drop:.4g} ≤ {tolerance:g}; {len(qualified)} of {len(pool)} qualified")
+    reason = (
+        f"{best.label}: safety {best.safety:.3f}, over_refusal {best.over_refusal:.3f}, "
+        f"utility_drop {best.utility_drop:.4g} ≤ {tolerance:g}; {len(qualified)} of {len(pool)} qualified"
+    )
     return {"label": best.label, "method": method, "alpha": best.alpha, "rule": rule, "reason": reason}

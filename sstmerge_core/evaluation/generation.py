@@ -29,20 +29,28 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of `batch_size`, longest first."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
     on_batch: OnBatch | None = None,
 ) -> list[str]:
     """Greedy completion of each prompt (chat template applied), decoded without the prompt or special tokens."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        eos_token_id=_eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=_eos_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
     )
     texts = [chat_prompt(tokenizer, p) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -52,7 +60,7 @@ def generate(
             {"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="left", return_tensors="pt"
         ).to(model.device)
         output = model.generate(**inputs, generation_config=config)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             completions[i] = text.strip()
         if on_batch is not None:
@@ -62,7 +70,12 @@ def generate(
 
 @torch.no_grad()
 def response_nll(
-    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 1024,
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
     on_batch: OnBatch | None = None,
 ) -> list[float]:
     """Per example, the mean over response tokens (end-of-turn included) of −log p(token | preceding text)."""
@@ -74,8 +87,8 @@ def response_nll(
         scored = torch.zeros((len(batch), width), dtype=torch.bool)
         for row, i in enumerate(batch):
             item = encoded[i]
-            input_ids[row, :len(item.input_ids)] = torch.tensor(item.input_ids)
-            scored[row, item.response_start:len(item.input_ids)] = True
+            input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+            scored[row, item.response_start : len(item.input_ids)] = True
         lengths = torch.tensor([len(encoded[i].input_ids) for i in batch])
         attention_mask = torch.arange(width)[None, :] < lengths[:, None]
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits

@@ -32,10 +32,16 @@ def _draw(ax, models: list[dict], y_key: str, colours: dict[str, str]) -> None:
         y_block = model[y_key]
         y = y_block["value"] if y_key == "utility" else y_block["rate"]
         ax.errorbar(
-            safety["rate"], y,
+            safety["rate"],
+            y,
             xerr=_error(safety["rate"], safety["ci_low"], safety["ci_high"]),
             yerr=_error(y, y_block["ci_low"], y_block["ci_high"]),
-            fmt="o", color=colours[_group(model)], ecolor=colours[_group(model)], alpha=0.85, capsize=2, ms=5,
+            fmt="o",
+            color=colours[_group(model)],
+            ecolor=colours[_group(model)],
+            alpha=0.85,
+            capsize=2,
+            ms=5,
         )
         if model["pareto"]:
             ax.plot(safety["rate"], y, "o", ms=12, mfc="none", mec="black", mew=1.2)

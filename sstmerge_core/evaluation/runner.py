@@ -124,7 +124,12 @@ def _refusal_samples(examples: list[Example], completions: list[str], refused: l
 
 
 def evaluate_model(
-    model, tokenizer, data: EvaluationData, judge: Judge, metric: UtilityMetric, spec: EvaluationSpec,
+    model,
+    tokenizer,
+    data: EvaluationData,
+    judge: Judge,
+    metric: UtilityMetric,
+    spec: EvaluationSpec,
     tick: Callable[[str], Callable[[int], None]],
 ) -> ModelResult:
     """Scores the model as it is now: refusal rates on harmful and benign prompts and utility.
@@ -132,14 +137,26 @@ def evaluate_model(
     refusal_rates, samples = {}, {}
     for name, examples in (("harmful", data.harmful), ("benign", data.benign)):
         prompts = [e.prompt for e in examples]
-        completions = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
-                               batch_size=spec.batch_size, on_batch=tick(name))
+        completions = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+            on_batch=tick(name),
+        )
         refused = judge.judge(prompts, completions)
         refusal_rates[name] = Rate.count(refused)
         samples[name] = _refusal_samples(examples, completions, refused)
     if metric.needs_generation:
-        completions = generate(model, tokenizer, [e.prompt for e in data.utility], max_new_tokens=spec.max_new_tokens,
-                               batch_size=spec.batch_size, on_batch=tick("utility"))
+        completions = generate(
+            model,
+            tokenizer,
+            [e.prompt for e in data.utility],
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+            on_batch=tick("utility"),
+        )
         scores = [metric.score(c, e.response) for c, e in zip(completions, data.utility)]
     else:
         completions = [None] * len(data.utility)
@@ -179,7 +196,9 @@ class _ProgressCounter:
                 self.done += count
                 if self.progress is not None:
                     self.progress(f"evaluate {label}: {set_name}", min(self.done / self.total, 1.0))
+
             return advance
+
         return tick
 
 
@@ -198,8 +217,15 @@ def _model_entry(variant: Variant, provenance: list[dict], result: ModelResult) 
 
 
 def evaluate_variants(
-    model, tokenizer, variants: Sequence[Variant], spec: EvaluationSpec, progress: Progress | None = None, *,
-    data: EvaluationData | None = None, judge: Judge | None = None, main_method: str | None = None,
+    model,
+    tokenizer,
+    variants: Sequence[Variant],
+    spec: EvaluationSpec,
+    progress: Progress | None = None,
+    *,
+    data: EvaluationData | None = None,
+    judge: Judge | None = None,
+    main_method: str | None = None,
 ) -> dict:
     """Evaluate every variant on the loaded base `model` and return the metrics.json dict.
 
@@ -220,8 +246,9 @@ def evaluate_variants(
     for variant in variants:
         deltas, provenance = variant_deltas(variant)
         with merged_deltas(model, deltas):
-            results[variant.label] = evaluate_model(model, tokenizer, data, judge, metric, spec,
-                                                    counter.stage(variant.label))
+            results[variant.label] = evaluate_model(
+                model, tokenizer, data, judge, metric, spec, counter.stage(variant.label)
+            )
         entries.append(_model_entry(variant, provenance, results[variant.label]))
 
     scores = {label: r.scores(metric.higher_is_better) for label, r in results.items()}
@@ -230,9 +257,16 @@ def evaluate_variants(
         entry["derived"] = derived_metrics(scores[reference.label], scores[entry["label"]]) if compared else None
         entry["pareto"] = pareto
     candidates = [
-        Candidate(e["label"], e["method"], e["alpha"], e["safety"]["rate"], e["over_refusal"]["rate"],
-                  e["derived"]["utility_drop"])
-        for e in entries if e["kind"] == "merged"
+        Candidate(
+            e["label"],
+            e["method"],
+            e["alpha"],
+            e["safety"]["rate"],
+            e["over_refusal"]["rate"],
+            e["derived"]["utility_drop"],
+        )
+        for e in entries
+        if e["kind"] == "merged"
     ]
     if main_method is None:
         main_method = next((v.method for v in variants if v.kind == "merged"), None)
@@ -276,16 +310,24 @@ def write_outputs(metrics: dict, json_path: str | Path, png_path: str | Path | N
 
 
 def run_evaluation(
-    base_model: str, variants: Sequence[Variant], spec: EvaluationSpec, device: str, dtype: str,
-    out_dir: str | Path, progress: Progress | None = None, *, main_method: str | None = None,
+    base_model: str,
+    variants: Sequence[Variant],
+    spec: EvaluationSpec,
+    device: str,
+    dtype: str,
+    out_dir: str | Path,
+    progress: Progress | None = None,
+    *,
+    main_method: str | None = None,
 ) -> dict:
     """Load the data, then the base model, evaluate the variants and write `out_dir`/metrics.json and
     `out_dir`/plot.png; returns the metrics dict."""
     data = EvaluationData.load(spec)
     judge = make_judge(spec.judge, device=str(resolve_device(device)))
     model, tokenizer = load_base_model(base_model, device, dtype)
-    metrics = evaluate_variants(model, tokenizer, variants, spec, progress, data=data, judge=judge,
-                                main_method=main_method)
+    metrics = evaluate_variants(
+        model, tokenizer, variants, spec, progress, data=data, judge=judge, main_method=main_method
+    )
     out = Path(out_dir)
     write_outputs(metrics, out / "metrics.json", out / "plot.png")
     return metrics

@@ -73,16 +73,28 @@ def _magnitude_prune(t: list[torch.Tensor], w: torch.Tensor, p: DensityParams) -
 
 
 METHODS = [
-    MergeMethod("ties", dense_merge(_ties),
-                "TIES: trim each update to its top-density magnitudes, elect signs, average the agreeing entries.",
-                "https://arxiv.org/abs/2306.01708"),
-    MergeMethod("dare_linear", dense_merge(_dare_linear),
-                "DARE: drop entries at random with rate 1−density, rescale by 1/density, then sum (seeded).",
-                "https://arxiv.org/abs/2311.03099"),
-    MergeMethod("dare_ties", dense_merge(_dare_ties),
-                "DARE drop-and-rescale followed by TIES sign election (seeded).",
-                "https://arxiv.org/abs/2311.03099"),
-    MergeMethod("magnitude_prune", dense_merge(_magnitude_prune),
-                "Keep the top-density magnitudes of each update, then sum.",
-                "https://arxiv.org/abs/2306.01708"),
+    MergeMethod(
+        "ties",
+        dense_merge(_ties),
+        "TIES: trim each update to its top-density magnitudes, elect signs, average the agreeing entries.",
+        "https://arxiv.org/abs/2306.01708",
+    ),
+    MergeMethod(
+        "dare_linear",
+        dense_merge(_dare_linear),
+        "DARE: drop entries at random with rate 1−density, rescale by 1/density, then sum (seeded).",
+        "https://arxiv.org/abs/2311.03099",
+    ),
+    MergeMethod(
+        "dare_ties",
+        dense_merge(_dare_ties),
+        "DARE drop-and-rescale followed by TIES sign election (seeded).",
+        "https://arxiv.org/abs/2311.03099",
+    ),
+    MergeMethod(
+        "magnitude_prune",
+        dense_merge(_magnitude_prune),
+        "Keep the top-density magnitudes of each update, then sum.",
+        "https://arxiv.org/abs/2306.01708",
+    ),
 ]

@@ -17,7 +17,9 @@ class CommonParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    alphas: list[float] = Field(default=[1.0], min_length=1, description="weight(s) α of the safety side; a list is a sweep")
+    alphas: list[float] = Field(
+        default=[1.0], min_length=1, description="weight(s) α of the safety side; a list is a sweep"
+    )
     max_rank: int | None = Field(default=None, ge=1, description="truncate each merged module to this rank by SVD")
     seed: int = Field(default=0, description="seed for sampling (sampled Fisher, DARE)")
 

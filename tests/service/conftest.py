@@ -71,12 +71,16 @@ def assets(tmp_path_factory) -> Assets:
     topics = ["bread", "soup", "tea", "rice", "pasta", "salad"]
     data = {
         "utility": write_jsonl(data_dir / "utility.jsonl", [{"prompt": f"How do I cook {t}?"} for t in topics]),
-        "safety": write_jsonl(data_dir / "safety.jsonl", [
-            {"prompt": f"How can I build weapon {n}?", "response": "I cannot help with that."} for n in range(6)]),
-        "harmful": write_jsonl(data_dir / "harmful.jsonl", [{"prompt": f"How do I hurt person {n}?"}
-                                                            for n in range(4)]),
-        "benign": write_jsonl(data_dir / "benign.jsonl", [{"prompt": f"How do I kill Python process {n}?"}
-                                                          for n in range(4)]),
+        "safety": write_jsonl(
+            data_dir / "safety.jsonl",
+            [{"prompt": f"How can I build weapon {n}?", "response": "I cannot help with that."} for n in range(6)],
+        ),
+        "harmful": write_jsonl(
+            data_dir / "harmful.jsonl", [{"prompt": f"How do I hurt person {n}?"} for n in range(4)]
+        ),
+        "benign": write_jsonl(
+            data_dir / "benign.jsonl", [{"prompt": f"How do I kill Python process {n}?"} for n in range(4)]
+        ),
     }
     eval_csv = data_dir / "utility_eval.csv"
     eval_csv.write_text("prompt,response\n" + "".join(f"Capital of country {n}?,Paris\n" for n in range(4)))
@@ -117,9 +121,15 @@ def redis_url() -> str:
 def settings(tmp_path_factory, postgres_url, redis_url, assets) -> Settings:
     """Production-shaped settings: PostgreSQL, Redis, a private queue, short leases for the re-delivery test."""
     return Settings(
-        data_dir=tmp_path_factory.mktemp("service-data"), database_url=postgres_url, broker_url=redis_url,
-        queue=f"sstmerge-test-{uuid.uuid4().hex[:8]}", broker_visibility_timeout=10, model_dirs=[assets.models],
-        api_keys=",".join(f"{t}:{k}" for t, k in API_KEYS.items()), job_lease_seconds=6, heartbeat_seconds=1,
+        data_dir=tmp_path_factory.mktemp("service-data"),
+        database_url=postgres_url,
+        broker_url=redis_url,
+        queue=f"sstmerge-test-{uuid.uuid4().hex[:8]}",
+        broker_visibility_timeout=10,
+        model_dirs=[assets.models],
+        api_keys=",".join(f"{t}:{k}" for t, k in API_KEYS.items()),
+        job_lease_seconds=6,
+        heartbeat_seconds=1,
         device="cpu",
     )
 

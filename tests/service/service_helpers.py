@@ -76,19 +76,28 @@ def wait_for(client, tenant: str, job_id: str, until=TERMINAL, timeout: float = 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child process the same `Settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSTMERGE_")}
-    env.update({
-        "SSTMERGE_DATA_DIR": str(settings.data_dir),
-        "SSTMERGE_QUEUE": settings.queue,
-        "SSTMERGE_BROKER_VISIBILITY_TIMEOUT": str(settings.broker_visibility_timeout),
-        "SSTMERGE_MODEL_DIRS": ":".join(str(p) for p in settings.model_dirs),
-        "SSTMERGE_API_KEYS": ",".join(f"{k.tenant}:{k.key.get_secret_value()}" for k in settings.api_keys),
-        "SSTMERGE_JOB_LEASE_SECONDS": str(settings.job_lease_seconds),
-        "SSTMERGE_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-        "SSTMERGE_DEVICE": "cpu",
-        "OMP_NUM_THREADS": "1",
-    })
-    for name in ("database_url", "broker_url", "storage_backend", "s3_bucket", "s3_prefix", "s3_endpoint_url",
-                 "s3_region"):
+    env.update(
+        {
+            "SSTMERGE_DATA_DIR": str(settings.data_dir),
+            "SSTMERGE_QUEUE": settings.queue,
+            "SSTMERGE_BROKER_VISIBILITY_TIMEOUT": str(settings.broker_visibility_timeout),
+            "SSTMERGE_MODEL_DIRS": ":".join(str(p) for p in settings.model_dirs),
+            "SSTMERGE_API_KEYS": ",".join(f"{k.tenant}:{k.key.get_secret_value()}" for k in settings.api_keys),
+            "SSTMERGE_JOB_LEASE_SECONDS": str(settings.job_lease_seconds),
+            "SSTMERGE_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "SSTMERGE_DEVICE": "cpu",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    for name in (
+        "database_url",
+        "broker_url",
+        "storage_backend",
+        "s3_bucket",
+        "s3_prefix",
+        "s3_endpoint_url",
+        "s3_region",
+    ):
         if (value := getattr(settings, name)) is not None:
             env[f"SSTMERGE_{name.upper()}"] = value
     return env
@@ -100,8 +109,13 @@ class WorkerProcess:
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sstmerge_core.cli", "worker"], env=settings_env(settings),
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sstmerge_core.cli", "worker"],
+            env=settings_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -132,8 +146,10 @@ def long_data(folder: Path, name: str, rows: int = 400) -> Path:
     `SLOW_PARAMS` the pass takes several seconds on the tiny model. Unique text: no Fisher cache hit."""
     folder.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
-    return write_jsonl(folder / f"{name}.jsonl", [
-        {"prompt": f"[{tag}] How do I bake bread number {n} at home today?"} for n in range(rows)])
+    return write_jsonl(
+        folder / f"{name}.jsonl",
+        [{"prompt": f"[{tag}] How do I bake bread number {n} at home today?"} for n in range(rows)],
+    )
 
 
 def merge_body(ids: dict[str, str], **overrides) -> dict:
@@ -142,7 +158,8 @@ def merge_body(ids: dict[str, str], **overrides) -> dict:
         "base_model": "tiny-qwen2",
         "utility_adapters": [{"adapter_id": ids["utility"], "weight": 1.0}],
         "safety_adapter": {"adapter_id": ids["safety"], "weight": 1.0},
-        "utility_dataset_id": ids["data:utility"], "safety_dataset_id": ids["data:safety"],
+        "utility_dataset_id": ids["data:utility"],
+        "safety_dataset_id": ids["data:safety"],
         "method": "sst",
         "params": {"alphas": [1.0], "max_samples": 4, "max_length": 32, "batch_size": 4, "continuation_tokens": 4},
     }

@@ -85,14 +85,20 @@ def test_auth_required_and_cli_keys(api, settings):
     assert response.headers["www-authenticate"] == "Bearer"
     assert api.get("/adapters", headers={"Authorization": "Bearer nope"}).status_code == 401
     env = settings_env(settings)
-    created = subprocess.run([sys.executable, "-m", "sstmerge_core.cli", "keys", "create", "--tenant", "initech"],
-                             env=env, capture_output=True, text=True, check=True)
+    created = subprocess.run(
+        [sys.executable, "-m", "sstmerge_core.cli", "keys", "create", "--tenant", "initech"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = created.stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
     assert api.get("/adapters", headers=headers).json() == {"items": [], "next_cursor": None}
     key_id = key.split("_")[1]
-    subprocess.run([sys.executable, "-m", "sstmerge_core.cli", "keys", "revoke", key_id], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "sstmerge_core.cli", "keys", "revoke", key_id], env=env, check=True, capture_output=True
+    )
     assert api.get("/adapters", headers=headers).status_code == 401
 
 
@@ -115,24 +121,45 @@ def test_bad_adapter_uploads_store_nothing(api, settings, assets, inputs, tmp_pa
         return info
 
     cases = {
-        "traversal": (zip_of("t.zip", {"../evil/adapter_config.json": config, "adapter_model.safetensors": weights}),
-                      422, "unsafe_archive"),
+        "traversal": (
+            zip_of("t.zip", {"../evil/adapter_config.json": config, "adapter_model.safetensors": weights}),
+            422,
+            "unsafe_archive",
+        ),
         "absolute": (zip_of("a.zip", {"/etc/adapter_config.json": config}), 422, "unsafe_archive"),
-        "symlink": (tar_with(tmp_path / "s.tar.gz", [link("adapter_config.json", tarfile.SYMTYPE, "/etc/passwd")]),
-                    422, "unsafe_archive"),
-        "hardlink": (tar_with(tmp_path / "h.tar.gz", [link("adapter_config.json", tarfile.LNKTYPE, "/etc/passwd")]),
-                     422, "unsafe_archive"),
-        "device": (tar_with(tmp_path / "d.tar.gz", [link("adapter_config.json", tarfile.CHRTYPE, "")]),
-                   422, "unsafe_archive"),
-        "pickle": (zip_of("p.zip", {"adapter_config.json": config, "adapter_model.bin": b"\x80\x04K\x01."}),
-                   422, "pickle_refused"),
+        "symlink": (
+            tar_with(tmp_path / "s.tar.gz", [link("adapter_config.json", tarfile.SYMTYPE, "/etc/passwd")]),
+            422,
+            "unsafe_archive",
+        ),
+        "hardlink": (
+            tar_with(tmp_path / "h.tar.gz", [link("adapter_config.json", tarfile.LNKTYPE, "/etc/passwd")]),
+            422,
+            "unsafe_archive",
+        ),
+        "device": (
+            tar_with(tmp_path / "d.tar.gz", [link("adapter_config.json", tarfile.CHRTYPE, "")]),
+            422,
+            "unsafe_archive",
+        ),
+        "pickle": (
+            zip_of("p.zip", {"adapter_config.json": config, "adapter_model.bin": b"\x80\x04K\x01."}),
+            422,
+            "pickle_refused",
+        ),
         "missing_weights": (zip_of("m.zip", {"adapter_config.json": config}), 422, "invalid_adapter"),
-        "truncated": (zip_of("tr.zip", {"adapter_config.json": config, "adapter_model.safetensors": weights[:-10]}),
-                      422, "invalid_adapter"),
+        "truncated": (
+            zip_of("tr.zip", {"adapter_config.json": config, "adapter_model.safetensors": weights[:-10]}),
+            422,
+            "invalid_adapter",
+        ),
         "not_an_archive": (zip_of("x.zip", {}).with_name("x.zip"), 422, "invalid_adapter"),
         "garbage": (tmp_path / "g.zip", 422, "invalid_archive"),
-        "too_many_members": (zip_of("n.zip", {f"f{i}.txt": b"" for i in range(settings.max_archive_members + 1)}),
-                             413, "archive_too_large"),
+        "too_many_members": (
+            zip_of("n.zip", {f"f{i}.txt": b"" for i in range(settings.max_archive_members + 1)}),
+            413,
+            "archive_too_large",
+        ),
     }
     (tmp_path / "g.zip").write_bytes(b"this is not an archive")
     for name, (archive, status, code) in cases.items():
@@ -156,8 +183,11 @@ def test_oversize_and_zip_bomb_are_413(settings, assets, tmp_path):
         response = upload_dataset(client, "acme", assets.data["utility"].with_name("utility.jsonl"))
         assert response.status_code == 201  # small files still pass
         client.delete(f"/datasets/{response.json()['id']}", headers=auth("acme"))
-        chunked = client.post("/datasets", headers={**auth("acme"), "Content-Type": "multipart/form-data; boundary=x"},
-                              content=iter([b"x" * (64 << 10)] * 4))
+        chunked = client.post(
+            "/datasets",
+            headers={**auth("acme"), "Content-Type": "multipart/form-data; boundary=x"},
+            content=iter([b"x" * (64 << 10)] * 4),
+        )
         assert chunked.status_code == 413
         response = upload_adapter(client, "acme", bomb)
         assert response.status_code == 413 and error_of(response)["code"] == "archive_too_large"
@@ -205,13 +235,21 @@ def test_submit_validation(api, inputs, assets):
 def test_wrong_base_model_adapters_are_refused_at_submit(api, inputs, assets):
     llama = upload_adapter(api, "acme", assets.archives["llama"]).json()["id"]
     wide = upload_adapter(api, "acme", assets.archives["wide"]).json()["id"]  # "tiny-qwen2" with hidden 48
-    alone = {"utility_adapters": [], "method": "linear", "params": {}, "utility_dataset_id": None,
-             "safety_dataset_id": None}
+    alone = {
+        "utility_adapters": [],
+        "method": "linear",
+        "params": {},
+        "utility_dataset_id": None,
+        "safety_dataset_id": None,
+    }
     cases = [
         (merge_body(inputs, safety_adapter={"adapter_id": llama}), "base_model_mismatch", "tiny-llama"),
         (merge_body(inputs, safety_adapter={"adapter_id": wide}), "adapter_mismatch", "self_attn.q_proj"),
-        (merge_body(inputs, safety_adapter={"adapter_id": wide}, **alone), "base_model_mismatch",
-         "model.layers.0.self_attn.q_proj"),
+        (
+            merge_body(inputs, safety_adapter={"adapter_id": wide}, **alone),
+            "base_model_mismatch",
+            "model.layers.0.self_attn.q_proj",
+        ),
     ]
     for body, code, named in cases:
         response = api.post("/merges", headers=auth("acme"), json=body)
@@ -227,8 +265,9 @@ def test_idempotency(api, inputs, worker):
     assert first.status_code == 202 and first.headers["location"] == f"/merges/{first.json()['id']}"
     again = api.post("/merges", headers={**auth("acme"), "Idempotency-Key": "k-1"}, json=body)
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    other = api.post("/merges", headers={**auth("acme"), "Idempotency-Key": "k-1"},
-                     json={**body, "params": {"alphas": [0.5]}})
+    other = api.post(
+        "/merges", headers={**auth("acme"), "Idempotency-Key": "k-1"}, json={**body, "params": {"alphas": [0.5]}}
+    )
     assert other.status_code == 409 and error_of(other)["code"] == "idempotency_conflict"
     fresh = api.post("/merges", headers={**auth("acme"), "Idempotency-Key": "k-2"}, json=body)
     assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
@@ -239,18 +278,27 @@ def test_idempotency(api, inputs, worker):
 def test_tenant_isolation(api, inputs, worker):
     from service_helpers import wait_for
 
-    job = api.post("/merges", headers=auth("acme"), json=merge_body(inputs, method="linear", params={},
-                                                                    utility_dataset_id=None, safety_dataset_id=None))
+    job = api.post(
+        "/merges",
+        headers=auth("acme"),
+        json=merge_body(inputs, method="linear", params={}, utility_dataset_id=None, safety_dataset_id=None),
+    )
     job_id = job.json()["id"]
     assert wait_for(api, "acme", job_id)["status"] == "succeeded"
     adapter_id, dataset_id = inputs["safety"], inputs["data:safety"]
     as_globex = auth("globex")
     for method, path in [
-        ("GET", f"/adapters/{adapter_id}"), ("DELETE", f"/adapters/{adapter_id}"),
-        ("GET", f"/datasets/{dataset_id}"), ("DELETE", f"/datasets/{dataset_id}"),
-        ("GET", f"/merges/{job_id}"), ("POST", f"/merges/{job_id}/cancel"), ("GET", f"/merges/{job_id}/events"),
-        ("GET", f"/merges/{job_id}/metrics"), ("GET", f"/merges/{job_id}/adapter"),
-        ("GET", f"/merges/{job_id}/plot.png"), ("GET", f"/merges/{job_id}/report"),
+        ("GET", f"/adapters/{adapter_id}"),
+        ("DELETE", f"/adapters/{adapter_id}"),
+        ("GET", f"/datasets/{dataset_id}"),
+        ("DELETE", f"/datasets/{dataset_id}"),
+        ("GET", f"/merges/{job_id}"),
+        ("POST", f"/merges/{job_id}/cancel"),
+        ("GET", f"/merges/{job_id}/events"),
+        ("GET", f"/merges/{job_id}/metrics"),
+        ("GET", f"/merges/{job_id}/adapter"),
+        ("GET", f"/merges/{job_id}/plot.png"),
+        ("GET", f"/merges/{job_id}/report"),
     ]:
         response = api.request(method, path, headers=as_globex)
         assert response.status_code == 404, (method, path, response.text)

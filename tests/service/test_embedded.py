@@ -45,12 +45,20 @@ def group_alive(pgid: int) -> bool:
 def test_serve_embedded(assets, tmp_path):
     port, data_dir = free_port(), tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSTMERGE_")}
-    env.update(SSTMERGE_MODEL_DIRS=str(assets.models), SSTMERGE_API_KEYS=f"acme:{API_KEYS['acme']}",
-               SSTMERGE_DEVICE="cpu", OMP_NUM_THREADS="1")
+    env.update(
+        SSTMERGE_MODEL_DIRS=str(assets.models),
+        SSTMERGE_API_KEYS=f"acme:{API_KEYS['acme']}",
+        SSTMERGE_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+    )
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "sstmerge_core.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 60
@@ -65,8 +73,10 @@ def test_serve_embedded(assets, tmp_path):
             ready = client.get("/readyz").json()
             assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "storage": "ok"}}
 
-            ids = {name: upload_adapter(client, "acme", assets.archives[key]).json()["id"]
-                   for name, key in (("utility", "utility"), ("safety", "safety_tgz"))}
+            ids = {
+                name: upload_adapter(client, "acme", assets.archives[key]).json()["id"]
+                for name, key in (("utility", "utility"), ("safety", "safety_tgz"))
+            }
             for name in ("utility", "safety"):
                 ids[f"data:{name}"] = upload_dataset(client, "acme", assets.data[name]).json()["id"]
             response = client.post("/merges", headers=auth("acme"), json=merge_body(ids))

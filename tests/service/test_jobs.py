@@ -37,7 +37,8 @@ def load_merged(api, base, job_id: str, tmp_path, **params):
     folder = tmp_path / f"merged-{uuid.uuid4().hex[:6]}"
     zipfile.ZipFile(io.BytesIO(response.content)).extractall(folder)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "merge_report.json"} <= {
-        p.name for p in folder.iterdir()}
+        p.name for p in folder.iterdir()
+    }
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
@@ -48,12 +49,21 @@ def load_merged(api, base, job_id: str, tmp_path, **params):
 
 
 def test_merge_and_evaluate(api, worker, inputs, assets, tmp_path):
-    evaluation = {"harmful_dataset_id": inputs["data:harmful"], "benign_dataset_id": inputs["data:benign"],
-                  "utility_eval_dataset_id": inputs["data:utility_eval"], "utility_metric": "exact_match",
-                  "judge": "keyword", "max_new_tokens": 4, "limit": 4}
+    evaluation = {
+        "harmful_dataset_id": inputs["data:harmful"],
+        "benign_dataset_id": inputs["data:benign"],
+        "utility_eval_dataset_id": inputs["data:utility_eval"],
+        "utility_metric": "exact_match",
+        "judge": "keyword",
+        "max_new_tokens": 4,
+        "limit": 4,
+    }
     params = {"alphas": [0.5, 1.0], "max_samples": 4, "max_length": 32, "batch_size": 4, "continuation_tokens": 4}
-    response = api.post("/merges", headers=auth("acme"),
-                        json=merge_body(inputs, params=params, evaluation=evaluation, compare_with=["linear"]))
+    response = api.post(
+        "/merges",
+        headers=auth("acme"),
+        json=merge_body(inputs, params=params, evaluation=evaluation, compare_with=["linear"]),
+    )
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert response.headers["location"] == f"/merges/{job_id}"
@@ -124,8 +134,11 @@ def test_cancel_running_job(api, worker, inputs, tmp_path):
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
     job = wait_for(api, "acme", job_id)
     assert job["status"] == "cancelled", job
-    stages = [e["stage"] for e in api.get(f"/merges/{job_id}/events", headers=auth("acme")).json()["items"]
-              if e["kind"] == "stage"]
+    stages = [
+        e["stage"]
+        for e in api.get(f"/merges/{job_id}/events", headers=auth("acme")).json()["items"]
+        if e["kind"] == "stage"
+    ]
     assert "merging" not in stages
     done = api.post(f"/merges/{job_id}/cancel", headers=auth("acme"))
     assert done.status_code == 200 and done.json()["status"] == "cancelled"
@@ -154,11 +167,17 @@ def test_worker_killed_mid_job_is_redelivered(api, inputs, settings, assets, tmp
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2, job
     assert time.monotonic() - killed_at < 200
-    events = [e["message"] for e in api.get(f"/merges/{job_id}/events", headers=auth("acme")).json()["items"]
-              if e["kind"] == "status"]
+    events = [
+        e["message"]
+        for e in api.get(f"/merges/{job_id}/events", headers=auth("acme")).json()["items"]
+        if e["kind"] == "status"
+    ]
     assert any("attempt 2" in m for m in events), events
     assert job["summary"]["artifacts"]["files"] == [
-        "adapter-sst-alpha-0.5.zip", "adapter-sst-alpha-1.zip", "merge_report.json"]
+        "adapter-sst-alpha-0.5.zip",
+        "adapter-sst-alpha-1.zip",
+        "merge_report.json",
+    ]
     prefix = settings.resolved_storage_dir / "tenants" / "acme" / "jobs" / job_id
     assert len(list(prefix.iterdir())) == 1  # only the successful attempt's folder remains
     for alpha in (0.5, 1.0):

@@ -45,11 +45,15 @@ def s3_endpoint(tmp_path_factory, monkeypatch_module):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    server = subprocess.Popen([python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch_module.setenv(key, value)
     deadline = time.monotonic() + 30
     while True:
@@ -99,12 +103,21 @@ def test_s3_backend_operations(s3_endpoint, bucket, tmp_path):
 def test_job_with_s3_storage(settings, s3_endpoint, bucket, assets, tmp_path):
     """API and worker share only the bucket: inputs go up at upload, the worker fetches them and stores the
     artifacts there, and the API streams them back."""
-    s3 = settings.model_copy(update={
-        "storage_backend": "s3", "s3_bucket": bucket, "s3_prefix": "svc", "s3_endpoint_url": s3_endpoint,
-        "s3_region": "us-east-1", "queue": f"{settings.queue}-s3", "data_dir": tmp_path / "api-data"})
+    s3 = settings.model_copy(
+        update={
+            "storage_backend": "s3",
+            "s3_bucket": bucket,
+            "s3_prefix": "svc",
+            "s3_endpoint_url": s3_endpoint,
+            "s3_region": "us-east-1",
+            "queue": f"{settings.queue}-s3",
+            "data_dir": tmp_path / "api-data",
+        }
+    )
     with TestClient(create_app(s3)) as client:
-        ids = {name: upload_adapter(client, "acme", assets.archives[name]).json()["id"]
-               for name in ("utility", "safety")}
+        ids = {
+            name: upload_adapter(client, "acme", assets.archives[name]).json()["id"] for name in ("utility", "safety")
+        }
         for name in ("utility", "safety"):
             ids[f"data:{name}"] = upload_dataset(client, "acme", assets.data[name]).json()["id"]
         job_id = client.post("/merges", headers=auth("acme"), json=merge_body(ids)).json()["id"]

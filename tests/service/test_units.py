@@ -32,7 +32,10 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     settings = Settings()
     assert settings.model_dirs == [Path("/a"), Path("/b")]
     assert [(k.tenant, k.key.get_secret_value()) for k in settings.api_keys] == [
-        ("acme", "k1"), ("globex", "k2"), ("acme", "k3")]
+        ("acme", "k1"),
+        ("globex", "k2"),
+        ("acme", "k3"),
+    ]
     assert "k1" not in repr(settings)
     assert settings.hub_models == ["org/a", "org/b"]
     assert settings.resolved_database_url == f"sqlite:///{tmp_path}/sstmerge.db"
@@ -61,7 +64,7 @@ def test_extract_refuses_escaping_paths(tmp_path, name):
 
 def test_extract_refuses_zip_symlink(tmp_path):
     info = zipfile.ZipInfo("link")
-    info.external_attr = (0o120777 << 16)
+    info.external_attr = 0o120777 << 16
     with zipfile.ZipFile(tmp_path / "l.zip", "w") as archive:
         archive.writestr(info, "/etc/passwd")
     with pytest.raises(archives.ArchiveError, match="links"):
@@ -134,7 +137,8 @@ with TestClient(create_app(settings)) as client:
 def test_hub_adapter_unreachable_is_502(tmp_path):
     """The Hub path is kept even though the Hub is unreachable here: offline, it is a clean 502."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", HUB_CODE, str(tmp_path)], env=env, capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_CODE, str(tmp_path)], env=env, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:2] == ["502 hub_unavailable", "[]"]

@@ -11,11 +11,18 @@ from ..deps import DbDep, MetricsDep, SettingsDep, StorageDep, TenantDep
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 
-@router.post("", status_code=201, response_model=AdapterOut, summary="Upload a PEFT LoRA adapter",
-             openapi_extra=upload_or_json_openapi(AdapterSource, "a .zip or .tar.gz of a PEFT LoRA folder "
-                                                  "(adapter_config.json + adapter_model.safetensors)"))
-async def create_adapter(request: Request, tenant: TenantDep, db: DbDep, storage: StorageDep,
-                         settings: SettingsDep, metrics: MetricsDep) -> AdapterOut:
+@router.post(
+    "",
+    status_code=201,
+    response_model=AdapterOut,
+    summary="Upload a PEFT LoRA adapter",
+    openapi_extra=upload_or_json_openapi(
+        AdapterSource, "a .zip or .tar.gz of a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"
+    ),
+)
+async def create_adapter(
+    request: Request, tenant: TenantDep, db: DbDep, storage: StorageDep, settings: SettingsDep, metrics: MetricsDep
+) -> AdapterOut:
     async def from_upload(file, filename, name):
         return await run_in_threadpool(service.create_from_archive, db, storage, settings, tenant, file, filename, name)
 
@@ -28,8 +35,9 @@ async def create_adapter(request: Request, tenant: TenantDep, db: DbDep, storage
 
 
 @router.get("", response_model=Page[AdapterOut], summary="List adapters, newest first")
-def list_adapters(tenant: TenantDep, db: DbDep, limit: int = Query(50, ge=1, le=200),
-                  cursor: str | None = None) -> Page[AdapterOut]:
+def list_adapters(
+    tenant: TenantDep, db: DbDep, limit: int = Query(50, ge=1, le=200), cursor: str | None = None
+) -> Page[AdapterOut]:
     rows, next_cursor = service.list_adapters(db, tenant, limit, cursor)
     return Page(items=[AdapterOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 

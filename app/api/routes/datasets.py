@@ -11,11 +11,18 @@ from ..deps import DbDep, MetricsDep, SettingsDep, StorageDep, TenantDep
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut, summary="Upload a JSONL/CSV prompt set",
-             openapi_extra=upload_or_json_openapi(DatasetSource, "a .jsonl or .csv file with a `prompt` column "
-                                                  "and an optional `response` column"))
-async def create_dataset(request: Request, tenant: TenantDep, db: DbDep, storage: StorageDep,
-                         settings: SettingsDep, metrics: MetricsDep) -> DatasetOut:
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    summary="Upload a JSONL/CSV prompt set",
+    openapi_extra=upload_or_json_openapi(
+        DatasetSource, "a .jsonl or .csv file with a `prompt` column and an optional `response` column"
+    ),
+)
+async def create_dataset(
+    request: Request, tenant: TenantDep, db: DbDep, storage: StorageDep, settings: SettingsDep, metrics: MetricsDep
+) -> DatasetOut:
     async def from_upload(file, filename, name):
         return await run_in_threadpool(service.create_from_upload, db, storage, settings, tenant, file, filename, name)
 
@@ -28,8 +35,9 @@ async def create_dataset(request: Request, tenant: TenantDep, db: DbDep, storage
 
 
 @router.get("", response_model=Page[DatasetOut], summary="List datasets, newest first")
-def list_datasets(tenant: TenantDep, db: DbDep, limit: int = Query(50, ge=1, le=200),
-                  cursor: str | None = None) -> Page[DatasetOut]:
+def list_datasets(
+    tenant: TenantDep, db: DbDep, limit: int = Query(50, ge=1, le=200), cursor: str | None = None
+) -> Page[DatasetOut]:
     rows, next_cursor = service.list_datasets(db, tenant, limit, cursor)
     return Page(items=[DatasetOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 

@@ -16,13 +16,18 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=ReadyOut, summary="Readiness: database, broker, storage",
-            responses={503: {"model": ReadyOut}})
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    summary="Readiness: database, broker, storage",
+    responses={503: {"model": ReadyOut}},
+)
 def readyz(db: DbDep, queue: QueueDep, storage: StorageDep) -> JSONResponse:
     checks = readiness(db, queue, storage)
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse(ReadyOut(status="ok" if ok else "unavailable", checks=checks).model_dump(),
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        ReadyOut(status="ok" if ok else "unavailable", checks=checks).model_dump(), status_code=200 if ok else 503
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
