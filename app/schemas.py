@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sstmerge_core.jobspec import UtilityMetric
+from sstmerge_core.jobspec import EvaluationSettings
 
 T = TypeVar("T")
 HF_ADAPTER = r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$"
@@ -81,20 +81,12 @@ class AdapterRef(BaseModel):
     weight: float = Field(default=1.0, allow_inf_nan=False)
 
 
-class EvaluationRequest(BaseModel):
+class EvaluationRequest(EvaluationSettings):
     """Held-out evaluation sets (dataset ids) and generation/judging settings (§5)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     harmful_dataset_id: str
     benign_dataset_id: str
     utility_eval_dataset_id: str
-    utility_metric: UtilityMetric = "exact_match"
-    judge: str = Field(default="keyword", description="`keyword` or `classifier:<model id>`")
-    max_new_tokens: int = Field(default=64, ge=1, le=4096)
-    limit: int | None = Field(default=None, ge=1, description="at most this many prompts per evaluation set")
-    batch_size: int = Field(default=8, ge=1)
-    utility_tolerance: float = Field(default=0.02, ge=0, description="recommended α: utility_drop ≤ this")
 
 
 class MergeRequest(BaseModel):

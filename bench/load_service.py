@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import ipaddress
 import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -37,7 +35,6 @@ import sys
 import tempfile
 import time
 import uuid
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +43,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from app.demo import free_port, zip_folder  # noqa: E402
 
 ENDPOINTS = ("GET /merges/{id}", "POST /merges")
 MODEL = "tiny-llama"
@@ -61,20 +60,6 @@ def loopback(url: str) -> str:
     if not ok:
         raise SystemExit(f"refusing a non-loopback address: {url}")
     return url
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def zip_folder(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(folder.iterdir()):
-            archive.write(path, path.name)
-    return buffer.getvalue()
 
 
 def make_assets(root: Path) -> dict:

@@ -23,20 +23,25 @@ class AdapterInput(BaseModel):
     name: str | None = None
 
 
-class EvaluationSpec(BaseModel):
-    """Held-out evaluation sets (never the merge's own data) and generation/judging settings."""
+class EvaluationSettings(BaseModel):
+    """Generation and judging settings of an evaluation (SPEC §5), shared with the API's request schema."""
 
     model_config = ConfigDict(extra="forbid")
 
-    harmful: str
-    benign: str
-    utility_eval: str
     utility_metric: UtilityMetric = "exact_match"
-    judge: str = "keyword"
+    judge: str = Field(default="keyword", description="`keyword` or `classifier:<model id>`")
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     limit: int | None = Field(default=None, ge=1, description="at most this many prompts per evaluation set")
     batch_size: int = Field(default=8, ge=1)
     utility_tolerance: float = Field(default=0.02, ge=0, description="recommended α: utility_drop ≤ this")
+
+
+class EvaluationSpec(EvaluationSettings):
+    """Held-out evaluation sets (never the merge's own data), as local paths, and the settings."""
+
+    harmful: str
+    benign: str
+    utility_eval: str
 
 
 class MergeSpec(BaseModel):

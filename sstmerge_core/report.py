@@ -116,7 +116,7 @@ def model_card(report: dict, alpha: float, metrics_row: dict | None = None) -> s
     for role in ("utility", "safety"):
         for a in inputs.get(f"{role}_adapters", []):
             digest = a["sha256"][:12]
-            lines.append(f"- {role} adapter `{a['name']}` (rank {a['rank']}, weight {a['weight']:g}, sha256 `{digest}`)")
+            lines.append(f"- {role} adapter `{a['name']}` (rank {a['rank']}, weight {a['weight']:g}, sha `{digest}`)")
     for role, data in (inputs.get("data") or {}).items():
         lines.append(
             f"- {role} data: {data['n']} examples, sha256 `{data['sha256'][:12]}`, estimator `{data['estimator']}`"
