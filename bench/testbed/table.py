@@ -24,7 +24,7 @@ SST_CONFIGS = {
     "sst topk k=16": {"selection": "topk", "k": 16},
     "sst topk k=64": {"selection": "topk", "k": 64},
     "sst input k_in=8": {"selection": "input", "k_in": 8},
-    "sst soft β=1, empirical U": {"selection": "soft", "beta": 1.0, "utility_fisher": "empirical"},
+    "sst soft β=1 empirical-U": {"selection": "soft", "beta": 1.0, "utility_fisher": "empirical"},
 }
 BASELINES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 
