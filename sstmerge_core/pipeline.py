@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import time
 import uuid
@@ -135,7 +136,13 @@ def fisher_configs(
 
 
 def _load_data(path: str, config: FisherConfig) -> list[Example]:
-    return load_examples(path, require_response=config.estimator == "empirical", limit=config.max_samples)
+    """The examples of a Fisher data set: all of them, or a seeded uniform subset of `max_samples` (file order
+    kept), so that a file grouped by kind is not cut to its first kinds."""
+    examples = load_examples(path, require_response=config.estimator == "empirical")
+    if len(examples) <= config.max_samples:
+        return examples
+    keep = sorted(random.Random(config.seed).sample(range(len(examples)), config.max_samples))
+    return [examples[i] for i in keep]
 
 
 def write_adapters(

@@ -29,10 +29,9 @@ WARMUP_FRACTION = 0.05
 MAX_GRAD_NORM = 1.0
 
 
-def _layer_index_position(name: str) -> int | None:
-    """Position of the first numeric component of a dotted module name (the decoder-layer index)."""
-    parts = name.split(".")
-    return next((i for i, part in enumerate(parts) if part.isdigit()), None)
+def _in_layer_list(name: str) -> bool:
+    """True if a dotted module name has a numeric component, i.e. lies inside a list of (decoder) layers."""
+    return any(part.isdigit() for part in name.split("."))
 
 
 def decoder_projection_names(model: nn.Module) -> list[str]:
@@ -44,7 +43,7 @@ def decoder_projection_names(model: nn.Module) -> list[str]:
     """
     short: dict[str, None] = {}
     for name in linear_module_names(model):
-        if _layer_index_position(name) is not None:
+        if _in_layer_list(name):
             short.setdefault(name.rsplit(".", 1)[-1], None)
     return list(short)
 

@@ -193,3 +193,17 @@ def test_python_api_matches_the_pipeline(tiny_llama, llama_adapters, merge_data,
     report = json.loads(result.report_path.read_text())
     assert report["params"]["selection"] == "input" and report["alphas"] == [0.7]
     assert all(m["projected_rank"] <= 2 for m in report["modules"].values() if "projected_rank" in m)
+
+
+def test_max_samples_takes_a_seeded_subset_across_the_file(tmp_path):
+    from conftest import write_jsonl
+
+    from sstmerge_core.fisher import FisherConfig
+    from sstmerge_core.pipeline import _load_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"kind {'a' if i < 50 else 'b'} {i}"} for i in range(100)])
+    subset = _load_data(str(path), FisherConfig(estimator="sampled", max_samples=20, seed=0))
+    assert len(subset) == 20 and subset == _load_data(str(path), FisherConfig(estimator="sampled", max_samples=20))
+    assert any("kind b" in e.prompt for e in subset) and any("kind a" in e.prompt for e in subset)
+    indices = [int(e.prompt.split()[-1]) for e in subset]
+    assert indices == sorted(indices)
