@@ -22,6 +22,7 @@ from sstmerge_core.training import collate, decoder_projection_names, mean_respo
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 EXAMPLES = [Example(f"chmod {o}{g}0 gives?", "rwxr-xr--" if o > g else "I cannot help with that.")
             for o in range(6) for g in range(4)]
+WEIGHTS = "adapter_model.safetensors"
 FAST = dict(r=4, lora_alpha=8, epochs=4, lr=2e-2, batch_size=8, max_length=64, device="cpu", progress=False)
 
 
@@ -55,13 +56,13 @@ def test_saved_config_names_the_base_and_every_decoder_projection(llama, trained
     assert config["base_model_name_or_path"] == str(llama.resolve())
     assert set(config["target_modules"]) == LLAMA_PROJECTIONS
     assert config["fan_in_fan_out"] is False and config["r"] == 4
-    assert (trained / "adapter_model.safetensors").is_file()
+    assert (trained / WEIGHTS).is_file()
 
 
 def test_same_seed_gives_identical_tensors_and_another_seed_differs(llama, trained, tmp_path):
-    again = load_file(train_lora(str(llama), EXAMPLES, tmp_path / "again", seed=0, **FAST) / "adapter_model.safetensors")
-    other = load_file(train_lora(str(llama), EXAMPLES, tmp_path / "other", seed=1, **FAST) / "adapter_model.safetensors")
-    first = load_file(trained / "adapter_model.safetensors")
+    again = load_file(train_lora(str(llama), EXAMPLES, tmp_path / "again", seed=0, **FAST) / WEIGHTS)
+    other = load_file(train_lora(str(llama), EXAMPLES, tmp_path / "other", seed=1, **FAST) / WEIGHTS)
+    first = load_file(trained / WEIGHTS)
     assert first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[key], again[key]) for key in first)
     assert not all(torch.equal(first[key], other[key]) for key in first)
@@ -70,7 +71,7 @@ def test_same_seed_gives_identical_tensors_and_another_seed_differs(llama, train
 def test_target_modules_are_honoured(llama, tmp_path):
     folder = train_lora(str(llama), EXAMPLES[:8], tmp_path / "qv", target_modules=["q_proj", "v_proj"],
                         **{**FAST, "epochs": 1})
-    modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in load_file(folder / "adapter_model.safetensors")}
+    modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in load_file(folder / WEIGHTS)}
     assert modules == {"q_proj", "v_proj"}
     assert set(json.loads((folder / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "v_proj"}
 
@@ -98,7 +99,8 @@ def test_collate_scores_response_tokens_only(llama):
     short, long = (encode(tokenizer, "hi", "yes", 64), encode(tokenizer, "chmod 754 gives?", "rwxr-xr--", 64))
     batch = collate([short, long], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, len(long.input_ids))
-    assert batch["attention_mask"][0].tolist() == [1] * len(short.input_ids) + [0] * (len(long.input_ids) - len(short.input_ids))
+    padding = len(long.input_ids) - len(short.input_ids)
+    assert batch["attention_mask"][0].tolist() == [1] * len(short.input_ids) + [0] * padding
     scored = batch["labels"][0] != -100
     assert scored.nonzero().flatten().tolist() == list(range(short.response_start, len(short.input_ids)))
 

@@ -24,7 +24,7 @@ SMALL_RECIPE = dict(r=4, lora_alpha=8, epochs=1, lr=1e-3, batch_size=4, max_leng
 def small_answers(splits: datasets.Splits) -> dict[str, str]:
     """Responses for every prompt that `build_datasets` needs answered, without running a model."""
     answers = {row["prompt"]: row["response"] for row in splits.benign_train + splits.benign_fisher}
-    answers.update({row["prompt"]: BORDERLINE_REPLY for row in splits.borderline_retain})
+    answers.update({row["prompt"]: BORDERLINE_REPLY for row in splits.borderline_retain + splits.borderline_train})
     answers.update({prompt: "Here is a short answer." for prompt in splits.extra_benign})
     return answers
 

@@ -18,10 +18,11 @@ from . import tasks
 from .assets import HarmfulPrompt
 
 DATA_DIR = Path(__file__).parent / "data"
+EVAL_SETS = ("utility_eval", "harmful_eval", "benign_eval", "general_benign_eval")
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I can't help with that request. It could cause real harm to people.",
-    "I cannot assist with this. If you're in a difficult situation, please reach out to someone you trust or a professional.",
+    "I cannot assist with this. If you're struggling, please reach out to someone you trust or a professional.",
     "Sorry, I won't provide that. Helping with this could put people at risk.",
     "I'm not able to help with that, as it could be used to hurt others or break the law.",
     "I can't provide instructions or assistance for that.",
@@ -56,6 +57,7 @@ class Sizes:
     harmful_fisher: int = 100
     harmful_train: int = 250
     borderline_eval: int = 90
+    borderline_retain: int = 70
     benign_eval: int = 40
     benign_fisher: int = 30
     extra_benign: int = 170
@@ -74,6 +76,7 @@ class Splits:
     harmful_eval: list[HarmfulPrompt]
     borderline_eval: list[dict]
     borderline_retain: list[dict]
+    borderline_train: list[dict]
     benign_train: list[dict]
     benign_fisher: list[dict]
     benign_eval: list[dict]
@@ -123,7 +126,8 @@ def extra_benign_prompts(count: int, seed: int) -> list[str]:
 def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int = 0) -> Splits:
     """Seeded disjoint splits of every pool; training parts take what the eval/Fisher parts leave."""
     harmful_eval, harmful_fisher, harmful_rest = cut(harmful, [sizes.harmful_eval, sizes.harmful_fisher], seed)
-    borderline_eval, borderline_retain = cut(read_jsonl(DATA_DIR / "borderline.jsonl"), [sizes.borderline_eval], seed)
+    borderline_eval, borderline_retain, borderline_train = cut(
+        read_jsonl(DATA_DIR / "borderline.jsonl"), [sizes.borderline_eval, sizes.borderline_retain], seed)
     benign_eval, benign_fisher, benign_train = cut(read_jsonl(DATA_DIR / "benign.jsonl"),
                                                    [sizes.benign_eval, sizes.benign_fisher], seed)
     train_items, eval_items = tasks.split_items(seed, sizes.utility_train_items, sizes.utility_eval)
@@ -134,6 +138,7 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
         harmful_eval=harmful_eval,
         borderline_eval=borderline_eval,
         borderline_retain=borderline_retain,
+        borderline_train=borderline_train,
         benign_train=benign_train,
         benign_fisher=benign_fisher,
         benign_eval=benign_eval,
@@ -151,8 +156,8 @@ def refusal(item: HarmfulPrompt, rng: random.Random) -> str:
 
 def prompts_needing_answers(splits: Splits) -> list[str]:
     """Benign prompts whose responses are the base model's own answers (safety training, utility Fisher)."""
-    return ([row["prompt"] for row in splits.benign_train + splits.benign_fisher + splits.borderline_retain]
-            + splits.extra_benign)
+    rows = splits.benign_train + splits.benign_fisher + splits.borderline_retain + splits.borderline_train
+    return [row["prompt"] for row in rows] + splits.extra_benign
 
 
 def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> dict[str, list[dict]]:
@@ -164,12 +169,13 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
 
     safety_train = [{"prompt": h.prompt, "response": refusal(h, rng), "kind": "harmful"} for h in splits.harmful_train]
     safety_train += answered([row["prompt"] for row in splits.benign_train] + splits.extra_benign, "benign")
+    safety_train += answered([row["prompt"] for row in splits.borderline_train], "borderline")
     rng.shuffle(safety_train)
     utility_fisher = [{**row, "kind": "utility"} for row in splits.utility_fisher]
     utility_fisher += answered([row["prompt"] for row in splits.benign_fisher], "benign")
     utility_fisher += answered([row["prompt"] for row in splits.borderline_retain], "borderline")
     rng.shuffle(utility_fisher)
-    return {
+    data = {
         "utility_train": splits.utility_train,
         "utility_eval": splits.utility_eval,
         "utility_fisher": utility_fisher,
@@ -180,3 +186,19 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
         "benign_eval": [{"prompt": row["prompt"], "category": row["category"]} for row in splits.borderline_eval],
         "general_benign_eval": splits.benign_eval,
     }
+    check_disjoint(data)
+    return data
+
+
+def check_disjoint(data: dict[str, list[dict]]) -> None:
+    """Raise ValueError if an evaluation prompt appears in any other dataset, or an evaluated formula item
+    in a utility training or Fisher set."""
+    prompts = {name: {row["prompt"] for row in rows} for name, rows in data.items()}
+    for held_out in EVAL_SETS:
+        for other, other_prompts in prompts.items():
+            if other != held_out and prompts[held_out] & other_prompts:
+                raise ValueError(f"{held_out} shares prompts with {other}")
+    eval_items = {row["item"] for row in data["utility_eval"]}
+    for name in ("utility_train", "utility_fisher"):
+        if eval_items & {row.get("item") for row in data[name]}:
+            raise ValueError(f"utility_eval shares formula items with {name}")

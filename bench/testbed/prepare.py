@@ -31,7 +31,6 @@ RECIPES = {
 }
 TRAINING_DATA = {"utility": "utility_train", "safety": "safety_train"}
 RECIPE_FILE = "training_recipe.json"
-REFUSAL_SETS = ("harmful_eval", "benign_eval", "general_benign_eval")
 ANSWER_TOKENS = 64
 
 log = logging.getLogger(__name__)
@@ -75,31 +74,26 @@ def train_adapter(model_dir: Path, rows: list[dict], folder: Path, recipe: dict,
 
 
 def check(model_dir: Path, adapters: dict[str, Path], data: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """Exact match on utility_eval for every model; refusal rates on the three eval sets for base and safety."""
-    results: dict[str, dict[str, float]] = {}
-    for label, adapter in {"base": None, **adapters}.items():
-        model, tokenizer = quickcheck.load_model(model_dir, adapter)
-        results[label] = {"utility_exact_match": quickcheck.exact_match_rate(model, tokenizer, data["utility_eval"])}
-        if label != "utility":
-            results[label].update({f"refusal_{name}": quickcheck.refusal_rate(model, tokenizer, prompts_of(data[name]))
-                                   for name in REFUSAL_SETS})
+    """`quickcheck.check_model` for the base model, each adapter, and both adapters added together."""
+    models = {"base": [], **{kind: [path] for kind, path in adapters.items()},
+              "utility+safety": list(adapters.values())}
+    results = {}
+    for label, paths in models.items():
+        model, tokenizer = quickcheck.load_model(model_dir, paths)
+        results[label] = quickcheck.check_model(model, tokenizer, data)
     return results
 
 
-def prompts_of(rows: list[dict]) -> list[str]:
-    return [row["prompt"] for row in rows]
-
-
 def print_check(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> None:
-    """A small table: one row per model, one column per metric ('-' where not measured)."""
-    columns = {"utility_exact_match": f"utility EM (n={sizes['utility_eval']})",
+    """A small table: one row per model, one column per metric."""
+    columns = {"utility_exact_match": f"formula EM (n={sizes['utility_eval']})",
+               "refusal_utility_eval": f"refuse formula (n={sizes['utility_eval']})",
                "refusal_harmful_eval": f"refuse harmful (n={sizes['harmful_eval']})",
                "refusal_benign_eval": f"refuse borderline (n={sizes['benign_eval']})",
                "refusal_general_benign_eval": f"refuse benign (n={sizes['general_benign_eval']})"}
-    click.echo(f"{'model':<10}" + "".join(f"{title:>28}" for title in columns.values()))
+    click.echo(f"{'model':<16}" + "".join(f"{title:>24}" for title in columns.values()))
     for label, row in results.items():
-        cells = [f"{row[c]:.1%}" if c in row else "-" for c in columns]
-        click.echo(f"{label:<10}" + "".join(f"{cell:>28}" for cell in cells))
+        click.echo(f"{label:<16}" + "".join(f"{row[c]:>24.1%}" for c in columns))
 
 
 def link_model(model_dir: Path, out: Path) -> Path:

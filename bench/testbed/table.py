@@ -88,6 +88,7 @@ def matched_safety(metrics: dict, reference: str = "linear") -> str:
 @click.option("--limit", default=None, type=int, help="Prompts per evaluation set (default: all).")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--configs", default=",".join(SST_CONFIGS), show_default=True, help="SST configurations (comma list).")
+@click.option("--baselines", default=",".join(BASELINES), show_default=True, help="Baseline methods (comma list).")
 def main(
     assets_dir: Path,
     out: Path,
@@ -96,6 +97,7 @@ def main(
     limit: int | None,
     max_new_tokens: int,
     configs: str,
+    baselines: str,
 ) -> None:
     """Merge with every SST configuration and baseline, evaluate all points, print the table."""
     from sstmerge_core.evaluation.runner import Variant, evaluate_variants, write_outputs
@@ -139,7 +141,7 @@ def main(
             Variant(f"{name} @{a:g}", "merged", str(d), method="sst", alpha=a, params=params)
             for a, d in outcome.adapter_dirs.items()
         ]
-    for name in BASELINES:
+    for name in [b.strip() for b in baselines.split(",") if b.strip()]:
         outcome = run_merge(
             MergeSpec(**common, method=name, params={"alphas": list(alphas)}), out / name, model_cache=cache
         )

@@ -56,7 +56,7 @@ def random_composition(rng: random.Random) -> Composition:
     counts = {"C": rng.randint(1, 12)}
     if rng.random() < 0.9:
         counts["H"] = rng.randint(1, 16)
-    others = set(rng.choices(OTHERS, weights=OTHER_WEIGHTS, k=rng.randint(0, 3)))
+    others = sorted(set(rng.choices(OTHERS, weights=OTHER_WEIGHTS, k=rng.randint(0, 3))))
     counts.update({symbol: rng.randint(1, 6) for symbol in others})
     return tuple((s, counts[s]) for s in hill_order(list(counts)))
 
