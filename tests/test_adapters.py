@@ -98,7 +98,8 @@ def test_broken_adapters_give_clear_errors(damage, tiny_llama, tmp_path):
         config_path.write_text(json.dumps({**config, **({"use_dora": True} if damage == "dora" else {"bias": "all"})}))
     with pytest.raises(AdapterError) as info:
         load_adapter(folder)
-    assert "\n" not in str(info.value) and str(folder.name) in str(info.value) or "module" in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message and (folder.name in message or "module" in message)
 
 
 def test_missing_folder(tmp_path):
