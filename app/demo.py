@@ -62,6 +62,18 @@ def check(response: httpx.Response) -> dict:
     return response.json()
 
 
+def get(client: httpx.Client, path: str, attempts: int = 3, **kwargs) -> httpx.Response:
+    """GET with a retry on a dropped connection (an idle keep-alive socket the server closed meanwhile)."""
+    for attempt in range(attempts):
+        try:
+            return client.get(path, **kwargs)
+        except httpx.TransportError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
     """Upload, submit, poll, download; returns the final job."""
     adapter = {}
@@ -102,7 +114,7 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
     last = None
     while job["status"] not in TERMINAL:
         time.sleep(1.0)
-        job = check(client.get(f"/merges/{job['id']}"))
+        job = check(get(client, f"/merges/{job['id']}"))
         progress = job.get("progress") or {}
         line = f"  {job['status']:<9} {progress.get('stage') or '':<16} {progress.get('percent') or 0:5.1f}%"
         if line != last:
@@ -110,12 +122,12 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
             last = line
     if job["status"] != "succeeded":
         raise click.ClickException(f"job {job['id']} {job['status']}: {job.get('error')}")
-    archive = client.get(f"/merges/{job['id']}/adapter", params={"alpha": 1.0})
+    archive = get(client, f"/merges/{job['id']}/adapter", params={"alpha": 1.0})
     archive.raise_for_status()
     out.mkdir(parents=True, exist_ok=True)
     (out / "merged-alpha-1.zip").write_bytes(archive.content)
-    (out / "metrics.json").write_bytes(client.get(f"/merges/{job['id']}/metrics").content)
-    (out / "plot.png").write_bytes(client.get(f"/merges/{job['id']}/plot.png").content)
+    (out / "metrics.json").write_bytes(get(client, f"/merges/{job['id']}/metrics").content)
+    (out / "plot.png").write_bytes(get(client, f"/merges/{job['id']}/plot.png").content)
     return job
 
 
