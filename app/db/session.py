@@ -10,6 +10,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: dict[tuple[str, int], Engine] = {}
+POOL_SIZE, POOL_OVERFLOW = 10, 30
+"""Server databases: 10 kept connections plus 30 on demand = 40, the size of the thread pool that runs
+FastAPI's sync endpoints, so a request thread never waits for a connection (SQLAlchemy's default is 5 + 10)."""
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -38,7 +41,7 @@ def get_engine(url: str) -> Engine:
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
         _ENGINES[key] = engine
     return engine
 

@@ -142,3 +142,26 @@ def test_hub_adapter_unreachable_is_502(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:2] == ["502 hub_unavailable", "[]"]
+
+
+def test_postgres_pool_serves_every_api_thread(postgres_url):
+    """FastAPI runs sync endpoints on anyio's 40 worker threads; all 40 can hold a connection at once.
+    (With SQLAlchemy's default pool of 5 + 10 the other 25 would wait for a connection and break the barrier.)"""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import text
+
+    from app.db.session import session_scope
+
+    api_threads = 40
+    barrier = threading.Barrier(api_threads, timeout=20)
+
+    def hold_connection(_: int) -> int:
+        with session_scope(postgres_url) as session:
+            value = session.execute(text("SELECT 1")).scalar_one()
+            barrier.wait()
+        return value
+
+    with ThreadPoolExecutor(api_threads) as pool:
+        assert sum(pool.map(hold_connection, range(api_threads))) == api_threads
