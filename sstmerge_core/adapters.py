@@ -8,7 +8,6 @@ and GPT-2's `Conv1D` (`fan_in_fan_out=True`, whose weight is stored transposed),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -19,12 +18,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .adapter_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_sha256,
+    check_config,
+    check_pair_shapes,
+    pair_factors,
+    refuse_pickles,
+)
 from .errors import AdapterError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -113,81 +116,38 @@ def module_scale(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
-def _check_config(config: dict, where: Path) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"{where}: peft_type {peft_type!r} is not a LoRA adapter")
-    if config.get("use_dora"):
-        raise AdapterError(f"{where}: DoRA adapters are not supported (their update is not s·BA)")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{where}: adapters that train biases (bias={config['bias']!r}) are not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(
-            f"{where}: modules_to_save={config['modules_to_save']} holds full weights that a LoRA merge "
-            "cannot combine; retrain without it"
-        )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     """Load a PEFT LoRA folder; refuses pickles, DoRA, trained biases and unknown tensor names."""
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterError(
-                f"{folder}: only safetensors weights are accepted; refusing pickle file(s) {', '.join(pickles)}",
-                code="pickle_refused",
-            )
-        raise AdapterError(f"{folder}: missing {WEIGHTS_NAME}")
-    if not config_path.is_file():
-        raise AdapterError(f"{folder}: missing {CONFIG_NAME}")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
-    _check_config(config, folder)
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{weights_path}: corrupt safetensors file ({exc})") from exc
-
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise AdapterError(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B of Linear modules)")
-        factors.setdefault(match["module"], {})[match["factor"]] = tensor
-    if not factors:
-        raise AdapterError(f"{weights_path}: holds no LoRA tensors")
-
-    modules: dict[str, LoraFactors] = {}
-    for module, pair in sorted(factors.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"module {module}: has lora_{''.join(pair)} but not both lora_A and lora_B")
-        A, B = pair["A"], pair["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B·A")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(f"module {module}: holds non-finite values")
-        modules[module] = LoraFactors(B=B, A=A, scale=module_scale(config, module, int(A.shape[0])))
-
-    digest = hashlib.sha256()
-    digest.update(config_path.read_bytes())
-    digest.update(file_sha256(weights_path).encode())
-    return LoraAdapter(folder, config, modules, digest.hexdigest(), name or folder.name)
+        if not weights_path.is_file():
+            refuse_pickles(p.name for p in folder.iterdir())
+            raise AdapterError(f"missing {WEIGHTS_NAME}")
+        if not config_path.is_file():
+            raise AdapterError(f"missing {CONFIG_NAME}")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterError(f"{CONFIG_NAME} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise AdapterError(f"{CONFIG_NAME} must be a JSON object")
+        check_config(config)
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{WEIGHTS_NAME}: corrupt safetensors file ({exc})") from None
+        modules: dict[str, LoraFactors] = {}
+        for module, (A, B) in pair_factors(tensors.items()).items():
+            check_pair_shapes(module, tuple(A.shape), tuple(B.shape))
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise AdapterError(f"module {module}: holds non-finite values")
+            modules[module] = LoraFactors(B=B, A=A, scale=module_scale(config, module, int(A.shape[0])))
+    except AdapterError as exc:
+        raise AdapterError(f"{folder}: {exc}", code=exc.code) from None
+    return LoraAdapter(folder, config, modules, adapter_sha256(folder), name or folder.name)
 
 
 def save_adapter(

@@ -10,19 +10,15 @@ from typing import IO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from sstmerge_core.adapter_format import refuse_pickles
+from sstmerge_core.errors import AdapterError
+
 from ..config import Settings
 from ..db.models import Adapter, new_id
 from ..errors import ApiError, not_found
 from ..storage import Storage
 from . import archives
-from .adapter_files import (
-    CONFIG_NAME,
-    KEPT_FILES,
-    PICKLE_SUFFIXES,
-    WEIGHTS_NAME,
-    find_adapter_folder,
-    inspect_adapter,
-)
+from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
 from .jobs_index import active_references
 from .pagination import page_of, paginate
 from .uploads import clean_name, save_stream, staging_dir
@@ -108,18 +104,17 @@ def _fetch_from_hub(source: str, destination: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - the Hub client raises HTTP, network and OS errors alike
         raise ApiError(502, "hub_unavailable", f"cannot reach the Hugging Face Hub for {source}: {exc}") from None
     if WEIGHTS_NAME not in names:
-        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-        raise ApiError(
-            422,
-            "pickle_refused" if pickles else "invalid_adapter",
-            f"{source} has no {WEIGHTS_NAME}" + (" (pickled weights are refused)" if pickles else ""),
-        )
+        try:
+            refuse_pickles(names)
+        except AdapterError as exc:
+            raise invalid(f"{source}: {exc}", exc.code) from None
+        raise invalid(f"{source} has no {WEIGHTS_NAME}")
     try:
         snapshot_download(
             repo_id,
             revision=revision or None,
             local_dir=destination,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+            allow_patterns=list(KEPT_FILES),
         )
     except Exception as exc:  # noqa: BLE001 - as above
         raise ApiError(502, "hub_unavailable", f"download of {source} failed: {exc}") from None

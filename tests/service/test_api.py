@@ -4,6 +4,7 @@ health, metrics. Jobs submitted here are run by the session worker only where a 
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -107,6 +108,7 @@ def test_bad_adapter_uploads_store_nothing(api, settings, assets, inputs, tmp_pa
     good = assets.adapters["safety"]
     config = (good / "adapter_config.json").read_bytes()
     weights = (good / "adapter_model.safetensors").read_bytes()
+    dora_config = json.dumps({**json.loads(config), "use_dora": True}).encode()
 
     def zip_of(name: str, members: dict[str, bytes]):
         path = tmp_path / name
@@ -148,6 +150,11 @@ def test_bad_adapter_uploads_store_nothing(api, settings, assets, inputs, tmp_pa
             "pickle_refused",
         ),
         "missing_weights": (zip_of("m.zip", {"adapter_config.json": config}), 422, "invalid_adapter"),
+        "dora": (
+            zip_of("do.zip", {"adapter_config.json": dora_config, "adapter_model.safetensors": weights}),
+            422,
+            "invalid_adapter",
+        ),
         "truncated": (
             zip_of("tr.zip", {"adapter_config.json": config, "adapter_model.safetensors": weights[:-10]}),
             422,
