@@ -46,3 +46,33 @@ def test_gpu_8b_script_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["modules"] == 14 and report["fisher_tokens_per_s"] > 0
     assert set(report["gevp_projection_s"]) == {"soft", "topk"}
+
+
+def test_testbed_table_compares_at_matched_safety():
+    """Other merges are compared with linear's front interpolated at their own safety, never extrapolated."""
+    from bench.testbed.table import matched_safety
+
+    def point(method, alpha, safety, over, utility):
+        return {
+            "label": f"{method} @{alpha:g}",
+            "kind": "baseline" if method != "sst" else "merged",
+            "method": method,
+            "alpha": alpha,
+            "safety": {"rate": safety},
+            "over_refusal": {"rate": over},
+            "utility": {"value": utility},
+        }
+
+    metrics = {
+        "models": [
+            point("linear", 0.5, 0.2, 0.1, 0.8),
+            point("linear", 1.0, 0.6, 0.5, 0.4),
+            point("sst", 1.0, 0.4, 0.2, 0.7),
+            point("sst", 2.0, 0.9, 0.6, 0.3),
+        ]
+    }
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in matched_safety(metrics).splitlines()[2:]}
+    assert set(rows) == {"sst @1", "sst @2"}
+    # At safety 0.4, linear's front is halfway: over-refusal 0.3, utility 0.6.
+    assert rows["sst @1"].endswith("| 0.300 | 0.600 | -0.100 | +0.100 |")
+    assert "outside linear's safety range [0.200, 0.600]" in rows["sst @2"]

@@ -56,21 +56,45 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def linear_front(refs: list[dict]) -> tuple[list[float], list[float], list[float]]:
+    """The reference sweep as (safety, over-refusal, utility) lists sorted by safety; a safety reached
+    at several α keeps the mean of their other two values."""
+    by_safety: dict[float, list[dict]] = {}
+    for m in refs:
+        by_safety.setdefault(m["safety"]["rate"], []).append(m)
+    safety = sorted(by_safety)
+    over = [sum(m["over_refusal"]["rate"] for m in by_safety[s]) / len(by_safety[s]) for s in safety]
+    utility = [sum(m["utility"]["value"] for m in by_safety[s]) / len(by_safety[s]) for s in safety]
+    return safety, over, utility
+
+
 def matched_safety(metrics: dict, reference: str = "linear") -> str:
-    """For each non-linear merge, the linear point of closest safety: differences in over-refusal and utility."""
+    """Each other merge against the reference method's front at the same safety: over-refusal and utility
+    of the reference interpolated linearly in safety between its two neighbouring α points, and the
+    differences (negative Δ over-refusal and positive Δ utility favour the merge). Points whose safety lies
+    outside the reference's range are marked so rather than extrapolated."""
+    import numpy as np
+
     models = [m for m in metrics["models"] if m["kind"] in ("merged", "baseline")]
     refs = [m for m in models if m["method"] == reference]
-    lines = ["| model | α | safety | nearest linear | Δ safety | Δ over-refusal | Δ utility |", "|---" * 7 + "|"]
+    if not refs:
+        return f"(no {reference} points to compare with)"
+    safety, over, utility = linear_front(refs)
+    lines = [
+        f"| model | α | safety | over-refusal | utility | {reference} over-refusal at that safety | "
+        f"{reference} utility at that safety | Δ over-refusal | Δ utility |",
+        "|---" * 9 + "|",
+    ]
     for m in models:
-        if m["method"] == reference or not refs:
+        if m["method"] == reference:
             continue
-        r = min(refs, key=lambda x: abs(x["safety"]["rate"] - m["safety"]["rate"]))
-        lines.append(
-            f"| {m['label']} | {m['alpha']:g} | {m['safety']['rate']:.2f} | {r['label']} | "
-            f"{m['safety']['rate'] - r['safety']['rate']:+.2f} | "
-            f"{m['over_refusal']['rate'] - r['over_refusal']['rate']:+.2f} | "
-            f"{m['utility']['value'] - r['utility']['value']:+.3f} |"
-        )
+        s, o, u = m["safety"]["rate"], m["over_refusal"]["rate"], m["utility"]["value"]
+        head = f"| {m['label']} | {m['alpha']:g} | {s:.3f} | {o:.3f} | {u:.3f} |"
+        if not safety[0] <= s <= safety[-1]:
+            lines.append(head + f" outside {reference}'s safety range [{safety[0]:.3f}, {safety[-1]:.3f}] | | | |")
+            continue
+        o_ref, u_ref = float(np.interp(s, safety, over)), float(np.interp(s, safety, utility))
+        lines.append(head + f" {o_ref:.3f} | {u_ref:.3f} | {o - o_ref:+.3f} | {u - u_ref:+.3f} |")
     return "\n".join(lines)
 
 
@@ -84,6 +108,13 @@ def matched_safety(metrics: dict, reference: str = "linear") -> str:
 )
 @click.option("--out", default="bench/out/table", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--alpha", "alphas", multiple=True, type=float, default=(0.5, 1.0, 1.5, 2.0), show_default=True)
+@click.option(
+    "--front-alpha",
+    "front_alphas",
+    multiple=True,
+    type=float,
+    help="Extra α values for linear only, to trace the reference front the others are compared with.",
+)
 @click.option("--max-samples", default=200, show_default=True, help="Examples per Fisher data set.")
 @click.option("--limit", default=None, type=int, help="Prompts per evaluation set (default: all).")
 @click.option("--max-new-tokens", default=48, show_default=True)
@@ -93,6 +124,7 @@ def main(
     assets_dir: Path,
     out: Path,
     alphas: tuple[float, ...],
+    front_alphas: tuple[float, ...],
     max_samples: int,
     limit: int | None,
     max_new_tokens: int,
@@ -100,10 +132,12 @@ def main(
     baselines: str,
 ) -> None:
     """Merge with every SST configuration and baseline, evaluate all points, print the table."""
+    from sstmerge_core import logs
     from sstmerge_core.evaluation.runner import Variant, evaluate_variants, write_outputs
     from sstmerge_core.modeling import ModelRef
     from sstmerge_core.pipeline import ModelCache, run_merge
 
+    logs.configure("INFO")
     manifest = json.loads((assets_dir / "testbed.json").read_text())
     data, adapters, base = manifest["datasets"], manifest["adapters"], manifest["base_model"]
     evaluation = EvaluationSpec(
@@ -142,9 +176,8 @@ def main(
             for a, d in outcome.adapter_dirs.items()
         ]
     for name in [b.strip() for b in baselines.split(",") if b.strip()]:
-        outcome = run_merge(
-            MergeSpec(**common, method=name, params={"alphas": list(alphas)}), out / name, model_cache=cache
-        )
+        sweep = sorted({*alphas, *front_alphas}) if name == "linear" else list(alphas)
+        outcome = run_merge(MergeSpec(**common, method=name, params={"alphas": sweep}), out / name, model_cache=cache)
         variants += [
             Variant(f"{name} @{a:g}", "baseline", str(d), method=name, alpha=a) for a, d in outcome.adapter_dirs.items()
         ]
@@ -161,7 +194,8 @@ def main(
 
         metrics = evaluate_variants(model, tokenizer, variants, evaluation, progress, main_method="sst")
     write_outputs(metrics, out / "metrics.json", out / "plot.png")
-    table = markdown_table(metrics) + "\n\nAt matched safety (nearest linear point):\n\n" + matched_safety(metrics)
+    comparison = matched_safety(metrics)
+    table = f"{markdown_table(metrics)}\n\nAt matched safety (linear's front, interpolated):\n\n{comparison}"
     (out / "table.md").write_text(table + "\n")
     click.echo(table)
     click.echo(f"recommended: {metrics['recommended']}")

@@ -9,8 +9,10 @@ README.md next to this file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from .judges import Judge, make_judge
 from .metrics import UTILITY_METRICS, UtilityMetric, summarize_utility
 from .plot import render_png
 from .stats import Rate
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SAMPLES_PER_SET = 3
@@ -244,12 +248,23 @@ def evaluate_variants(
 
     entries, results = [], {}
     for variant in variants:
+        started = time.perf_counter()
         deltas, provenance = variant_deltas(variant)
         with merged_deltas(model, deltas):
-            results[variant.label] = evaluate_model(
-                model, tokenizer, data, judge, metric, spec, counter.stage(variant.label)
-            )
-        entries.append(_model_entry(variant, provenance, results[variant.label]))
+            result = evaluate_model(model, tokenizer, data, judge, metric, spec, counter.stage(variant.label))
+        results[variant.label] = result
+        entries.append(_model_entry(variant, provenance, result))
+        log.info(
+            "evaluated variant",
+            extra={
+                "label": variant.label,
+                "modules": len(deltas),
+                "safety": round(result.safety.rate, 4),
+                "over_refusal": round(result.over_refusal.rate, 4),
+                metric.name: round(result.utility["value"], 4),
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+        )
 
     scores = {label: r.scores(metric.higher_is_better) for label, r in results.items()}
     for entry, pareto in zip(entries, pareto_flags(list(scores.values()))):
