@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from .data import file_sha256
 from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -73,14 +74,6 @@ def refuse_pickles(names: Iterable[str]) -> None:
             f"only safetensors weights are accepted; refusing pickle file(s) {', '.join(pickles[:5])}",
             code="pickle_refused",
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def adapter_sha256(folder: Path) -> str:

@@ -125,6 +125,15 @@ def load_hub_examples(
     )
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def examples_sha256(examples: list[Example]) -> str:
     """Content hash of examples (order matters): the data part of the Fisher cache key."""
     digest = hashlib.sha256()

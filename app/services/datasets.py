@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import IO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sstmerge_core.data import load_hub_examples, read_rows, to_examples
+from sstmerge_core.data import file_sha256, load_hub_examples, read_rows, to_examples
 from sstmerge_core.errors import DatasetError
 
 from ..config import Settings
@@ -34,14 +33,6 @@ def _columns(rows: list[dict]) -> list[str]:
     return list(seen)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name: str, source: str) -> Dataset:
     try:
         rows = read_rows(path)
@@ -58,7 +49,7 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
             name=name,
             rows=len(rows),
             columns=_columns(rows),
-            sha256=_file_sha256(path),
+            sha256=file_sha256(path),
             source=source[:500],
             size_bytes=path.stat().st_size,
             storage_key=key,
