@@ -2,9 +2,12 @@
 
 Pools: harmful prompts (read from PyPI wheels by `assets`), our borderline-benign prompts
 (`data/borderline.jsonl`, XSTest style), our general benign instructions with short answers
-(`data/benign.jsonl`), templated benign requests (`extra_benign_prompts`, safety training only) and the
+(`data/benign.jsonl`), templated benign requests (`extra_benign_prompts`, training only) and the
 molecular-formula task (`tasks`). Each pool is shuffled once with the seed and cut into consecutive,
-non-overlapping parts, so no prompt is ever in two parts.
+non-overlapping parts, so no evaluation prompt is ever in a training or Fisher set (`check_disjoint`).
+The one deliberate overlap is between training sets: the utility adapter's replay rows (benign prompts →
+the base model's own answers, so that it keeps answering ordinary requests normally) are a sample of the
+safety adapter's benign training prompts.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Sizes:
     utility_eval: int = 120
     utility_train_items: int = 400
     utility_train: int = 400
+    utility_replay: int = 100
     utility_fisher: int = 100
 
 
@@ -82,6 +86,7 @@ class Splits:
     benign_eval: list[dict]
     extra_benign: list[str]
     utility_train: list[dict]
+    utility_replay: list[str]
     utility_fisher: list[dict]
     utility_eval: list[dict]
 
@@ -131,7 +136,9 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
     benign_eval, benign_fisher, benign_train = cut(read_jsonl(DATA_DIR / "benign.jsonl"),
                                                    [sizes.benign_eval, sizes.benign_fisher], seed)
     train_items, eval_items = tasks.split_items(seed, sizes.utility_train_items, sizes.utility_eval)
+    extra_benign = extra_benign_prompts(sizes.extra_benign, seed)
     rng = random.Random(seed)
+    replay = rng.sample([row["prompt"] for row in benign_train] + extra_benign, sizes.utility_replay)
     return Splits(
         harmful_train=harmful_rest[: sizes.harmful_train],
         harmful_fisher=harmful_fisher,
@@ -142,8 +149,9 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
         benign_train=benign_train,
         benign_fisher=benign_fisher,
         benign_eval=benign_eval,
-        extra_benign=extra_benign_prompts(sizes.extra_benign, seed),
+        extra_benign=extra_benign,
         utility_train=tasks.formula_examples(train_items, sizes.utility_train, rng),
+        utility_replay=replay,
         utility_fisher=tasks.formula_examples(train_items, sizes.utility_fisher, rng),
         utility_eval=[tasks.formula_example(item, rng) for item in eval_items],
     )
@@ -161,26 +169,38 @@ def prompts_needing_answers(splits: Splits) -> list[str]:
 
 
 def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> dict[str, list[dict]]:
-    """All testbed datasets as {name: rows}; `answers` maps each `prompts_needing_answers` prompt to a response."""
-    rng = random.Random(seed)
+    """All testbed datasets as {name: rows}; `answers` maps each `prompts_needing_answers` prompt to a response.
+
+    Each dataset draws its refusals and its order from its own generator, seeded by (name, seed), so that
+    changing one dataset never reshuffles another.
+    """
+
+    def rng(name: str) -> random.Random:
+        return random.Random(f"{name}:{seed}")
 
     def answered(prompts: list[str], kind: str) -> list[dict]:
         return [{"prompt": p, "response": answers[p], "kind": kind} for p in prompts]
 
-    safety_train = [{"prompt": h.prompt, "response": refusal(h, rng), "kind": "harmful"} for h in splits.harmful_train]
+    def shuffled(rows: list[dict], name: str) -> list[dict]:
+        rng(name).shuffle(rows)
+        return rows
+
+    refusals = rng("refusals")
+    safety_train = [{"prompt": h.prompt, "response": refusal(h, refusals), "kind": "harmful"}
+                    for h in splits.harmful_train]
     safety_train += answered([row["prompt"] for row in splits.benign_train] + splits.extra_benign, "benign")
     safety_train += answered([row["prompt"] for row in splits.borderline_train], "borderline")
-    rng.shuffle(safety_train)
+    utility_train = [{**row, "kind": "utility"} for row in splits.utility_train]
+    utility_train += answered(splits.utility_replay, "replay")
     utility_fisher = [{**row, "kind": "utility"} for row in splits.utility_fisher]
     utility_fisher += answered([row["prompt"] for row in splits.benign_fisher], "benign")
     utility_fisher += answered([row["prompt"] for row in splits.borderline_retain], "borderline")
-    rng.shuffle(utility_fisher)
     data = {
-        "utility_train": splits.utility_train,
+        "utility_train": shuffled(utility_train, "utility_train"),
         "utility_eval": splits.utility_eval,
-        "utility_fisher": utility_fisher,
-        "safety_train": safety_train,
-        "safety_fisher": [{"prompt": h.prompt, "response": refusal(h, rng), "source": h.source}
+        "utility_fisher": shuffled(utility_fisher, "utility_fisher"),
+        "safety_train": shuffled(safety_train, "safety_train"),
+        "safety_fisher": [{"prompt": h.prompt, "response": refusal(h, refusals), "source": h.source}
                           for h in splits.harmful_fisher],
         "harmful_eval": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_eval],
         "benign_eval": [{"prompt": row["prompt"], "category": row["category"]} for row in splits.borderline_eval],

@@ -91,9 +91,9 @@ def print_check(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> 
                "refusal_harmful_eval": f"refuse harmful (n={sizes['harmful_eval']})",
                "refusal_benign_eval": f"refuse borderline (n={sizes['benign_eval']})",
                "refusal_general_benign_eval": f"refuse benign (n={sizes['general_benign_eval']})"}
-    click.echo(f"{'model':<16}" + "".join(f"{title:>24}" for title in columns.values()))
+    click.echo(f"{'model':<16}" + "".join(f"{title:>27}" for title in columns.values()))
     for label, row in results.items():
-        click.echo(f"{label:<16}" + "".join(f"{row[c]:>24.1%}" for c in columns))
+        click.echo(f"{label:<16}" + "".join(f"{row[c]:>27.1%}" for c in columns))
 
 
 def link_model(model_dir: Path, out: Path) -> Path:
