@@ -50,7 +50,13 @@ def test_gpu_8b_script_smoke(tmp_path):
 
 def test_testbed_table_compares_at_matched_safety():
     """Other merges are compared with linear's front interpolated at their own safety, never extrapolated."""
-    from bench.testbed.table import matched_safety
+    from bench.testbed.table import matched_safety, selection
+
+    assert selection({"params": {"selection": "topk", "k": 16}}) == "topk k=16"
+    assert selection({"params": {"selection": "soft", "beta": 1.0, "utility_fisher": "empirical"}}) == (
+        "soft β=1, empirical F_U"
+    )
+    assert selection({"params": {}}) == ""
 
     def point(method, alpha, safety, over, utility):
         return {

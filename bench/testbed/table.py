@@ -37,18 +37,33 @@ def fmt(value) -> str:
     return "—" if value is None else f"{value:+.3f}" if isinstance(value, float) else str(value)
 
 
+def selection(m: dict) -> str:
+    """The SST selection rule and its knob (β, k or k_in), with the utility-Fisher estimator when not sampled."""
+    params = m["params"] or {}
+    rule = params.get("selection")
+    if rule is None:
+        return ""
+    knob = {
+        "soft": f"β={params.get('beta', 1.0):g}",
+        "topk": f"k={params.get('k')}",
+        "input": f"k_in={params.get('k_in')}",
+    }
+    estimator = params.get("utility_fisher", "sampled")
+    return f"{rule} {knob[rule]}" + ("" if estimator == "sampled" else f", {estimator} F_U")
+
+
 def markdown_table(metrics: dict) -> str:
     """One row per evaluated model: the columns of the testbed table."""
     header = (
-        "| model | α | safety [95% CI] | over-refusal [95% CI] | utility | safety_gain | utility_drop | "
-        "safety_tax | refusal_tax | Pareto |"
+        "| model | method | selection | α | safety [95% CI] | over-refusal [95% CI] | utility | safety_gain | "
+        "utility_drop | safety_tax | refusal_tax | Pareto |"
     )
-    lines = [header, "|---" * 10 + "|"]
+    lines = [header, "|---" * 12 + "|"]
     for m in metrics["models"]:
         d = m["derived"] or {}
         alpha = "" if m["alpha"] is None else f"{m['alpha']:g}"
         lines.append(
-            f"| {m['label']} | {alpha} | {fmt_rate(m['safety'])} | "
+            f"| {m['label']} | {m['method'] or m['kind']} | {selection(m)} | {alpha} | {fmt_rate(m['safety'])} | "
             f"{fmt_rate(m['over_refusal'])} | {m['utility']['value']:.3f} | {fmt(d.get('safety_gain'))} | "
             f"{fmt(d.get('utility_drop'))} | {fmt(d.get('safety_tax'))} | {fmt(d.get('refusal_tax'))} | "
             f"{'yes' if m['pareto'] else ''} |"
