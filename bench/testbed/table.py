@@ -18,6 +18,8 @@ import click
 
 from sstmerge_core.jobspec import AdapterInput, EvaluationSpec, MergeSpec
 
+from .datasets import read_jsonl, write_jsonl
+
 SST_CONFIGS = {
     "sst soft β=1": {"selection": "soft", "beta": 1.0},
     "sst soft β=10": {"selection": "soft", "beta": 10.0},
@@ -25,7 +27,13 @@ SST_CONFIGS = {
     "sst topk k=64": {"selection": "topk", "k": 64},
     "sst input k_in=8": {"selection": "input", "k_in": 8},
     "sst soft β=1 empirical-U": {"selection": "soft", "beta": 1.0, "utility_fisher": "empirical"},
+    "sst soft β=1 retain-U": {"selection": "soft", "beta": 1.0},
+    "sst soft β=10 retain-U": {"selection": "soft", "beta": 10.0},
 }
+RETAIN_KINDS = ("benign", "borderline")
+"""Configurations named "retain-U" estimate F_U only on the rows of `utility_fisher` of these kinds (benign and
+borderline-benign prompts with the base model's own answers): the behaviour a merge should keep, without
+the task rows."""
 BASELINES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 
 
@@ -133,6 +141,7 @@ def matched_safety(metrics: dict, reference: str = "linear") -> str:
 @click.option("--max-samples", default=200, show_default=True, help="Examples per Fisher data set.")
 @click.option("--limit", default=None, type=int, help="Prompts per evaluation set (default: all).")
 @click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--render-only", is_flag=True, help="Only re-render OUT/table.md from an existing OUT/metrics.json.")
 @click.option("--configs", default=",".join(SST_CONFIGS), show_default=True, help="SST configurations (comma list).")
 @click.option("--baselines", default=",".join(BASELINES), show_default=True, help="Baseline methods (comma list).")
 def main(
@@ -145,6 +154,7 @@ def main(
     max_new_tokens: int,
     configs: str,
     baselines: str,
+    render_only: bool,
 ) -> None:
     """Merge with every SST configuration and baseline, evaluate all points, print the table."""
     from sstmerge_core import logs
@@ -152,6 +162,9 @@ def main(
     from sstmerge_core.modeling import ModelRef
     from sstmerge_core.pipeline import ModelCache, run_merge
 
+    if render_only:
+        render(json.loads((out / "metrics.json").read_text()), out)
+        return
     logs.configure("INFO")
     manifest = json.loads((assets_dir / "testbed.json").read_text())
     data, adapters, base = manifest["datasets"], manifest["adapters"], manifest["base_model"]
@@ -180,11 +193,15 @@ def main(
         Variant("before", "before", (AdapterInput(path=adapters["utility"]),)),
         Variant("safety", "safety", (AdapterInput(path=adapters["safety"]),)),
     ]
+    retain = out / "retain_fisher.jsonl"
     for name in [c.strip() for c in configs.split(",") if c.strip()]:
         params = {**SST_CONFIGS[name], "alphas": list(alphas), "max_samples": max_samples, "max_length": 192}
-        outcome = run_merge(
-            MergeSpec(**common, method="sst", params=params), out / name.replace(" ", "_"), model_cache=cache
-        )
+        spec = MergeSpec(**common, method="sst", params=params)
+        if name.endswith("retain-U"):
+            rows = read_jsonl(Path(data["utility_fisher"]))
+            write_jsonl(retain, [r for r in rows if r.get("kind") in RETAIN_KINDS])
+            spec = spec.model_copy(update={"utility_data": str(retain)})
+        outcome = run_merge(spec, out / name.replace(" ", "_"), model_cache=cache)
         click.echo(f"{name}: fisher {outcome.summary['timings_s']}, diagnostics {outcome.summary['diagnostics']}")
         variants += [
             Variant(f"{name} @{a:g}", "merged", str(d), method="sst", alpha=a, params=params)
@@ -209,6 +226,11 @@ def main(
 
         metrics = evaluate_variants(model, tokenizer, variants, evaluation, progress, main_method="sst")
     write_outputs(metrics, out / "metrics.json", out / "plot.png")
+    render(metrics, out)
+
+
+def render(metrics: dict, out: Path) -> None:
+    """Write OUT/table.md (the table and the matched-safety comparison) and print it."""
     comparison = matched_safety(metrics)
     table = f"{markdown_table(metrics)}\n\nAt matched safety (linear's front, interpolated):\n\n{comparison}"
     (out / "table.md").write_text(table + "\n")
