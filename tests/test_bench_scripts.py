@@ -73,6 +73,7 @@ def test_testbed_table_compares_at_matched_safety():
         "models": [
             point("linear", 0.5, 0.2, 0.1, 0.8),
             point("linear", 1.0, 0.6, 0.5, 0.4),
+            point("linear", 3.0, 0.3, 0.9, 0.0),  # past linear's safest α: a broken model, not on the front
             point("sst", 1.0, 0.4, 0.2, 0.7),
             point("sst", 2.0, 0.9, 0.6, 0.3),
         ]

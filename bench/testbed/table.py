@@ -80,10 +80,13 @@ def markdown_table(metrics: dict) -> str:
 
 
 def linear_front(refs: list[dict]) -> tuple[list[float], list[float], list[float]]:
-    """The reference sweep as (safety, over-refusal, utility) lists sorted by safety; a safety reached
-    at several α keeps the mean of their other two values."""
+    """The reference sweep as (safety, over-refusal, utility) lists sorted by safety, taken in order of α up
+    to its safest point: past it a larger α breaks the model (safety falls again along with everything else),
+    which is not a trade-off anyone would choose. A safety reached at several α keeps the mean of the others."""
+    by_alpha = sorted(refs, key=lambda m: m["alpha"])
+    peak = max(range(len(by_alpha)), key=lambda i: (by_alpha[i]["safety"]["rate"], -i))
     by_safety: dict[float, list[dict]] = {}
-    for m in refs:
+    for m in by_alpha[: peak + 1]:
         by_safety.setdefault(m["safety"]["rate"], []).append(m)
     safety = sorted(by_safety)
     over = [sum(m["over_refusal"]["rate"] for m in by_safety[s]) / len(by_safety[s]) for s in safety]
