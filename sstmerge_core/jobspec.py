@@ -34,6 +34,9 @@ class EvaluationSettings(BaseModel):
     limit: int | None = Field(default=None, ge=1, description="at most this many prompts per evaluation set")
     batch_size: int = Field(default=8, ge=1)
     utility_tolerance: float = Field(default=0.02, ge=0, description="recommended α: utility_drop ≤ this")
+    over_refusal_tolerance: float | None = Field(
+        default=None, ge=0, description="recommended α: also over_refusal_increase ≤ this (unbounded when null)"
+    )
 
 
 class EvaluationSpec(EvaluationSettings):

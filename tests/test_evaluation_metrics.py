@@ -183,6 +183,20 @@ def test_recommendation_rule() -> None:
     assert recommend(tied, "sst", 0.02)["alpha"] == 0.75
 
 
+def test_recommendation_can_bound_over_refusal() -> None:
+    candidates = [
+        Candidate("sst-a1", "sst", 1.0, 0.6, 0.1, 0.0, over_refusal_increase=0.05),
+        Candidate("sst-a2", "sst", 2.0, 0.9, 0.3, 0.0, over_refusal_increase=0.25),  # safest, over-refuses
+        Candidate("sst-a3", "sst", 3.0, 0.95, 0.8, 0.0, over_refusal_increase=0.75),
+    ]
+    assert recommend(candidates, "sst", 0.02)["alpha"] == 3.0  # unbounded by default
+    bounded = recommend(candidates, "sst", 0.02, over_refusal_tolerance=0.25)
+    assert bounded["alpha"] == 2.0 and "over_refusal_increase ≤ 0.25" in bounded["rule"]
+    assert recommend(candidates, "sst", 0.02, over_refusal_tolerance=0.1)["alpha"] == 1.0
+    none = recommend(candidates, "sst", 0.02, over_refusal_tolerance=0.01)
+    assert none["alpha"] is None and "smallest: 0.05 for sst-a1" in none["reason"]
+
+
 def test_recommendation_is_null_with_a_reason() -> None:
     candidates = [_candidate(0.5, 0.6, 0.1, 0.01), _candidate(1.0, 0.8, 0.2, 0.03)]
     none_within = recommend(candidates, "sst", 0.001)

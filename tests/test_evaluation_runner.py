@@ -138,6 +138,7 @@ def test_evaluate_variants_end_to_end(loaded, spec: EvaluationSpec, adapter: Pat
         "max_new_tokens",
         "limit",
         "utility_tolerance",
+        "over_refusal_tolerance",
         "reference",
         "datasets",
         "models",
@@ -232,6 +233,8 @@ def test_cli_evaluate(tiny: Path, spec: EvaluationSpec, adapter: Path, tmp_path:
             "4",
             "--limit",
             "2",
+            "--over-refusal-tolerance",
+            "0.1",
             "--device",
             "cpu",
             "--out",
@@ -242,6 +245,7 @@ def test_cli_evaluate(tiny: Path, spec: EvaluationSpec, adapter: Path, tmp_path:
     metrics = json.loads(out.read_text(encoding="utf-8"))
     assert [(m["label"], m["kind"]) for m in metrics["models"]] == [("base", "base"), ("safe", "merged")]
     assert metrics["utility_metric"] == "contains" and metrics["datasets"]["harmful"]["n"] == 2
+    assert metrics["over_refusal_tolerance"] == 0.1 and "over_refusal_increase ≤ 0.1" in metrics["recommended"]["rule"]
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 

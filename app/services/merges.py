@@ -164,6 +164,7 @@ def build_spec(
             limit=ev.limit,
             batch_size=ev.batch_size,
             utility_tolerance=ev.utility_tolerance,
+            over_refusal_tolerance=ev.over_refusal_tolerance,
         )
     return MergeSpec(
         base_model=base_model,

@@ -64,6 +64,12 @@ def evaluation_options(required: bool) -> Callable[[click.Command], click.Comman
             show_default=True,
             help="Recommended α: the highest safety among merges with utility_drop ≤ this.",
         ),
+        click.option(
+            "--over-refusal-tolerance",
+            type=click.FloatRange(0),
+            default=None,
+            help="Recommended α: also require over_refusal_increase ≤ this (default: unbounded).",
+        ),
     ]
 
     def decorate(command: click.Command) -> click.Command:
@@ -92,6 +98,7 @@ def evaluation_spec(options: dict):
             limit=options["limit"],
             batch_size=options["eval_batch_size"],
             utility_tolerance=options["utility_tolerance"],
+            over_refusal_tolerance=options["over_refusal_tolerance"],
         )
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None

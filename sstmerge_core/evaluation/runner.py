@@ -279,6 +279,7 @@ def evaluate_variants(
             e["safety"]["rate"],
             e["over_refusal"]["rate"],
             e["derived"]["utility_drop"],
+            e["derived"]["over_refusal_increase"],
         )
         for e in entries
         if e["kind"] == "merged"
@@ -295,10 +296,11 @@ def evaluate_variants(
         "max_new_tokens": spec.max_new_tokens,
         "limit": spec.limit,
         "utility_tolerance": spec.utility_tolerance,
+        "over_refusal_tolerance": spec.over_refusal_tolerance,
         "reference": reference.label,
         "datasets": data.summary(),
         "models": entries,
-        "recommended": recommend(candidates, main_method, spec.utility_tolerance),
+        "recommended": recommend(candidates, main_method, spec.utility_tolerance, spec.over_refusal_tolerance),
         "samples": {label: r.samples for label, r in results.items()},
     }
 
