@@ -3,10 +3,11 @@ evaluated on held-out prompts, compared at matched safety (SPEC §3, §5, §8).
 
     python -m bench.testbed.table --assets bench/assets --out bench/out/table
 
-Needs `python -m bench.testbed.prepare` first (model, datasets, trained adapters). Every SST variant
-reuses one pair of cached Fisher passes; the base model is loaded once and every merged adapter is
-evaluated on it (base, before = base + utility, safety = base + safety, and each method × α).
-Writes OUT/metrics.json, OUT/plot.png and OUT/table.md, and prints the table.
+Needs `python -m bench.testbed.prepare` first (model, datasets, trained adapters). SST variants share
+cached Fisher passes (one per estimator and data set); the base model is loaded once and every merged
+adapter is evaluated on it (base, before = base + utility, safety = base + safety, and each method × α).
+Writes OUT/metrics.json, OUT/plot.png and OUT/table.md, and prints the table; `--render-only` re-renders
+OUT/table.md from OUT/metrics.json.
 """
 
 from __future__ import annotations
