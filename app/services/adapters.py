@@ -21,7 +21,7 @@ from . import archives
 from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
 from .jobs_index import active_references
 from .pagination import page_of, paginate
-from .uploads import clean_name, save_stream, staging_dir
+from .uploads import clean_name, save_stream, staging_dir, stored_with_row
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, nam
     adapter_id = new_id("ad")
     prefix = f"tenants/{tenant}/adapters/{adapter_id}"
     files = [folder / f for f in KEPT_FILES if (folder / f).is_file()]
-    try:
+    with stored_with_row(session, storage, prefix):
         for path in files:
             storage.put_file(f"{prefix}/{path.name}", path)
         adapter = Adapter(
@@ -49,11 +49,6 @@ def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, nam
             storage_prefix=prefix,
         )
         session.add(adapter)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        storage.delete_prefix(prefix)
-        raise
     log.info("adapter stored", extra={"tenant": tenant, "adapter_id": adapter_id, "adapter_sha256": info.sha256})
     return adapter
 

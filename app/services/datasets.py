@@ -20,7 +20,7 @@ from ..schemas import DatasetSource
 from ..storage import Storage
 from .jobs_index import active_references
 from .pagination import page_of, paginate
-from .uploads import clean_name, save_stream, staging_dir
+from .uploads import clean_name, save_stream, staging_dir, stored_with_row
 
 log = logging.getLogger(__name__)
 SUFFIXES = {".jsonl": ".jsonl", ".json": ".jsonl", ".csv": ".csv"}
@@ -40,8 +40,9 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
     except DatasetError as exc:
         raise ApiError(422, exc.code, str(exc).replace(str(path), name)) from None
     dataset_id = new_id("ds")
-    key = f"tenants/{tenant}/datasets/{dataset_id}/data{path.suffix}"
-    try:
+    prefix = f"tenants/{tenant}/datasets/{dataset_id}"
+    key = f"{prefix}/data{path.suffix}"
+    with stored_with_row(session, storage, prefix):
         storage.put_file(key, path)
         dataset = Dataset(
             id=dataset_id,
@@ -55,11 +56,6 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
             storage_key=key,
         )
         session.add(dataset)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        storage.delete_prefix(key.rsplit("/", 1)[0])
-        raise
     log.info("dataset stored", extra={"tenant": tenant, "dataset_id": dataset_id, "rows": len(rows)})
     return dataset
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sstmerge_core.jobspec import AdapterInput, EvaluationSpec, MergeSpec
+from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
 from sstmerge_core.methods.params import METHOD_PARAMS, parse_params
 
 from ..config import Settings
@@ -158,13 +158,7 @@ def build_spec(
             harmful=dataset_path(ev.harmful_dataset_id),
             benign=dataset_path(ev.benign_dataset_id),
             utility_eval=dataset_path(ev.utility_eval_dataset_id),
-            utility_metric=ev.utility_metric,
-            judge=ev.judge,
-            max_new_tokens=ev.max_new_tokens,
-            limit=ev.limit,
-            batch_size=ev.batch_size,
-            utility_tolerance=ev.utility_tolerance,
-            over_refusal_tolerance=ev.over_refusal_tolerance,
+            **ev.model_dump(include=set(EvaluationSettings.model_fields)),
         )
     return MergeSpec(
         base_model=base_model,

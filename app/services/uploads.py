@@ -9,7 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from sqlalchemy.orm import Session
+
 from ..errors import ApiError
+from ..storage import Storage
 
 
 def too_large(limit: int) -> ApiError:
@@ -48,3 +51,16 @@ def clean_name(filename: str | None, fallback: str) -> str:
             name = name[: -len(suffix)]
             break
     return name[:200] or fallback
+
+
+@contextmanager
+def stored_with_row(session: Session, storage: Storage, prefix: str) -> Iterator[None]:
+    """Files put under `prefix` and rows added in the block land together: committed on success; on any
+    failure the session is rolled back and everything under `prefix` is deleted."""
+    try:
+        yield
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete_prefix(prefix)
+        raise

@@ -165,3 +165,41 @@ def test_postgres_pool_serves_every_api_thread(postgres_url):
 
     with ThreadPoolExecutor(api_threads) as pool:
         assert sum(pool.map(hold_connection, range(api_threads))) == api_threads
+
+
+def test_build_spec_carries_every_evaluation_setting():
+    """Each setting of an API evaluation request reaches the worker's EvaluationSpec, ids turned into paths."""
+    from app.schemas import MergeRequest
+    from app.services.merges import build_spec
+
+    settings = {
+        "utility_metric": "contains",
+        "judge": "keyword",
+        "max_new_tokens": 7,
+        "limit": 3,
+        "batch_size": 5,
+        "utility_tolerance": 0.04,
+        "over_refusal_tolerance": 0.2,
+    }
+    body = MergeRequest(
+        base_model="tiny",
+        utility_adapters=[{"adapter_id": "ad_u"}],
+        safety_adapter={"adapter_id": "ad_s", "weight": 0.5},
+        utility_dataset_id="ds_u",
+        safety_dataset_id="ds_s",
+        evaluation={
+            "harmful_dataset_id": "ds_h",
+            "benign_dataset_id": "ds_b",
+            "utility_eval_dataset_id": "ds_e",
+            **settings,
+        },
+    )
+    spec = build_spec(body, "/models/tiny", lambda i: f"/adapters/{i}", lambda i: f"/data/{i}.jsonl")
+    evaluation = spec.evaluation.model_dump()
+    assert {key: evaluation[key] for key in settings} == settings
+    assert (spec.evaluation.harmful, spec.evaluation.benign, spec.evaluation.utility_eval) == (
+        "/data/ds_h.jsonl",
+        "/data/ds_b.jsonl",
+        "/data/ds_e.jsonl",
+    )
+    assert [(a.path, a.weight) for a in spec.safety] == [("/adapters/ad_s", 0.5)]
