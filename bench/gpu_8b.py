@@ -31,7 +31,7 @@ from sstmerge_core.adapters import LoraFactors  # noqa: E402
 from sstmerge_core.fisher import SpanHooks, frozen_parameters  # noqa: E402
 from sstmerge_core.gevp import orthonormal_basis  # noqa: E402
 from sstmerge_core.methods.base import FisherFactors, ModuleInputs  # noqa: E402
-from sstmerge_core.methods.params import SSTParams  # noqa: E402
+from sstmerge_core.methods.catalog import SSTParams  # noqa: E402
 from sstmerge_core.methods.sst import project  # noqa: E402
 from sstmerge_core.modeling import linear_shape, merged_deltas  # noqa: E402
 

@@ -28,7 +28,7 @@ from bench.testbed.assets import smollm2_folder  # noqa: E402
 from sstmerge_core.adapters import load_adapter, save_adapter  # noqa: E402
 from sstmerge_core.merge import WeightedAdapter, merge_modules, module_inputs, span_bases  # noqa: E402
 from sstmerge_core.methods.base import FisherFactors  # noqa: E402
-from sstmerge_core.methods.params import parse_params  # noqa: E402
+from sstmerge_core.methods.catalog import parse_params  # noqa: E402
 from sstmerge_core.methods.registry import get_method  # noqa: E402
 from sstmerge_core.tiny import random_lora  # noqa: E402
 

@@ -40,7 +40,7 @@ from sstmerge_core.data import Example  # noqa: E402
 from sstmerge_core.fisher import FisherConfig, accumulate_outer, collect_factors, encode_examples  # noqa: E402
 from sstmerge_core.gevp import eigenbasis, factorize  # noqa: E402
 from sstmerge_core.merge import WeightedAdapter, module_inputs, span_bases  # noqa: E402
-from sstmerge_core.methods.params import SSTParams  # noqa: E402
+from sstmerge_core.methods.catalog import SSTParams  # noqa: E402
 from sstmerge_core.methods.sst import selection_weights  # noqa: E402
 from sstmerge_core.modeling import load_base_model  # noqa: E402
 from sstmerge_core.tiny import build_tiny_model, random_lora  # noqa: E402

@@ -65,7 +65,7 @@ class SSTMerge:
     method = "sst"
 
     def __init__(self, *, alpha: float | None = None, **params) -> None:
-        from .methods.params import parse_params
+        from .methods.catalog import parse_params
 
         if alpha is not None:
             params["alphas"] = [alpha]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .methods.params import METHOD_PARAMS, CommonParams, parse_params
+from .methods.catalog import CATALOG, CommonParams, parse_params
 
 UtilityMetric = Literal["exact_match", "contains", "rouge_l", "nll"]
 
@@ -66,11 +66,11 @@ class MergeSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
         for name in [self.method, *self.compare_with]:
-            if name not in METHOD_PARAMS:
-                raise ValueError(f"unknown method {name!r}; one of {sorted(METHOD_PARAMS)}")
+            if name not in CATALOG:
+                raise ValueError(f"unknown method {name!r}; one of {sorted(CATALOG)}")
         parse_params(self.method, self.params)
-        if self.method == "sst" and not (self.utility_data and self.safety_data):
-            raise ValueError("method 'sst' needs utility_data and safety_data")
+        if CATALOG[self.method].needs_fisher and not (self.utility_data and self.safety_data):
+            raise ValueError(f"method {self.method!r} needs utility_data and safety_data")
         return self
 
     def method_params(self) -> CommonParams:

@@ -19,7 +19,7 @@ from .errors import AdapterError
 from .fisher import FisherConfig, KFACFactors, collect_factors
 from .gevp import orthonormal_basis, truncate_product
 from .methods.base import FisherFactors, MergeMethod, ModuleInputs, ModuleResult
-from .methods.params import CommonParams
+from .methods.catalog import CommonParams
 from .modeling import get_target_module, merged_deltas
 
 log = logging.getLogger(__name__)

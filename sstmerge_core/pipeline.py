@@ -24,7 +24,7 @@ from .fisher import FisherConfig
 from .jobspec import AdapterInput, MergeSpec
 from .merge import WeightedAdapter, fisher_factors, merge_modules, module_inputs
 from .methods.base import ModuleResult
-from .methods.params import CommonParams, FisherParams, parse_params
+from .methods.catalog import CommonParams, FisherParams, parse_params
 from .methods.registry import get_method
 from .modeling import ModelRef, load_base_model, resolve_device
 from .report import alpha_dirname, build_report, model_card

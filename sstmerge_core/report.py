@@ -80,7 +80,7 @@ def build_report(
         "schema_version": SCHEMA_VERSION,
         "sstmerge_version": package_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": {"name": method.name, "description": method.description, "reference": method.reference},
+        "method": {"name": method.name, "description": method.info.description, "reference": method.info.reference},
         "params": params,
         "inputs": inputs,
         "fisher": fisher,

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from sstmerge_core.adapters import load_adapter
 from sstmerge_core.merge import WeightedAdapter, merge_modules, module_inputs
-from sstmerge_core.methods.params import parse_params
+from sstmerge_core.methods.catalog import parse_params
 from sstmerge_core.methods.registry import get_method
 from sstmerge_core.tiny import random_lora
 

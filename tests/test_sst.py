@@ -11,7 +11,7 @@ from sstmerge_core.adapters import LoraFactors
 from sstmerge_core.gevp import damp, orthonormal_basis
 from sstmerge_core.merge import merge_modules
 from sstmerge_core.methods.base import FisherFactors, ModuleInputs
-from sstmerge_core.methods.params import SSTParams
+from sstmerge_core.methods.catalog import SSTParams
 from sstmerge_core.methods.registry import get_method
 from sstmerge_core.methods.sst import project
 

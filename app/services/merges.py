@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
-from sstmerge_core.methods.params import METHOD_PARAMS, parse_params
+from sstmerge_core.methods.catalog import CATALOG, parse_params
 
 from ..config import Settings
 from ..db.models import Adapter, Dataset, Job, JobEvent, utcnow
@@ -53,16 +53,18 @@ def _errors(exc: ValidationError, *prefix: str) -> list[dict]:
 
 def _check_method(body: MergeRequest) -> None:
     for name in [body.method, *body.compare_with]:
-        if name not in METHOD_PARAMS:
-            raise ApiError(422, "unknown_method", f"unknown method {name!r}", {"methods": sorted(METHOD_PARAMS)})
+        if name not in CATALOG:
+            raise ApiError(422, "unknown_method", f"unknown method {name!r}", {"methods": sorted(CATALOG)})
     try:
         parse_params(body.method, body.params)
     except ValidationError as exc:
         raise ApiError(
             422, "invalid_params", f"invalid params for method {body.method!r}", _errors(exc, "params")
         ) from None
-    if body.method == "sst" and not (body.utility_dataset_id and body.safety_dataset_id):
-        raise ApiError(422, "missing_dataset", "method 'sst' needs utility_dataset_id and safety_dataset_id")
+    if CATALOG[body.method].needs_fisher and not (body.utility_dataset_id and body.safety_dataset_id):
+        raise ApiError(
+            422, "missing_dataset", f"method {body.method!r} needs utility_dataset_id and safety_dataset_id"
+        )
 
 
 def _owned(session: Session, model, tenant: str, ids: set[str]) -> dict[str, object]:

@@ -14,7 +14,7 @@ import click
 from pydantic import ValidationError
 
 from ..errors import InputError
-from ..methods.params import METHOD_PARAMS
+from ..methods.catalog import METHOD_PARAMS
 from .options import evaluation_options, evaluation_spec, metrics_table, one_line, progress_bar
 
 # Fields set by dedicated flags rather than generated ones.

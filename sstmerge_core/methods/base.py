@@ -1,8 +1,8 @@
-"""What a merge method sees of one module, what it returns, and the registry of methods.
+"""What a merge method sees of one module, what it returns, and how an implementation joins its declaration.
 
 Every method is a pure function `merge(inputs, params, alphas) -> [ModuleResult per α]` on one module's
-updates, in the manner of mergekit's merge methods; the CLI, API schema and model card read the
-registry's metadata instead of repeating it.
+updates, in the manner of mergekit's merge methods, attached with `@implements(name)` to the torch-free
+declaration of the same name in `catalog`; the CLI, API schema and model card read the declaration.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import LoraFactors
-from .params import METHOD_PARAMS, CommonParams
+from .catalog import CommonParams, MethodInfo, method_info
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,37 @@ MergeFn = Callable[[ModuleInputs, CommonParams, list[float]], list[ModuleResult]
 
 @dataclass(frozen=True)
 class MergeMethod:
-    name: str
+    """A declared method (`info`) with its implementation."""
+
+    info: MethodInfo
     merge: MergeFn
-    description: str
-    reference: str
-    needs_fisher: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.info.needs_fisher
 
     @property
     def params(self) -> type[CommonParams]:
-        return METHOD_PARAMS[self.name]
+        return self.info.params
+
+
+IMPLEMENTATIONS: dict[str, MergeMethod] = {}
+
+
+def implements(name: str) -> Callable[[MergeFn], MergeFn]:
+    """Attach the decorated function as the implementation of the declared method `name`."""
+
+    def attach(merge: MergeFn) -> MergeFn:
+        if name in IMPLEMENTATIONS:
+            raise ValueError(f"method {name!r} is implemented twice")
+        IMPLEMENTATIONS[name] = MergeMethod(method_info(name), merge)
+        return merge
+
+    return attach
 
 
 def concat_update(utility: list[LoraFactors], safety: LoraFactors | None, alpha: float) -> LoraFactors | None:

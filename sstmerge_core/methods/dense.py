@@ -11,8 +11,8 @@ from peft.utils import merge_utils
 
 from ..adapters import LoraFactors
 from ..gevp import truncated_svd
-from .base import MergeMethod, ModuleInputs, ModuleResult
-from .params import CommonParams, DensityParams, TiesParams
+from .base import ModuleInputs, ModuleResult, implements
+from .catalog import CommonParams, DensityParams, TiesParams
 
 Rule = Callable[[list[torch.Tensor], torch.Tensor, CommonParams], torch.Tensor]
 
@@ -56,45 +56,26 @@ def dense_merge(rule: Rule) -> Callable[[ModuleInputs, CommonParams, list[float]
     return merge
 
 
+
+@implements("ties")
+@dense_merge
 def _ties(t: list[torch.Tensor], w: torch.Tensor, p: TiesParams) -> torch.Tensor:
     return merge_utils.ties(t, w, p.density, p.majority_sign_method)
 
 
+@implements("dare_linear")
+@dense_merge
 def _dare_linear(t: list[torch.Tensor], w: torch.Tensor, p: DensityParams) -> torch.Tensor:
     return merge_utils.dare_linear(t, w, p.density)
 
 
+@implements("dare_ties")
+@dense_merge
 def _dare_ties(t: list[torch.Tensor], w: torch.Tensor, p: TiesParams) -> torch.Tensor:
     return merge_utils.dare_ties(t, w, p.density, p.majority_sign_method)
 
 
+@implements("magnitude_prune")
+@dense_merge
 def _magnitude_prune(t: list[torch.Tensor], w: torch.Tensor, p: DensityParams) -> torch.Tensor:
     return merge_utils.magnitude_prune(t, w, p.density)
-
-
-METHODS = [
-    MergeMethod(
-        "ties",
-        dense_merge(_ties),
-        "TIES: trim each update to its top-density magnitudes, elect signs, average the agreeing entries.",
-        "https://arxiv.org/abs/2306.01708",
-    ),
-    MergeMethod(
-        "dare_linear",
-        dense_merge(_dare_linear),
-        "DARE: drop entries at random with rate 1−density, rescale by 1/density, then sum (seeded).",
-        "https://arxiv.org/abs/2311.03099",
-    ),
-    MergeMethod(
-        "dare_ties",
-        dense_merge(_dare_ties),
-        "DARE drop-and-rescale followed by TIES sign election (seeded).",
-        "https://arxiv.org/abs/2311.03099",
-    ),
-    MergeMethod(
-        "magnitude_prune",
-        dense_merge(_magnitude_prune),
-        "Keep the top-density magnitudes of each update, then sum.",
-        "https://arxiv.org/abs/2306.01708",
-    ),
-]

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from .base import MergeMethod, ModuleInputs, ModuleResult, concat_update
-from .params import CommonParams
+from .base import ModuleInputs, ModuleResult, concat_update, implements
+from .catalog import CommonParams
 
 
+@implements("linear")
 def merge(inputs: ModuleInputs, params: CommonParams, alphas: list[float]) -> list[ModuleResult]:
     return [ModuleResult(concat_update(inputs.weighted_utility(), inputs.safety, alpha)) for alpha in alphas]
 
-
-METHOD = MergeMethod(
-    name="linear",
-    merge=merge,
-    description="Task arithmetic: the weighted sum of the utility updates plus α times the safety update.",
-    reference="https://arxiv.org/abs/2212.04089",
-)

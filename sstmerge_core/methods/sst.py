@@ -2,7 +2,7 @@
 
 In the F_U-orthonormal generalized eigenbasis of (F_S, F_U) restricted to the safety update's span,
 ΔS = R_out Y C Xᵀ R_inᵀ; a selection rule weighs each coefficient, ΔS' = R_out Y (C ⊙ W) Xᵀ R_inᵀ, and
-ΔW = ΔU + α ΔS' (SPEC §3 steps 5–8).
+ΔW = ΔU + α ΔS' (docs/method.md, steps 5–8).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 
 from ..adapters import LoraFactors
 from ..gevp import Eigenbasis, eigenbasis, factorize
-from .base import MergeMethod, ModuleInputs, ModuleResult, concat_update
-from .params import SSTParams
+from .base import ModuleInputs, ModuleResult, concat_update, implements
+from .catalog import SSTParams
 
 TOP = 8  # spectrum values recorded per module
 
@@ -65,20 +65,10 @@ def project(inputs: ModuleInputs, params: SSTParams) -> tuple[LoraFactors, dict]
     return projected, diagnostics
 
 
+@implements("sst")
 def merge(inputs: ModuleInputs, params: SSTParams, alphas: list[float]) -> list[ModuleResult]:
     if inputs.safety is None:
         return [ModuleResult(concat_update(inputs.weighted_utility(), None, alpha)) for alpha in alphas]
     projected, diagnostics = project(inputs, params)
     return [ModuleResult(concat_update(inputs.weighted_utility(), projected, alpha), diagnostics) for alpha in alphas]
 
-
-METHOD = MergeMethod(
-    name="sst",
-    merge=merge,
-    description=(
-        "SST-Merge: project the safety update onto generalized eigendirections of (F_safety, F_utility) "
-        "(K-FAC, restricted to the safety update's span) and add α times the weighted projection."
-    ),
-    reference="SPEC §3 (generalized eigenproblem F_S v = λ F_U v; soft Fisher-merging weights λ/(λ+β))",
-    needs_fisher=True,
-)

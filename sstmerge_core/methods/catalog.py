@@ -1,0 +1,172 @@
+"""The catalogue of merge methods: one torch-free declaration per method (mergekit's `@merge_method`).
+
+Each method's name, parameter model (pydantic), description, reference and whether it reads data
+(`needs_fisher`) stand together on its parameter class; the implementation is attached by name with
+`sstmerge_core.methods.registry.implements`. The API validates requests and serves `GET /methods` from
+this module without importing torch; the CLI flags and the model card read it too.
+
+A method's parameters are its own fields plus the common ones (α sweep, rank cap, seed, data limits);
+unknown keys are an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class CommonParams(BaseModel):
+    """Parameters every method takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alphas: list[float] = Field(
+        default=[1.0], min_length=1, description="weight(s) α of the safety side; a list is a sweep"
+    )
+    max_rank: int | None = Field(default=None, ge=1, description="truncate each merged module to this rank by SVD")
+    seed: int = Field(default=0, description="seed for sampling (sampled Fisher, DARE)")
+
+    @field_validator("alphas")
+    @classmethod
+    def _finite(cls, alphas: list[float]) -> list[float]:
+        for alpha in alphas:
+            if not math.isfinite(alpha):
+                raise ValueError(f"α must be finite, got {alpha}")
+        if len(set(alphas)) != len(alphas):
+            raise ValueError("α values must be distinct")
+        return alphas
+
+
+class FisherParams(CommonParams):
+    """Data-pass settings (only methods that read data)."""
+
+    max_samples: int = Field(default=1000, ge=1, description="examples used per dataset")
+    max_length: int = Field(default=512, ge=8, description="tokens per example (prompt + response)")
+    batch_size: int = Field(default=8, ge=1, description="examples per forward/backward pass")
+    damping: float = Field(default=1e-3, gt=0, description="ε: Ã = A + ε·tr(A)/r·I")
+    continuation_tokens: int = Field(
+        default=32, ge=1, description="tokens the model writes for prompts without a response (sampled Fisher)"
+    )
+    label_samples: int = Field(default=1, ge=1, description="label draws per position for the sampled Fisher")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Everything known about a method without running it."""
+
+    name: str
+    params: type[CommonParams]
+    description: str
+    reference: str
+    needs_fisher: bool = False
+
+    def params_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the method's `params` (what `GET /methods` serves)."""
+        return self.params.model_json_schema()
+
+
+CATALOG: dict[str, MethodInfo] = {}
+P = TypeVar("P", bound=type[CommonParams])
+
+
+def method(name: str, *, description: str, reference: str, needs_fisher: bool = False) -> Callable[[P], P]:
+    """Declare the decorated parameter class as the parameters of method `name`."""
+
+    def declare(params: P) -> P:
+        if name in CATALOG:
+            raise ValueError(f"method {name!r} is declared twice")
+        CATALOG[name] = MethodInfo(name, params, description, reference, needs_fisher)
+        return params
+
+    return declare
+
+
+@method(
+    "sst",
+    description=(
+        "SST-Merge: project the safety update onto generalized eigendirections of (F_safety, F_utility) "
+        "(K-FAC, restricted to the safety update's span) and add α times the weighted projection."
+    ),
+    reference="docs/method.md (generalized eigenproblem F_S v = λ F_U v; soft Fisher-merging weights λ/(λ+β))",
+    needs_fisher=True,
+)
+class SSTParams(FisherParams):
+    selection: Literal["soft", "topk", "input"] = Field(default="soft", description="how directions are weighted")
+    beta: float = Field(default=1.0, ge=0, description="soft: W = λ/(λ+β·median λ)")
+    k: int = Field(default=10, ge=1, description="topk: number of (i, j) directions kept per module")
+    k_in: int = Field(default=8, ge=1, description="input: number of input directions kept per module")
+    utility_fisher: Literal["sampled", "empirical"] = Field(default="sampled", description="estimator on utility data")
+    safety_fisher: Literal["empirical", "sampled"] = Field(default="empirical", description="estimator on safety data")
+
+
+@method(
+    "linear",
+    description="Task arithmetic: the weighted sum of the utility updates plus α times the safety update.",
+    reference="https://arxiv.org/abs/2212.04089",
+)
+class LinearParams(CommonParams):
+    pass
+
+
+class DensityParams(CommonParams):
+    density: float = Field(default=0.5, gt=0, le=1, description="fraction of entries kept per task update")
+
+
+class TiesParams(DensityParams):
+    majority_sign_method: Literal["total", "frequency"] = Field(default="total", description="TIES sign election")
+
+
+@method(
+    "ties",
+    description="TIES: trim each update to its top-density magnitudes, elect signs, average the agreeing entries.",
+    reference="https://arxiv.org/abs/2306.01708",
+)
+class TiesMethodParams(TiesParams):
+    pass
+
+
+@method(
+    "dare_linear",
+    description="DARE: drop entries at random with rate 1−density, rescale by 1/density, then sum (seeded).",
+    reference="https://arxiv.org/abs/2311.03099",
+)
+class DareLinearParams(DensityParams):
+    pass
+
+
+@method(
+    "dare_ties",
+    description="DARE drop-and-rescale followed by TIES sign election (seeded).",
+    reference="https://arxiv.org/abs/2311.03099",
+)
+class DareTiesParams(TiesParams):
+    pass
+
+
+@method(
+    "magnitude_prune",
+    description="Keep the top-density magnitudes of each update, then sum.",
+    reference="https://arxiv.org/abs/2306.01708",
+)
+class MagnitudePruneParams(DensityParams):
+    pass
+
+
+METHOD_PARAMS: dict[str, type[CommonParams]] = {name: info.params for name, info in CATALOG.items()}
+
+
+def method_info(name: str) -> MethodInfo:
+    """The declaration of method `name`; KeyError naming the known methods otherwise."""
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; one of {sorted(CATALOG)}") from None
+
+
+def parse_params(method: str, params: dict) -> CommonParams:
+    """Validate `params` for `method`; raises KeyError for an unknown method, pydantic's error otherwise."""
+    return method_info(method).params.model_validate(params)
