@@ -20,6 +20,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_embedding_(?P<factor>[AB])(?:\.[^.]+)?$")
 
 T = TypeVar("T")
 
@@ -41,15 +42,28 @@ def check_config(config: dict) -> None:
         )
 
 
+def embedding_module(key: str) -> str | None:
+    """The module of a PEFT embedding-LoRA tensor name (`….lora_embedding_A`), None for any other name."""
+    match = _EMBEDDING_KEY.match(key)
+    return match["module"] if match else None
+
+
 def pair_factors(entries: Iterable[tuple[str, T]]) -> dict[str, tuple[T, T]]:
     """Group (tensor name, value) entries into {module: (lora_A value, lora_B value)}, sorted by module.
-    Raises `AdapterError` for any other tensor, a module without both factors, or no LoRA tensor at all."""
+
+    Embedding LoRA tensors (`lora_embedding_A` (r × V), `lora_embedding_B` (d × r)) pair the same way: their
+    update is the (d × V) map B A, added transposed to the embedding table. Raises `AdapterError` for any other
+    tensor, a module without both factors, or no LoRA tensor at all."""
     factors: dict[str, dict[str, T]] = {}
+    kinds: dict[str, set[str]] = {}
     for key, value in entries:
-        match = _KEY.match(key)
+        match = _KEY.match(key) or _EMBEDDING_KEY.match(key)
         if match is None:
-            raise AdapterError(f"unexpected tensor {key!r} (only lora_A/lora_B of Linear modules)")
+            raise AdapterError(f"unexpected tensor {key!r} (only lora_A/lora_B or lora_embedding_A/B)")
+        kinds.setdefault(match["module"], set()).add("embedding" if match.re is _EMBEDDING_KEY else "linear")
         factors.setdefault(match["module"], {})[match["factor"]] = value
+    if mixed := sorted(module for module, kind in kinds.items() if len(kind) > 1):
+        raise AdapterError(f"module {mixed[0]}: has both lora_A/B and lora_embedding_A/B tensors")
     if not factors:
         raise AdapterError(f"{WEIGHTS_NAME} holds no LoRA tensors")
     pairs = {}

@@ -24,6 +24,7 @@ from .adapter_format import (
     adapter_sha256,
     check_config,
     check_pair_shapes,
+    embedding_module,
     pair_factors,
     refuse_pickles,
 )
@@ -84,6 +85,7 @@ class LoraAdapter:
     modules: dict[str, LoraFactors]
     sha256: str = ""
     name: str = ""
+    embedding_modules: frozenset[str] = frozenset()
 
     @property
     def base_model(self) -> str | None:
@@ -147,7 +149,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
             modules[module] = LoraFactors(B=B, A=A, scale=module_scale(config, module, int(A.shape[0])))
     except AdapterError as exc:
         raise AdapterError(f"{folder}: {exc}", code=exc.code) from None
-    return LoraAdapter(folder, config, modules, adapter_sha256(folder), name or folder.name)
+    embeddings = frozenset(m for m in map(embedding_module, tensors) if m is not None)
+    return LoraAdapter(folder, config, modules, adapter_sha256(folder), name or folder.name, embeddings)
 
 
 def save_adapter(
@@ -158,11 +161,13 @@ def save_adapter(
     revision: str | None = None,
     fan_in_fan_out: bool = False,
     dtype: torch.dtype = torch.float32,
+    embedding_modules: frozenset[str] = frozenset(),
 ) -> None:
     """Write a standard PEFT LoRA folder holding ΔW_m = B_m A_m for every m (scaling 1 everywhere).
 
     Modules may differ in rank: the most common rank is `r` and the others go to `rank_pattern`, with
-    `lora_alpha` / `alpha_pattern` equal to the rank so that every scaling is exactly 1.
+    `lora_alpha` / `alpha_pattern` equal to the rank so that every scaling is exactly 1. Modules named in
+    `embedding_modules` are written as PEFT embedding LoRA (`lora_embedding_A`/`lora_embedding_B`).
     """
     from peft import LoraConfig
 
@@ -192,6 +197,11 @@ def save_adapter(
     config.save_pretrained(str(folder))
     tensors: dict[str, torch.Tensor] = {}
     for name, f in modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.to(dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (f.scale * f.B.to(torch.float64)).to(dtype).contiguous()
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if name in embedding_modules
+            else ("lora_A.weight", "lora_B.weight")
+        )
+        tensors[f"base_model.model.{name}.{a_key}"] = f.A.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.{b_key}"] = (f.scale * f.B.to(torch.float64)).to(dtype).contiguous()
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})

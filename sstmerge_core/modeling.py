@@ -115,14 +115,25 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise AdapterError(f"{type(module).__name__} is not a Linear or Conv1D module")
 
 
-def get_target_module(model: nn.Module, name: str, shape: tuple[int, int] | None = None) -> nn.Module:
-    """The module called `name`, checked to be Linear/Conv1D and, if given, of ΔW shape (d_out, d_in)."""
+def update_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a module's update ΔW: Linear/Conv1D as `linear_shape`, an embedding (d, V) — as in PEFT,
+    whose embedding LoRA adds (s·B A)ᵀ to the (V × d) table."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, module.num_embeddings
+    return linear_shape(module)
+
+
+def get_target_module(
+    model: nn.Module, name: str, shape: tuple[int, int] | None = None, *, allow_embedding: bool = False
+) -> nn.Module:
+    """The module called `name`, checked to be Linear/Conv1D (or, with `allow_embedding`, an embedding) and, if
+    given, of ΔW shape (d_out, d_in)."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise AdapterError(f"module {name}: not found in the base model ({type(model).__name__})") from None
     try:
-        actual = linear_shape(module)
+        actual = update_shape(module) if allow_embedding else linear_shape(module)
     except AdapterError as exc:
         raise AdapterError(f"module {name}: {exc}") from None
     if shape is not None and tuple(shape) != actual:
@@ -154,8 +165,13 @@ def dense_update(update: torch.Tensor | LoraFactors, device: torch.device) -> to
 def add_delta(module: nn.Module, delta: torch.Tensor) -> None:
     """W ← W + ΔW for ΔW in (d_out × d_in) orientation (W's dtype; the sum is formed in float32)."""
     weight = module.weight
-    update = delta.T if is_conv1d(module) else delta
+    update = delta.T if is_conv1d(module) or isinstance(module, nn.Embedding) else delta
     weight.copy_((weight.float() + update.to(device=weight.device, dtype=torch.float32)).to(weight.dtype))
+
+
+def _shares_weight(model: nn.Module, module: nn.Module) -> bool:
+    """True when `module`'s weight is also another module's (an input embedding tied to the output head)."""
+    return any(other is not module and getattr(other, "weight", None) is module.weight for other in model.modules())
 
 
 @contextlib.contextmanager
@@ -163,18 +179,26 @@ def merged_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFact
     """Temporarily W_m ← W_m + ΔW_m for every m; the original weights are restored bit-exactly.
 
     Updates may be dense tensors or LoRA factors (formed one module at a time on the module's device, so
-    no dense copy of every ΔW is ever held). Originals of GPU weights are kept in CPU memory.
+    no dense copy of every ΔW is ever held). Originals of GPU weights are kept in CPU memory. An embedding whose
+    table is tied to the output head gets an untied copy for the duration (as PEFT's embedding LoRA changes
+    only the input lookup), and its shared table is put back afterwards.
     """
     saved: dict[str, torch.Tensor] = {}
+    untied: dict[str, nn.Parameter] = {}
     try:
         for name, update in deltas.items():
             shape = update.shape if isinstance(update, LoraFactors) else tuple(update.shape)
-            module = get_target_module(model, name, tuple(shape))
-            weight = module.weight
-            saved[name] = weight.detach().to("cpu", copy=True)
-            add_delta(module, dense_update(update, weight.device))
+            module = get_target_module(model, name, tuple(shape), allow_embedding=True)
+            if isinstance(module, nn.Embedding) and _shares_weight(model, module):
+                untied[name] = module.weight
+                module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+            else:
+                saved[name] = module.weight.detach().to("cpu", copy=True)
+            add_delta(module, dense_update(update, module.weight.device))
         yield model
     finally:
         with torch.no_grad():
             for name, weight in saved.items():
                 model.get_submodule(name).weight.copy_(weight)
+            for name, parameter in untied.items():
+                model.get_submodule(name).weight = parameter
