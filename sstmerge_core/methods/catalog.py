@@ -2,7 +2,7 @@
 
 Each method's name, parameter model (pydantic), description, reference and whether it reads data
 (`needs_fisher`) stand together on its parameter class; the implementation is attached by name with
-`sstmerge_core.methods.registry.implements`. The API validates requests and serves `GET /methods` from
+`sstmerge_core.methods.base.implements`. The API validates requests and serves `GET /methods` from
 this module without importing torch; the CLI flags and the model card read it too.
 
 A method's parameters are its own fields plus the common ones (α sweep, rank cap, seed, data limits);
@@ -18,9 +18,11 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..schedules import ScheduleParams
 
-class CommonParams(BaseModel):
-    """Parameters every method takes."""
+
+class CommonParams(ScheduleParams):
+    """Parameters every method takes (the depth schedule of α included)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +65,7 @@ class MethodInfo:
     description: str
     reference: str
     needs_fisher: bool = False
+    dense: bool = False  # works on the dense ΔW of each module (cost ∝ d_out·d_in·min(d_out, d_in) per α)
 
     def params_schema(self) -> dict[str, Any]:
         """The JSON Schema of the method's `params` (what `GET /methods` serves)."""
@@ -73,13 +76,15 @@ CATALOG: dict[str, MethodInfo] = {}
 P = TypeVar("P", bound=type[CommonParams])
 
 
-def method(name: str, *, description: str, reference: str, needs_fisher: bool = False) -> Callable[[P], P]:
+def method(
+    name: str, *, description: str, reference: str, needs_fisher: bool = False, dense: bool = False
+) -> Callable[[P], P]:
     """Declare the decorated parameter class as the parameters of method `name`."""
 
     def declare(params: P) -> P:
         if name in CATALOG:
             raise ValueError(f"method {name!r} is declared twice")
-        CATALOG[name] = MethodInfo(name, params, description, reference, needs_fisher)
+        CATALOG[name] = MethodInfo(name, params, description, reference, needs_fisher, dense)
         return params
 
     return declare
@@ -124,6 +129,7 @@ class TiesParams(DensityParams):
     "ties",
     description="TIES: trim each update to its top-density magnitudes, elect signs, average the agreeing entries.",
     reference="https://arxiv.org/abs/2306.01708",
+    dense=True,
 )
 class TiesMethodParams(TiesParams):
     pass
@@ -133,6 +139,7 @@ class TiesMethodParams(TiesParams):
     "dare_linear",
     description="DARE: drop entries at random with rate 1−density, rescale by 1/density, then sum (seeded).",
     reference="https://arxiv.org/abs/2311.03099",
+    dense=True,
 )
 class DareLinearParams(DensityParams):
     pass
@@ -142,6 +149,7 @@ class DareLinearParams(DensityParams):
     "dare_ties",
     description="DARE drop-and-rescale followed by TIES sign election (seeded).",
     reference="https://arxiv.org/abs/2311.03099",
+    dense=True,
 )
 class DareTiesParams(TiesParams):
     pass
@@ -151,6 +159,7 @@ class DareTiesParams(TiesParams):
     "magnitude_prune",
     description="Keep the top-density magnitudes of each update, then sum.",
     reference="https://arxiv.org/abs/2306.01708",
+    dense=True,
 )
 class MagnitudePruneParams(DensityParams):
     pass

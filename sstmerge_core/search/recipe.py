@@ -1,0 +1,57 @@
+"""A merge recipe: a method with its parameters at one α (depth schedule included) and an optional repair step —
+what a search trial tries and what `merge_spec.json` records (torch-free)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..methods.catalog import CommonParams, DensityParams, SSTParams, method_info, parse_params
+from ..repair.params import RefusalAblationParams
+
+
+class Recipe(BaseModel):
+    """`method` with `params` (a single α in `alphas`) and, when set, `repair` applied to the merged model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    repair: RefusalAblationParams | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> Recipe:
+        method_info(self.method)
+        if len(self.method_params().alphas) != 1:
+            raise ValueError("a recipe has exactly one α")
+        return self
+
+    def method_params(self) -> CommonParams:
+        return parse_params(self.method, self.params)
+
+    @property
+    def alpha(self) -> float:
+        return self.method_params().alphas[0]
+
+    def label(self) -> str:
+        """A short human-readable name: `sst(soft β=1)@1.2 linear γ=0.4 +repair(ℓ=12 c=0.8 λ=1)`."""
+        p = self.method_params()
+        knobs = []
+        if isinstance(p, SSTParams):
+            knobs.append(f"soft β={p.beta:.3g}" if p.selection == "soft" else f"{p.selection} k={p.k}")
+        if isinstance(p, DensityParams):
+            knobs.append(f"density={p.density:.2g}")
+        name = self.method + (f"({', '.join(knobs)})" if knobs else "")
+        text = f"{name}@{self.alpha:.3g}"
+        if p.schedule == "linear":
+            text += f" linear γ={p.schedule_gamma:+.3g}"
+        elif p.schedule == "groups":
+            text += " groups " + "/".join(f"{g:.2g}" for g in p.schedule_groups or [])
+            if p.schedule_mlp_groups:
+                text += " mlp " + "/".join(f"{g:.2g}" for g in p.schedule_mlp_groups)
+        if self.repair is not None:
+            r = self.repair
+            where = f"ℓ={r.layer}" if r.layer is not None else "ℓ=auto"
+            text += f" +repair({where} c={r.strength:.2g} λ={r.lam:.2g})"
+        return text

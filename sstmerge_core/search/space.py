@@ -1,0 +1,134 @@
+"""What a recipe search may try and what it must respect (torch-free: the API validates a job's `search` with it),
+and how one optuna trial draws a recipe from that space.
+
+The objective is the highest safety on the search split among recipes with
+over_refusal − over_refusal_before ≤ `max_over_refusal_increase` and utility_before − utility ≤ `max_utility_drop`
+(ties → lower over-refusal). The space is conditional: β or k only for SST, density only for TIES/DARE, γ only for
+the linear schedule, one scale per layer group only for `groups`, λ, c and the layer only when the repair is on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..methods.catalog import CATALOG
+from ..repair.params import RefusalAblationParams
+from ..schedules import ScheduleKind
+from .recipe import Recipe
+
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+class SearchSettings(BaseModel):
+    """A budgeted, constrained recipe search (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(default=30, ge=1, le=1000, description="trials, each one evaluation on the search split")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the sampler")
+    max_over_refusal_increase: float = Field(
+        default=0.05, ge=0, le=1, description="constraint: over_refusal − over_refusal(before) ≤ this"
+    )
+    max_utility_drop: float = Field(
+        default=0.02, ge=0, le=1, description="constraint: utility(before) − utility ≤ this"
+    )
+    methods: list[str] = Field(default=["sst", "linear"], min_length=1, description="merge methods the search may use")
+    alpha_min: float = Field(default=0.25, ge=0, le=100, description="smallest α tried")
+    alpha_max: float = Field(default=3.0, gt=0, le=100, description="largest α tried")
+    schedules: list[ScheduleKind] = Field(
+        default=["constant", "linear", "groups"], min_length=1, description="depth schedules the search may use"
+    )
+    groups: int = Field(default=3, ge=2, le=8, description="layer groups of the `groups` schedule")
+    separate_mlp: bool = Field(default=True, description="`groups`: MLP modules get their own scales")
+    repair: Literal["off", "search", "always"] = Field(
+        default="search", description="refusal ablation: never, as a searched option, or in every trial"
+    )
+    split_seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the search/report split")
+    report_fraction: float = Field(default=0.5, gt=0, lt=1, description="share of each evaluation set kept for report")
+    report_points: int = Field(
+        default=6, ge=1, le=50, description="Pareto-optimal trials re-evaluated on the report split"
+    )
+    front_alphas: list[float] | None = Field(
+        default=None, min_length=2, max_length=32, description="α of linear's reference front (default: a grid)"
+    )
+    sampler: Literal["tpe", "random"] = Field(default="tpe", description="optuna sampler")
+    startup_trials: int = Field(default=8, ge=1, le=1000, description="random trials before TPE models the space")
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        unknown = sorted(set(methods) - set(CATALOG))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; one of {sorted(CATALOG)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError("methods must be distinct")
+        return methods
+
+    @field_validator("front_alphas")
+    @classmethod
+    def _finite(cls, alphas: list[float] | None) -> list[float] | None:
+        if alphas is not None and not all(math.isfinite(a) and 0 <= a <= 100 for a in alphas):
+            raise ValueError("front α values must be finite and within [0, 100]")
+        return alphas
+
+    @model_validator(mode="after")
+    def _range(self) -> SearchSettings:
+        if self.alpha_min >= self.alpha_max:
+            raise ValueError("alpha_min must be below alpha_max")
+        return self
+
+    def reference_alphas(self) -> list[float]:
+        """α of linear's front on the report split: the given ones, else 10 points over [0, alpha_max]."""
+        if self.front_alphas:
+            return sorted(set(self.front_alphas))
+        return [round(self.alpha_max * i / 9, 4) for i in range(10)]
+
+
+def suggest_recipe(
+    trial: Any, settings: SearchSettings, *, base_params: dict[str, Any], num_layers: int, can_repair: bool
+) -> Recipe:
+    """One recipe drawn by an optuna `trial` (define-by-run, so the space is conditional as described above).
+
+    `base_params` are the job's own method parameters (Fisher data settings, rank cap, seed), kept fixed so that
+    every SST trial reuses the same cached Fisher factors.
+    """
+    method = trial.suggest_categorical("method", settings.methods)
+    alpha = trial.suggest_float("alpha", settings.alpha_min, settings.alpha_max)
+    fields = CATALOG[method].params.model_fields
+    params: dict[str, Any] = {k: v for k, v in base_params.items() if k in fields}
+    params["alphas"] = [alpha]
+    schedule = trial.suggest_categorical("schedule", settings.schedules)
+    params["schedule"] = schedule
+    if schedule == "linear":  # α_L = α (1 + g): from no safety in the last layer to three times α there
+        params["schedule_gamma"] = alpha * trial.suggest_float("gamma_relative", -1.0, 2.0)
+    elif schedule == "groups":
+        params["schedule_groups"] = [trial.suggest_float(f"group_{k}", 0.0, 2.0) for k in range(settings.groups)]
+        if settings.separate_mlp:
+            params["schedule_mlp_groups"] = [
+                trial.suggest_float(f"mlp_group_{k}", 0.0, 2.0) for k in range(settings.groups)
+            ]
+    if method == "sst":
+        selection = trial.suggest_categorical("selection", ["soft", "topk"])
+        params["selection"] = selection
+        if selection == "soft":
+            params["beta"] = trial.suggest_float("beta", 0.05, 20.0, log=True)
+        else:
+            params["k"] = trial.suggest_int("k", 4, 256, log=True)
+    elif method in DENSITY_METHODS:
+        params["density"] = trial.suggest_float("density", 0.1, 0.9)
+    repair = None
+    use_repair = can_repair and (
+        settings.repair == "always"
+        or (settings.repair == "search" and trial.suggest_categorical("repair", [False, True]))
+    )
+    if use_repair:
+        candidate_layers = max(1, int(RefusalAblationParams().max_layer_fraction * num_layers))
+        repair = RefusalAblationParams(
+            lam=trial.suggest_float("repair_lambda", 0.0, 1.0),
+            strength=trial.suggest_float("repair_strength", 0.0, 1.0),
+            layer=trial.suggest_int("repair_layer", 0, candidate_layers - 1),
+        )
+    return Recipe(method=method, params=params, repair=repair)

@@ -1,0 +1,115 @@
+"""The recipe search's pure parts: settings, the conditional space, recipes, fronts and matched-safety bootstrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+from pydantic import ValidationError
+
+from sstmerge_core.search.matched import Outcomes, at_safety, front_curve, interpolate, matched_difference
+from sstmerge_core.search.recipe import Recipe
+from sstmerge_core.search.space import SearchSettings, suggest_recipe
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_settings_refuse_bad_values():
+    for bad in (
+        {"methods": ["nope"]},
+        {"methods": []},
+        {"alpha_min": 2.0, "alpha_max": 1.0},
+        {"budget": 0},
+        {"max_over_refusal_increase": -0.1},
+        {"front_alphas": [float("nan"), 1.0]},
+        {"report_fraction": 1.0},
+        {"extra": 1},
+    ):
+        with pytest.raises(ValidationError):
+            SearchSettings(**bad)
+    assert SearchSettings().reference_alphas()[0] == 0.0 and SearchSettings().reference_alphas()[-1] == 3.0
+
+
+def test_every_drawn_recipe_is_valid_and_only_carries_the_parameters_it_uses():
+    settings = SearchSettings(methods=["sst", "linear", "ties"], repair="search")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        recipe = suggest_recipe(trial, settings, base_params={"max_samples": 64}, num_layers=30, can_repair=True)
+        study.tell(trial, 0.0)
+        p = recipe.method_params()
+        seen.add((recipe.method, p.schedule, recipe.repair is not None))
+        assert settings.alpha_min <= recipe.alpha <= settings.alpha_max
+        assert ("beta" in trial.params or "k" in trial.params) == (recipe.method == "sst")
+        assert ("density" in trial.params) == (recipe.method == "ties")
+        assert ("gamma_relative" in trial.params) == (p.schedule == "linear")
+        assert (len(p.schedule_groups or []) == settings.groups) == (p.schedule == "groups")
+        if recipe.method == "sst":
+            assert p.max_samples == 64  # the job's Fisher settings are kept, so cached factors are reused
+        if recipe.repair is not None:
+            assert 0 <= recipe.repair.layer < 24 and 0 <= recipe.repair.strength <= 1
+        assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe
+    assert {m for m, _, _ in seen} == {"sst", "linear", "ties"} and {r for *_, r in seen} == {True, False}
+    fresh = optuna.create_study().ask()
+    no_repair = suggest_recipe(fresh, SearchSettings(repair="always"), base_params={}, num_layers=30, can_repair=False)
+    assert no_repair.repair is None
+
+
+def test_recipe_needs_one_alpha():
+    with pytest.raises(ValidationError, match="one α"):
+        Recipe(method="linear", params={"alphas": [1.0, 2.0]})
+
+
+def test_front_follows_alpha_up_to_the_safest_point_and_averages_ties():
+    alphas = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    safety = [0.1, 0.5, 0.5, 0.9, 0.8, 0.3]  # falls again past α=1.5
+    over = [0.0, 0.1, 0.3, 0.4, 0.6, 0.9]
+    s, o = front_curve(alphas, safety, over)
+    assert s.tolist() == [0.1, 0.5, 0.9] and o.tolist() == pytest.approx([0.0, 0.2, 0.4])
+    shuffled = front_curve(alphas[::-1], safety[::-1], over[::-1])
+    assert all(np.array_equal(a, b) for a, b in zip(shuffled, (s, o)))
+    assert interpolate((s, o), 0.7) == pytest.approx((0.3,))
+    assert interpolate((s, o), 0.95) is None and interpolate((s, o), 0.05) is None
+
+
+def _bernoulli(rng, p, n):
+    return rng.random(n) < p
+
+
+def _model(rng, safety, over, utility, n=(200, 300, 100)):
+    return Outcomes.of(_bernoulli(rng, safety, n[0]), _bernoulli(rng, over, n[1]), _bernoulli(rng, utility, n[2]))
+
+
+def test_a_point_of_the_reference_front_matches_it_exactly_in_every_draw():
+    rng = np.random.default_rng(0)
+    front = [(a, _model(rng, 0.3 + 0.3 * a, 0.1 + 0.3 * a, 0.8)) for a in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    result = matched_difference(front[2][1], front, n_boot=300, seed=1)
+    assert result["matched"] and result["delta_over_refusal"] == pytest.approx(0.0)
+    assert result["delta_over_refusal_ci"] == pytest.approx([0.0, 0.0])
+
+
+def test_matched_difference_point_estimate_and_a_real_improvement_is_outside_the_interval():
+    rng = np.random.default_rng(1)
+    front = [(a, _model(rng, 0.2 + 0.35 * a, 0.05 + 0.25 * a, 0.8)) for a in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    better = _model(rng, 0.72, 0.12, 0.8)  # linear needs over-refusal ≈ 0.4 for this safety
+    result = matched_difference(better, front, n_boot=500, seed=2)
+    s = better.harmful.mean()
+    curve = front_curve([a for a, _ in front], *zip(*[(m.harmful.mean(), m.benign.mean()) for _, m in front]))
+    expected = better.benign.mean() - float(np.interp(s, curve[0], curve[1]))
+    assert result["delta_over_refusal"] == pytest.approx(expected)
+    low, high = result["delta_over_refusal_ci"]
+    assert low <= result["delta_over_refusal"] <= high < 0
+    outside = matched_difference(_model(rng, 0.99, 0.5, 0.8), front, n_boot=50)
+    assert outside["matched"] is False
+
+
+def test_at_safety_of_a_front_against_itself_is_zero_and_a_shifted_front_is_found():
+    rng = np.random.default_rng(3)
+    front = [(a, _model(rng, 0.2 + 0.35 * a, 0.05 + 0.25 * a, 0.8)) for a in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    same = at_safety(front, front, 0.6, n_boot=200)
+    assert same["delta_over_refusal"] == pytest.approx(0.0) and same["delta_over_refusal_ci"] == pytest.approx([0, 0])
+    shifted = [(a, _model(rng, 0.2 + 0.35 * a, 0.02 + 0.1 * a, 0.8)) for a in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    result = at_safety(shifted, front, 0.6, n_boot=300)
+    assert result["matched"] and result["delta_over_refusal_ci"][1] < 0
+    assert at_safety(shifted, front, 0.999, n_boot=10)["matched"] is False
