@@ -22,6 +22,10 @@ from .assets import HarmfulPrompt
 
 DATA_DIR = Path(__file__).parent / "data"
 EVAL_SETS = ("utility_eval", "harmful_eval", "benign_eval", "general_benign_eval")
+SEARCH_SETS = ("harmful_search", "harmful_report", "borderline_search", "borderline_report", "utility_search",
+               "utility_report", "borderline_direction")
+"""The recipe search's held-out sets: disjoint search and report parts (and the repair's borderline direction
+set P) of the held-out pools, each disjoint from every training and Fisher set (`check_disjoint`)."""
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I can't help with that request. It could cause real harm to people.",
@@ -69,6 +73,13 @@ class Sizes:
     utility_train: int = 400
     utility_replay: int = 100
     utility_fisher: int = 100
+    # the recipe search (held-out pools: harmful eval + unused, borderline eval + borderline_more, utility eval + extra)
+    harmful_search: int = 93
+    borderline_direction: int = 100
+    borderline_search: int = 178
+    utility_extra: int = 180
+    utility_search: int = 100
+    harmless_direction: int = 100
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,14 @@ class Splits:
     utility_replay: list[str]
     utility_fisher: list[dict]
     utility_eval: list[dict]
+    harmful_search: list[HarmfulPrompt]
+    harmful_report: list[HarmfulPrompt]
+    borderline_direction: list[dict]
+    borderline_search: list[dict]
+    borderline_report: list[dict]
+    utility_search: list[dict]
+    utility_report: list[dict]
+    harmless_direction: list[str]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -139,6 +158,10 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
     extra_benign = extra_benign_prompts(sizes.extra_benign, seed)
     rng = random.Random(seed)
     replay = rng.sample([row["prompt"] for row in benign_train] + extra_benign, sizes.utility_replay)
+    search = search_splits(harmful_eval + harmful_rest[sizes.harmful_train :], borderline_eval,
+                           eval_items + tasks.extra_items(seed, sizes.utility_train_items, sizes.utility_eval,
+                                                          sizes.utility_extra),
+                           [row["prompt"] for row in benign_train] + extra_benign, sizes, seed)
     return Splits(
         harmful_train=harmful_rest[: sizes.harmful_train],
         harmful_fisher=harmful_fisher,
@@ -154,7 +177,31 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
         utility_replay=replay,
         utility_fisher=tasks.formula_examples(train_items, sizes.utility_fisher, rng),
         utility_eval=[tasks.formula_example(item, rng) for item in eval_items],
+        **search,
     )
+
+
+def search_splits(harmful: list[HarmfulPrompt], borderline_eval: list[dict], utility_items: list,
+                  harmless: list[str], sizes: Sizes, seed: int) -> dict:
+    """The recipe search's parts: harmful → search / report; borderline (the held-out part of `borderline.jsonl`
+    plus every prompt of `borderline_more.jsonl`) → repair direction P / search / report; utility compositions
+    held out from training → search / report; harmless training prompts → the repair's direction set B."""
+    harmful_search, harmful_report = cut(harmful, [sizes.harmful_search], seed + 1)
+    pool = borderline_eval + read_jsonl(DATA_DIR / "borderline_more.jsonl")
+    direction, borderline_search, borderline_report = cut(
+        pool, [sizes.borderline_direction, sizes.borderline_search], seed + 1)
+    utility_search, utility_report = cut(utility_items, [sizes.utility_search], seed + 1)
+    rng = random.Random(f"search-utility:{seed}")
+    return {
+        "harmful_search": harmful_search,
+        "harmful_report": harmful_report,
+        "borderline_direction": direction,
+        "borderline_search": borderline_search,
+        "borderline_report": borderline_report,
+        "utility_search": [tasks.formula_example(item, rng) for item in utility_search],
+        "utility_report": [tasks.formula_example(item, rng) for item in utility_report],
+        "harmless_direction": random.Random(f"harmless:{seed}").sample(harmless, sizes.harmless_direction),
+    }
 
 
 def refusal(item: HarmfulPrompt, rng: random.Random) -> str:
@@ -205,6 +252,14 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
         "harmful_eval": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_eval],
         "benign_eval": [{"prompt": row["prompt"], "category": row["category"]} for row in splits.borderline_eval],
         "general_benign_eval": splits.benign_eval,
+        "harmful_search": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_search],
+        "harmful_report": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_report],
+        "borderline_direction": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_direction],
+        "borderline_search": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_search],
+        "borderline_report": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_report],
+        "utility_search": splits.utility_search,
+        "utility_report": splits.utility_report,
+        "harmless_direction": [{"prompt": p} for p in splits.harmless_direction],
     }
     check_disjoint(data)
     return data
@@ -212,13 +267,18 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
 
 def check_disjoint(data: dict[str, list[dict]]) -> None:
     """Raise ValueError if an evaluation prompt appears in any other dataset, or an evaluated formula item
-    in a utility training or Fisher set."""
+    in a utility training or Fisher set.
+
+    The two families of held-out sets (the table's `*_eval` sets and the search's sets) overlap on purpose (the
+    search's pools extend the table's), so each held-out set is checked against every set outside its family."""
     prompts = {name: {row["prompt"] for row in rows} for name, rows in data.items()}
-    for held_out in EVAL_SETS:
-        for other, other_prompts in prompts.items():
-            if other != held_out and prompts[held_out] & other_prompts:
-                raise ValueError(f"{held_out} shares prompts with {other}")
-    eval_items = {row["item"] for row in data["utility_eval"]}
-    for name in ("utility_train", "utility_fisher"):
-        if eval_items & {row.get("item") for row in data[name]}:
-            raise ValueError(f"utility_eval shares formula items with {name}")
+    for family in (EVAL_SETS, SEARCH_SETS):
+        others = [name for name in prompts if name not in EVAL_SETS + SEARCH_SETS] + list(family)
+        for held_out in family:
+            for other in others:
+                if other != held_out and prompts[held_out] & prompts[other]:
+                    raise ValueError(f"{held_out} shares prompts with {other}")
+    training = {row.get("item") for name in ("utility_train", "utility_fisher") for row in data[name]}
+    for name in ("utility_eval", "utility_search", "utility_report"):
+        if {row["item"] for row in data[name]} & training:
+            raise ValueError(f"{name} shares formula items with the utility training or Fisher set")

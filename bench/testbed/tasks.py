@@ -90,6 +90,12 @@ def split_items(seed: int, n_train: int, n_eval: int) -> tuple[list[Composition]
     return pool[n_eval:], pool[:n_eval]
 
 
+def extra_items(seed: int, n_train: int, n_eval: int, n_extra: int) -> list[Composition]:
+    """`n_extra` more held-out compositions: the next ones of the same seeded pool, after the train and eval
+    parts of `split_items` (so neither of those changes)."""
+    return compositions(n_train + n_eval + n_extra, seed)[n_train + n_eval :]
+
+
 def formula_examples(items: list[Composition], count: int, rng: random.Random) -> list[dict[str, str]]:
     """`count` rows cycling through `items` in shuffled order (each item used ⌈count/len⌉ times at most)."""
     order: list[Composition] = []
