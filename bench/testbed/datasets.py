@@ -22,10 +22,9 @@ from .assets import HarmfulPrompt
 
 DATA_DIR = Path(__file__).parent / "data"
 EVAL_SETS = ("utility_eval", "harmful_eval", "benign_eval", "general_benign_eval")
-SEARCH_SETS = ("harmful_search", "harmful_report", "borderline_search", "borderline_report", "utility_search",
-               "utility_report", "borderline_direction")
-"""The recipe search's held-out sets: disjoint search and report parts (and the repair's borderline direction
-set P) of the held-out pools, each disjoint from every training and Fisher set (`check_disjoint`)."""
+SEARCH_SETS = ("harmful_pool", "borderline_pool", "utility_pool", "borderline_direction")
+"""The recipe search's held-out sets (the search cuts each pool into its search and report splits by seed) and
+the repair's borderline direction set P, each disjoint from every training and Fisher set (`check_disjoint`)."""
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I can't help with that request. It could cause real harm to people.",
@@ -74,11 +73,8 @@ class Sizes:
     utility_replay: int = 100
     utility_fisher: int = 100
     # the recipe search (held-out pools: harmful eval + unused, borderline eval + borderline_more, utility eval + extra)
-    harmful_search: int = 93
     borderline_direction: int = 100
-    borderline_search: int = 178
     utility_extra: int = 180
-    utility_search: int = 100
     harmless_direction: int = 100
 
 
@@ -100,13 +96,10 @@ class Splits:
     utility_replay: list[str]
     utility_fisher: list[dict]
     utility_eval: list[dict]
-    harmful_search: list[HarmfulPrompt]
-    harmful_report: list[HarmfulPrompt]
+    harmful_pool: list[HarmfulPrompt]
     borderline_direction: list[dict]
-    borderline_search: list[dict]
-    borderline_report: list[dict]
-    utility_search: list[dict]
-    utility_report: list[dict]
+    borderline_pool: list[dict]
+    utility_pool: list[dict]
     harmless_direction: list[str]
 
 
@@ -183,23 +176,18 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
 
 def search_splits(harmful: list[HarmfulPrompt], borderline_eval: list[dict], utility_items: list,
                   harmless: list[str], sizes: Sizes, seed: int) -> dict:
-    """The recipe search's parts: harmful → search / report; borderline (the held-out part of `borderline.jsonl`
-    plus every prompt of `borderline_more.jsonl`) → repair direction P / search / report; utility compositions
-    held out from training → search / report; harmless training prompts → the repair's direction set B."""
-    harmful_search, harmful_report = cut(harmful, [sizes.harmful_search], seed + 1)
-    pool = borderline_eval + read_jsonl(DATA_DIR / "borderline_more.jsonl")
-    direction, borderline_search, borderline_report = cut(
-        pool, [sizes.borderline_direction, sizes.borderline_search], seed + 1)
-    utility_search, utility_report = cut(utility_items, [sizes.utility_search], seed + 1)
-    rng = random.Random(f"search-utility:{seed}")
+    """The recipe search's pools, all held out from training and Fisher data: every harmful prompt not trained on,
+    the borderline prompts (the held-out part of `borderline.jsonl` plus all of `borderline_more.jsonl`) minus
+    the repair's direction set P, and held-out utility compositions; plus harmless training prompts as the
+    repair's direction set B. The search itself cuts each pool into search and report splits by seed."""
+    direction, borderline = cut(borderline_eval + read_jsonl(DATA_DIR / "borderline_more.jsonl"),
+                                [sizes.borderline_direction], seed + 1)
+    rng = random.Random(f"utility-pool:{seed}")
     return {
-        "harmful_search": harmful_search,
-        "harmful_report": harmful_report,
+        "harmful_pool": harmful,
         "borderline_direction": direction,
-        "borderline_search": borderline_search,
-        "borderline_report": borderline_report,
-        "utility_search": [tasks.formula_example(item, rng) for item in utility_search],
-        "utility_report": [tasks.formula_example(item, rng) for item in utility_report],
+        "borderline_pool": borderline,
+        "utility_pool": [tasks.formula_example(item, rng) for item in utility_items],
         "harmless_direction": random.Random(f"harmless:{seed}").sample(harmless, sizes.harmless_direction),
     }
 
@@ -252,13 +240,10 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
         "harmful_eval": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_eval],
         "benign_eval": [{"prompt": row["prompt"], "category": row["category"]} for row in splits.borderline_eval],
         "general_benign_eval": splits.benign_eval,
-        "harmful_search": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_search],
-        "harmful_report": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_report],
+        "harmful_pool": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_pool],
         "borderline_direction": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_direction],
-        "borderline_search": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_search],
-        "borderline_report": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_report],
-        "utility_search": splits.utility_search,
-        "utility_report": splits.utility_report,
+        "borderline_pool": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_pool],
+        "utility_pool": splits.utility_pool,
         "harmless_direction": [{"prompt": p} for p in splits.harmless_direction],
     }
     check_disjoint(data)
@@ -279,6 +264,6 @@ def check_disjoint(data: dict[str, list[dict]]) -> None:
                 if other != held_out and prompts[held_out] & prompts[other]:
                     raise ValueError(f"{held_out} shares prompts with {other}")
     training = {row.get("item") for name in ("utility_train", "utility_fisher") for row in data[name]}
-    for name in ("utility_eval", "utility_search", "utility_report"):
+    for name in ("utility_eval", "utility_pool"):
         if {row["item"] for row in data[name]} & training:
             raise ValueError(f"{name} shares formula items with the utility training or Fisher set")
