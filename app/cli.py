@@ -1,5 +1,6 @@
-"""Service commands of the `sstmerge` CLI: `serve`, `worker`, `keys` (registered through the
-`sstmerge.commands` entry point, so the core CLI never imports web or queue code)."""
+"""Service commands of the `sstmerge` CLI: `serve`, `keys`, `demo-service` (registered through the
+`sstmerge.commands` entry point, so the core CLI never imports web or queue code; `sstmerge worker` is the
+worker's own plugin, `workers.cli`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .config import TENANT_PATTERN, get_settings
+from .domain.settings import TENANT_PATTERN, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,15 @@ def _use_data_dir(data_dir: Path | None) -> None:
     if data_dir is not None:
         os.environ["SSTMERGE_DATA_DIR"] = str(data_dir.resolve())
         get_settings.cache_clear()
+
+
+def _require_worker_command() -> None:
+    """`serve` runs its worker as `sstmerge worker`, which needs the worker extras (torch, the core)."""
+    root = click.get_current_context().find_root()
+    if root.command.get_command(root, "worker") is None:  # type: ignore[attr-defined]
+        raise click.UsageError(
+            "this installation has no `sstmerge worker` (install sstmerge[worker]); run the API alone with --no-worker"
+        )
 
 
 class WorkerProcess:
@@ -86,10 +96,12 @@ def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
     database, SQLite-backed Celery broker, local artifact folder) on this machine."""
     import uvicorn
 
-    from .bootstrap import prepare
-    from .logging_setup import configure_logging
-    from .main import create_app
+    from .api.factory import create_app
+    from .domain.bootstrap import prepare
+    from .domain.logging_setup import configure_logging
 
+    if worker:
+        _require_worker_command()
     _use_data_dir(data_dir)
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -104,48 +116,14 @@ def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
             supervisor.stop()
 
 
-@click.command()
-@click.option(
-    "--concurrency", type=int, default=None, help="Jobs at a time (SSTMERGE_WORKER_CONCURRENCY; keep 1 per GPU)."
-)
-@click.option("--queues", default=None, help="Comma-separated queues (default SSTMERGE_QUEUE).")
-@click.option(
-    "--pool",
-    type=click.Choice(["prefork", "solo"]),
-    default="prefork",
-    show_default=True,
-    help="prefork runs jobs in a child process, so a crash or OOM kill is detected and the job re-delivered.",
-)
-def worker(concurrency: int | None, queues: str | None, pool: str) -> None:
-    """Run a job worker against the configured broker (SSTMERGE_BROKER_URL) and database."""
-    from workers.celery_app import app
-    from workers.tasks import worker_startup
-
-    settings = get_settings()
-    worker_startup()
-    argv = [
-        "worker",
-        f"--concurrency={concurrency or settings.worker_concurrency}",
-        f"--queues={queues or settings.queue}",
-        f"--pool={pool}",
-        f"--loglevel={settings.log_level}",
-        f"--hostname=sstmerge-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if settings.embedded_broker:
-        argv.append("--without-heartbeat")
-    app.worker_main(argv)
-
-
 @click.group()
 def keys() -> None:
     """Manage API keys (stored as SHA-256 hashes; a key is shown once, at creation)."""
 
 
 def _session():
-    from .bootstrap import prepare
-    from .db.session import session_scope
+    from .domain.bootstrap import prepare
+    from .domain.db.session import session_scope
 
     settings = get_settings()
     prepare(settings)
@@ -156,7 +134,7 @@ def _session():
 @click.option("--tenant", required=True, help="Tenant the key belongs to (created if new).")
 def keys_create(tenant: str) -> None:
     """Create a key and print it (only this once)."""
-    from .services.auth import create_key
+    from .domain.auth import create_key
 
     if not TENANT_PATTERN.match(tenant):
         raise click.BadParameter("letters, digits, '_', '.', '-' (at most 64)", param_hint="--tenant")
@@ -170,7 +148,7 @@ def keys_create(tenant: str) -> None:
 @click.option("--tenant", default=None, help="Only this tenant's keys.")
 def keys_list(tenant: str | None) -> None:
     """List key ids (never the keys)."""
-    from .services.auth import list_keys
+    from .domain.auth import list_keys
 
     with _session() as session:
         for key in list_keys(session, tenant):
@@ -182,7 +160,7 @@ def keys_list(tenant: str | None) -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke the key with id KEY_ID."""
-    from .services.auth import revoke_key
+    from .domain.auth import revoke_key
 
     with _session() as session:
         if not revoke_key(session, key_id):
@@ -194,5 +172,5 @@ def register(group: click.Group) -> None:
     """Entry point `sstmerge.commands`: add the service commands to the main group."""
     from .demo import demo_service
 
-    for command in (serve, worker, keys, demo_service):
+    for command in (serve, keys, demo_service):
         group.add_command(command)

@@ -2,16 +2,19 @@
 
 Prepares the self-contained example (tiny model, trained utility and safety adapters, disjoint data
 sets), starts `sstmerge serve` in embedded mode (SQLite database and broker, one worker), uploads the
-adapters and data over HTTP, submits an SST-Merge job with evaluation, polls it to the end, downloads the
-merged adapter and prints the metrics. This client process, not the API, is the one that imports torch
-(to build the example).
+adapters and data over HTTP, submits the demo job (`sstmerge_core.example.DEMO_*`: an SST-Merge α sweep
+compared with linear, evaluated), polls it to the end, downloads the recommended adapter, metrics.json and
+plot.png, and prints the table and the recommendation. This client process, not the API, is the one that
+imports torch (to build the example).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,6 +65,15 @@ def check(response: httpx.Response) -> dict:
     return response.json()
 
 
+def check_bytes(response: httpx.Response) -> bytes:
+    """The body of a successful response; a ClickException naming the request otherwise."""
+    if response.status_code >= 400:
+        raise click.ClickException(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}"
+        )
+    return response.content
+
+
 def get(client: httpx.Client, path: str, attempts: int = 3, **kwargs) -> httpx.Response:
     """GET with a retry on a dropped connection (an idle keep-alive socket the server closed meanwhile)."""
     for attempt in range(attempts):
@@ -74,8 +86,10 @@ def get(client: httpx.Client, path: str, attempts: int = 3, **kwargs) -> httpx.R
     raise AssertionError("unreachable")
 
 
-def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
-    """Upload, submit, poll, download; returns the final job."""
+def run_job(client: httpx.Client, assets, base_name: str) -> dict:
+    """Upload the example, submit the demo job (`sstmerge_core.example`), poll it to the end; returns the job."""
+    from sstmerge_core.example import DEMO_COMPARE_WITH, DEMO_EVALUATION, DEMO_METHOD, DEMO_PARAMS
+
     adapter = {}
     for role, folder in (("utility", assets.utility_adapter), ("safety", assets.safety_adapter)):
         body = check(client.post("/adapters", files={"file": (f"{role}.zip", zip_folder(folder))}, data={"name": role}))
@@ -91,23 +105,15 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
         "safety_adapter": {"adapter_id": adapter["safety"], "weight": 1.0},
         "utility_dataset_id": dataset["utility_data"],
         "safety_dataset_id": dataset["safety_data"],
-        "method": "sst",
-        "params": {
-            "selection": "soft",
-            "beta": 1.0,
-            "alphas": [0.5, 1.0, 2.0],
-            "max_length": 64,
-            "continuation_tokens": 8,
-        },
+        "method": DEMO_METHOD,
+        "params": DEMO_PARAMS,
         "evaluation": {
             "harmful_dataset_id": dataset["harmful_eval"],
             "benign_dataset_id": dataset["benign_eval"],
             "utility_eval_dataset_id": dataset["utility_eval"],
-            "utility_metric": "exact_match",
-            "judge": "keyword",
-            "max_new_tokens": 8,
+            **DEMO_EVALUATION,
         },
-        "compare_with": ["linear"],
+        "compare_with": DEMO_COMPARE_WITH,
     }
     job = check(client.post("/merges", json=request, headers={"Idempotency-Key": secrets.token_hex(8)}))
     click.echo(f"submitted job {job['id']}")
@@ -115,20 +121,34 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
     while job["status"] not in TERMINAL:
         time.sleep(1.0)
         job = check(get(client, f"/merges/{job['id']}"))
-        progress = job.get("progress") or {}
-        line = f"  {job['status']:<9} {progress.get('stage') or '':<16} {progress.get('percent') or 0:5.1f}%"
-        if line != last:
-            click.echo(line)
-            last = line
+        stage = (job["status"], (job.get("progress") or {}).get("stage"))
+        if stage != last:  # one line per stage, not per percent
+            click.echo(f"  {job['status']:<9} {stage[1] or ''}")
+            last = stage
     if job["status"] != "succeeded":
         raise click.ClickException(f"job {job['id']} {job['status']}: {job.get('error')}")
-    archive = get(client, f"/merges/{job['id']}/adapter", params={"alpha": 1.0})
-    archive.raise_for_status()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "merged-alpha-1.zip").write_bytes(archive.content)
-    (out / "metrics.json").write_bytes(get(client, f"/merges/{job['id']}/metrics").content)
-    (out / "plot.png").write_bytes(get(client, f"/merges/{job['id']}/plot.png").content)
     return job
+
+
+def download_results(client: httpx.Client, job: dict, out: Path) -> tuple[dict, Path | None]:
+    """metrics.json, plot.png and the recommended adapter (unpacked) into a fresh `out`; returns the metrics and
+    the adapter folder (None when nothing was recommended: then no adapter is downloaded)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    metrics_bytes = check_bytes(get(client, f"/merges/{job['id']}/metrics"))
+    (out / "metrics.json").write_bytes(metrics_bytes)
+    (out / "plot.png").write_bytes(check_bytes(get(client, f"/merges/{job['id']}/plot.png")))
+    metrics = json.loads(metrics_bytes)
+    recommended = metrics.get("recommended") or {}
+    if recommended.get("label") is None:
+        return metrics, None
+    method, alpha = recommended["method"], recommended["alpha"]
+    archive = check_bytes(get(client, f"/merges/{job['id']}/adapter", params={"alpha": alpha, "method": method}))
+    folder = out / f"{method}-alpha-{alpha:g}"
+    with zipfile.ZipFile(io.BytesIO(archive)) as bundle:
+        bundle.extractall(folder)
+    return metrics, folder
 
 
 @click.command("demo-service")
@@ -141,15 +161,14 @@ def run_job(client: httpx.Client, assets, base_name: str, out: Path) -> dict:
 )
 @click.option("--port", type=int, default=None, help="Port of the embedded service (default: a free one).")
 def demo_service(workdir: str, port: int | None) -> None:
-    """Start the embedded service, submit a real merge job on a small example, poll it, download the adapter."""
-    import json
-
-    from sstmerge_core.commands.options import metrics_table
-    from sstmerge_core.example import prepare_example
+    """Start the embedded service, submit the demo job (SST α sweep against linear, evaluated) on the example
+    over HTTP, poll it, and download the recommended adapter, metrics.json and plot.png."""
+    from sstmerge_core.commands.demo import echo_step, show_results
+    from sstmerge_core.example import describe_job, prepare_example
 
     root = Path(workdir).resolve()
-    click.echo(f"preparing example assets in {root / 'models'}")
-    assets = prepare_example(root / "models")
+    click.echo(f"preparing the example in {root / 'models'}")
+    assets = prepare_example(root / "models", progress=echo_step)
     port = port or free_port()
     key = secrets.token_hex(16)
     env = {
@@ -176,14 +195,18 @@ def demo_service(workdir: str, port: int | None) -> None:
             base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60
         ) as client:
             wait_ready(client, server)
-            job = run_job(client, assets, assets.base.name, root / "downloads")
-            from rich.console import Console
-
-            Console().print(metrics_table(json.loads((root / "downloads" / "metrics.json").read_text())))
-            click.echo(
-                f"job {job['id']} succeeded; downloaded {root / 'downloads'}/merged-alpha-1.zip, "
-                "metrics.json and plot.png"
-            )
+            click.echo(describe_job(assets))
+            job = run_job(client, assets, assets.base.name)
+            metrics, adapter = download_results(client, job, root / "downloads")
     finally:
         server.terminate()
         server.wait(timeout=60)
+    click.echo("")
+    show_results(metrics)
+    click.echo("")
+    if adapter is None:
+        click.echo("recommended adapter: none (nothing qualified), so no adapter was downloaded")
+    else:
+        click.echo(f"recommended adapter: {adapter}  (PeftModel.from_pretrained(base, this folder))")
+    click.echo(f"base model: {assets.base}")
+    click.echo(f"metrics.json, plot.png: {root / 'downloads'}  (job {job['id']})")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.db.models import Adapter, Dataset
-from app.storage import Storage
+from app.domain.db.models import Adapter, Dataset
+from app.domain.storage import Storage
 from sstmerge_core.errors import AdapterError, DatasetError
 
 

@@ -9,18 +9,19 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from app.config import Settings
-from app.db.session import session_scope
-from app.errors import ApiError
-from app.schemas import MergeRequest
-from app.services import artifacts, base_models
-from app.services.merges import build_spec
-from app.storage import Storage
+from app.domain import artifacts, base_models
+from app.domain.db.session import session_scope
+from app.domain.errors import DomainError
+from app.domain.job_spec import build_spec
+from app.domain.job_state import Claim, Heartbeat, JobStore, ProgressWriter
+from app.domain.requests import MergeRequest
+from app.domain.settings import Settings
+from app.domain.storage import Storage
 from sstmerge_core.errors import Cancelled, InputError
+from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.pipeline import MergeOutcome, ModelCache, run_merge
 
 from .inputs import InputCache
-from .state import Claim, Heartbeat, JobStore, ProgressWriter
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +74,28 @@ class JobRunner:
         self.store = JobStore(settings.resolved_database_url, settings.job_lease_seconds, settings.max_attempts)
         self.inputs = InputCache(storage, settings.resolved_work_dir / "inputs")
 
-    def _spec(self, claim: Claim):
+    def _spec(self, claim: Claim) -> tuple[MergeSpec, dict[str, str]]:
+        """The job's `MergeSpec` on its fetched inputs, and the names the written documents use for them (the
+        adapter and dataset ids and the base model as requested), so that no server path reaches an artifact."""
         body = MergeRequest.model_validate(claim.request)
-        try:
-            base = base_models.resolve(self.settings, body.base_model)
-        except ApiError as exc:
-            raise InputError(exc.message, code=exc.code) from None
+        base = base_models.resolve(self.settings, body.base_model)
+        names = {base.spec_value: body.base_model}
+
+        def named(path: Path, ident: str) -> str:
+            names[str(path)] = ident
+            return str(path)
+
         with session_scope(self.settings.resolved_database_url) as session:
-            return build_spec(
+            spec = build_spec(
                 body,
                 base.spec_value,
-                lambda ident: str(self.inputs.adapter(session, claim.tenant, ident)),
-                lambda ident: str(self.inputs.dataset(session, claim.tenant, ident)),
+                lambda ident: named(self.inputs.adapter(session, claim.tenant, ident), ident),
+                lambda ident: named(self.inputs.dataset(session, claim.tenant, ident), ident),
                 device=self.settings.device,
                 dtype=self.settings.dtype,
                 cache_dir=str(self.settings.resolved_cache_dir),
             )
+        return spec, names
 
     def run(self, job_id: str) -> None:
         claim = self.store.claim(job_id)
@@ -109,13 +116,14 @@ class JobRunner:
 
     def _execute(self, claim: Claim, heartbeat: Heartbeat, work: Path, prefix: str) -> None:
         try:
-            spec = self._spec(claim)
+            spec, names = self._spec(claim)
             outcome = run_merge(
                 spec,
                 work / "out",
                 progress=ProgressWriter(self.store, claim),
                 should_cancel=heartbeat.should_cancel,
                 model_cache=self.model_cache,
+                names=names,
             )
             if heartbeat.should_cancel():
                 raise Cancelled("cancelled after the last stage")
@@ -124,7 +132,7 @@ class JobRunner:
             self.storage.delete_prefix(prefix)
             self.store.finish(claim, "cancelled")
             return
-        except InputError as exc:
+        except (InputError, DomainError) as exc:  # the job's inputs are wrong (a base model no longer offered, …)
             self.storage.delete_prefix(prefix)
             self.store.finish(claim, "failed", error_code=exc.code, error_message=str(exc))
             return

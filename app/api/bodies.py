@@ -9,8 +9,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
-
-from ..errors import ApiError
+from starlette.exceptions import HTTPException
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -60,4 +59,4 @@ async def upload_or_json(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
             ) from None
         return await on_json(body)
-    raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field `file`) or application/json")
+    raise HTTPException(415, "send multipart/form-data (field `file`) or application/json")

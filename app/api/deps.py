@@ -8,13 +8,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException
 
-from ..config import Settings
-from ..errors import ApiError
-from ..metrics import Metrics
-from ..queue import JobQueue
-from ..services.auth import authenticate
-from ..storage import Storage
+from ..domain.auth import authenticate
+from ..domain.queue import JobQueue
+from ..domain.settings import Settings
+from ..domain.storage import Storage
+from .metrics import Metrics
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
 
@@ -53,11 +53,8 @@ def get_tenant(
     """The tenant owning the bearer key, or 401."""
     tenant = authenticate(db, settings, credentials.credentials) if credentials else None
     if tenant is None:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "a valid API key is required (Authorization: Bearer <key>)",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise HTTPException(
+            401, "a valid API key is required (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
         )
     return tenant
 

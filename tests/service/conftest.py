@@ -27,7 +27,7 @@ from service_helpers import (
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from app.config import Settings
+from app.domain.settings import Settings
 from app.main import create_app
 from sstmerge_core.tiny import build_tiny_model, random_lora
 

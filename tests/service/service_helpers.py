@@ -14,7 +14,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from app.config import Settings
+from app.domain.settings import Settings
 
 API_KEYS = {"acme": "key-acme-7c1f0d2b9e", "globex": "key-globex-4a8e6f3d1c"}
 TERMINAL = {"succeeded", "failed", "cancelled"}

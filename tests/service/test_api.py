@@ -22,8 +22,8 @@ from service_helpers import (
 )
 from sqlalchemy import func, select
 
-from app.db.models import Adapter, Dataset
-from app.db.session import session_scope
+from app.domain.db.models import Adapter, Dataset
+from app.domain.db.session import session_scope
 from app.main import create_app
 
 pytestmark = pytest.mark.service

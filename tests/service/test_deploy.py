@@ -11,7 +11,7 @@ import click
 import pytest
 import yaml
 
-from app.config import Settings
+from app.domain.settings import Settings
 from sstmerge_core.cli import _load_plugins, cli
 
 ROOT = Path(__file__).resolve().parents[2]

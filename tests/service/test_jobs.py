@@ -23,8 +23,8 @@ from service_helpers import (
 )
 from transformers import AutoModelForCausalLM
 
+from app.domain.job_state import JobStore
 from app.main import create_app
-from workers.state import JobStore
 
 pytestmark = pytest.mark.service
 

@@ -21,9 +21,9 @@ from service_helpers import (
     wait_for,
 )
 
+from app.domain.storage import StorageError
+from app.domain.storage.s3 import S3Storage
 from app.main import create_app
-from app.storage import StorageError
-from app.storage.s3 import S3Storage
 
 pytestmark = pytest.mark.service
 

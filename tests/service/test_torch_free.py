@@ -8,9 +8,9 @@ import sys
 CODE = """
 import sys
 from fastapi.testclient import TestClient
-from app.config import Settings
+from app.domain.settings import Settings
 from app.main import create_app
-import app.cli, workers.celery_app
+import app.cli, app.domain.queue
 settings = Settings(data_dir=sys.argv[1])
 with TestClient(create_app(settings)) as client:
     assert client.get("/openapi.json").status_code == 200

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Settings
-from app.errors import ApiError
-from app.services import archives
-from app.services.adapter_files import read_safetensors_header
-from app.services.pagination import decode_cursor, encode_cursor
-from app.storage.base import check_key
-from app.storage.local import LocalStorage
+from app.domain import archives
+from app.domain.adapter_files import read_safetensors_header
+from app.domain.errors import DomainError
+from app.domain.pagination import decode_cursor, encode_cursor
+from app.domain.settings import Settings
+from app.domain.storage.base import check_key
+from app.domain.storage.local import LocalStorage
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
@@ -93,7 +93,7 @@ def test_safetensors_header_checks_offsets(tmp_path):
     assert read_safetensors_header(good)["w"]["shape"] == [2, 2]
     short = tmp_path / "short.safetensors"
     short.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
-    with pytest.raises(ApiError, match="truncated"):
+    with pytest.raises(DomainError, match="truncated"):
         read_safetensors_header(short)
 
 
@@ -102,7 +102,7 @@ def test_cursor_round_trip_and_garbage():
 
     when = datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=timezone.utc)
     assert decode_cursor(encode_cursor(when, "mj_1")) == (when, "mj_1")
-    with pytest.raises(ApiError):
+    with pytest.raises(DomainError):
         decode_cursor("not-a-cursor")
 
 
@@ -124,7 +124,7 @@ def test_local_storage_is_confined_and_atomic(tmp_path):
 HUB_CODE = """
 import sys
 from fastapi.testclient import TestClient
-from app.config import Settings
+from app.domain.settings import Settings
 from app.main import create_app
 settings = Settings(data_dir=sys.argv[1], hub_enabled=True, api_keys="acme:k")
 with TestClient(create_app(settings)) as client:
@@ -152,7 +152,7 @@ def test_postgres_pool_serves_every_api_thread(postgres_url):
 
     from sqlalchemy import text
 
-    from app.db.session import session_scope
+    from app.domain.db.session import session_scope
 
     api_threads = 40
     barrier = threading.Barrier(api_threads, timeout=20)
@@ -169,8 +169,8 @@ def test_postgres_pool_serves_every_api_thread(postgres_url):
 
 def test_build_spec_carries_every_evaluation_setting():
     """Each setting of an API evaluation request reaches the worker's EvaluationSpec, ids turned into paths."""
-    from app.schemas import MergeRequest
-    from app.services.merges import build_spec
+    from app.domain.job_spec import build_spec
+    from app.domain.requests import MergeRequest
 
     settings = {
         "utility_metric": "contains",

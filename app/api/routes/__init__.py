@@ -1,1 +1,1 @@
-"""One module per resource; each route translates HTTP to a service call and back."""
+"""One module per resource; each route translates HTTP to a domain call and back."""

@@ -3,10 +3,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ...schemas import AdapterOut, AdapterSource, Page
-from ...services import adapters as service
+from ...domain import adapters as service
+from ...domain.requests import AdapterSource
 from ..bodies import upload_or_json, upload_or_json_openapi
 from ..deps import DbDep, MetricsDep, SettingsDep, StorageDep, TenantDep
+from ..schemas import AdapterOut, Page
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ...schemas import DatasetOut, DatasetSource, Page
-from ...services import datasets as service
+from ...domain import datasets as service
+from ...domain.requests import DatasetSource
 from ..bodies import upload_or_json, upload_or_json_openapi
 from ..deps import DbDep, MetricsDep, SettingsDep, StorageDep, TenantDep
+from ..schemas import DatasetOut, Page
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

@@ -4,9 +4,9 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...schemas import ReadyOut
-from ...services.health import readiness
+from ...domain.health import readiness
 from ..deps import DbDep, MetricsDep, QueueDep, StorageDep
+from ..schemas import ReadyOut
 
 router = APIRouter(tags=["health"])
 

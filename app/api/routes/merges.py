@@ -1,17 +1,38 @@
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 
-from ...schemas import EventOut, JobOut, JobStatus, MergeRequest, Page
-from ...services import artifacts
-from ...services import merges as service
-from ...storage import Storage
+from ...domain import artifacts
+from ...domain import merges as service
+from ...domain.requests import JobStatus, MergeRequest, method_error
+from ...domain.storage import Storage
 from ..deps import DbDep, MetricsDep, QueueDep, SettingsDep, StorageDep, TenantDep
+from ..schemas import EventOut, JobOut, Page
 
-router = APIRouter(prefix="/merges", tags=["merges"])
+
+class MergeRoute(APIRoute):
+    """A body whose only problems are its method or `params` gets the domain's code (`unknown_method`,
+    `invalid_params`) instead of the generic `validation_error`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except RequestValidationError as exc:
+                raise method_error(exc.errors(), exc.body, root=("body",)) or exc from None
+
+        return handler
+
+
+router = APIRouter(prefix="/merges", tags=["merges"], route_class=MergeRoute)
 
 
 def _stream(storage: Storage, key: str, media_type: str, filename: str | None = None) -> StreamingResponse:
@@ -48,7 +69,7 @@ def create_merge(
     response.headers["Location"] = f"/merges/{job.id}"
     if created:
         metrics.jobs_submitted.inc()
-    return service.job_out(job)
+    return JobOut.from_job(job)
 
 
 @router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
@@ -60,12 +81,12 @@ def list_merges(
     cursor: str | None = None,
 ) -> Page[JobOut]:
     jobs, next_cursor = service.list_jobs(db, tenant, status, limit, cursor)
-    return Page(items=[service.job_out(j) for j in jobs], next_cursor=next_cursor)
+    return Page(items=[JobOut.from_job(j) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_merge(job_id: str, tenant: TenantDep, db: DbDep) -> JobOut:
-    return service.job_out(service.get_job(db, tenant, job_id))
+    return JobOut.from_job(service.get_job(db, tenant, job_id))
 
 
 @router.post(
@@ -79,7 +100,7 @@ def get_merge(job_id: str, tenant: TenantDep, db: DbDep) -> JobOut:
 def cancel_merge(job_id: str, response: Response, tenant: TenantDep, db: DbDep) -> JobOut:
     job = service.cancel(db, tenant, job_id)
     response.status_code = 202 if job.status == "running" else 200
-    return service.job_out(job)
+    return JobOut.from_job(job)
 
 
 @router.get("/{job_id}/events", response_model=Page[EventOut], summary="Status and progress events, oldest first")

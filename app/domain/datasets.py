@@ -13,13 +13,13 @@ from sqlalchemy.orm import Session
 from sstmerge_core.data import file_sha256, load_hub_examples, read_rows, to_examples
 from sstmerge_core.errors import DatasetError
 
-from ..config import Settings
-from ..db.models import Dataset, new_id
-from ..errors import ApiError, not_found
-from ..schemas import DatasetSource
-from ..storage import Storage
+from .db.models import Dataset, new_id
+from .errors import Conflict, InvalidInput, not_found
 from .jobs_index import active_references
 from .pagination import page_of, paginate
+from .requests import DatasetSource
+from .settings import Settings
+from .storage import Storage
 from .uploads import clean_name, save_stream, staging_dir, stored_with_row
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
         rows = read_rows(path)
         to_examples(rows, name)
     except DatasetError as exc:
-        raise ApiError(422, exc.code, str(exc).replace(str(path), name)) from None
+        raise InvalidInput(str(exc).replace(str(path), name), code=exc.code) from None
     dataset_id = new_id("ds")
     prefix = f"tenants/{tenant}/datasets/{dataset_id}"
     key = f"{prefix}/data{path.suffix}"
@@ -71,7 +71,9 @@ def create_from_upload(
 ) -> Dataset:
     suffix = SUFFIXES.get(Path(filename or "").suffix.lower())
     if suffix is None:
-        raise ApiError(422, "invalid_dataset", "upload a .jsonl or .csv file (the file name's suffix tells the format)")
+        raise InvalidInput(
+            "upload a .jsonl or .csv file (the file name's suffix tells the format)", code="invalid_dataset"
+        )
     with staging_dir(settings.resolved_work_dir) as staging:
         path = staging / f"data{suffix}"
         save_stream(upload, path, settings.max_upload_bytes)
@@ -90,7 +92,9 @@ def create_from_hub(
 ) -> Dataset:
     """Copy a Hub dataset's (prompt, response) columns into storage as JSONL."""
     if not settings.hub_enabled:
-        raise ApiError(422, "hub_disabled", "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)")
+        raise InvalidInput(
+            "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)", code="hub_disabled"
+        )
     dataset_id, _, revision = body.source.removeprefix("hf://").removeprefix("datasets/").partition("@")
     try:
         examples = load_hub_examples(
@@ -102,7 +106,7 @@ def create_from_hub(
             limit=body.limit,
         )
     except DatasetError as exc:
-        raise ApiError(422, exc.code, str(exc)) from None
+        raise InvalidInput(str(exc), code=exc.code) from None
     with staging_dir(settings.resolved_work_dir) as staging:
         path = staging / "data.jsonl"
         with path.open("w", encoding="utf-8") as out:
@@ -132,7 +136,7 @@ def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: 
     dataset = get_dataset(session, tenant, dataset_id)
     jobs = active_references(session, tenant, dataset_id=dataset_id)
     if jobs:
-        raise ApiError(409, "in_use", f"dataset {dataset_id} is used by unfinished jobs", {"jobs": jobs})
+        raise Conflict(f"dataset {dataset_id} is used by unfinished jobs", code="in_use", details={"jobs": jobs})
     session.delete(dataset)
     session.commit()
     storage.delete_prefix(dataset.storage_key.rsplit("/", 1)[0])

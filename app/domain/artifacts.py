@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from ..db.models import Job
-from ..errors import ApiError
+from .db.models import Job
+from .errors import Conflict, InvalidInput, NotFound
 
 METRICS = "metrics.json"
 PLOT = "plot.png"
@@ -23,11 +23,10 @@ def adapter_zip(method: str, alpha: float) -> str:
 
 def _manifest(job: Job) -> dict:
     if job.status != "succeeded" or not job.artifact_prefix:
-        raise ApiError(
-            409,
-            "not_ready",
+        raise Conflict(
             f"merge {job.id} is {job.status}; artifacts exist once it has succeeded",
-            {"status": job.status},
+            code="not_ready",
+            details={"status": job.status},
         )
     return (job.summary or {}).get("artifacts", {})
 
@@ -35,10 +34,8 @@ def _manifest(job: Job) -> dict:
 def artifact_key(job: Job, name: str) -> str:
     """The storage key of artifact `name` of a succeeded job, or 404 if this job has none such."""
     if name not in _manifest(job).get("files", []):
-        raise ApiError(
-            404,
-            "not_found",
-            f"merge {job.id} has no {name}" + (" (the job ran without evaluation)" if name in (METRICS, PLOT) else ""),
+        raise NotFound(
+            f"merge {job.id} has no {name}" + (" (the job ran without evaluation)" if name in (METRICS, PLOT) else "")
         )
     return f"{job.artifact_prefix}/{name}"
 
@@ -50,9 +47,7 @@ def adapter_key(job: Job, alpha: float | None, method: str | None = None) -> tup
     method = method or job.request.get("method", "sst")
     by_method: dict[str, list[float]] = manifest.get("adapters", {})
     if method not in by_method:
-        raise ApiError(
-            404, "not_found", f"merge {job.id} has no adapter of method {method!r}", {"methods": sorted(by_method)}
-        )
+        raise NotFound(f"merge {job.id} has no adapter of method {method!r}", details={"methods": sorted(by_method)})
     alphas = by_method[method]
     if alpha is None:
         recommended = manifest.get("recommended_alpha") if method == job.request.get("method") else None
@@ -61,9 +56,11 @@ def adapter_key(job: Job, alpha: float | None, method: str | None = None) -> tup
         elif recommended is not None:
             alpha = recommended
         else:
-            raise ApiError(422, "alpha_required", "this job swept several α; pass ?alpha=", {"alphas": alphas})
+            raise InvalidInput(
+                "this job swept several α; pass ?alpha=", code="alpha_required", details={"alphas": alphas}
+            )
     match = [a for a in alphas if math.isclose(a, alpha, rel_tol=1e-9, abs_tol=1e-12)]
     if not match:
-        raise ApiError(404, "not_found", f"merge {job.id} has no {method} adapter for α={alpha:g}", {"alphas": alphas})
+        raise NotFound(f"merge {job.id} has no {method} adapter for α={alpha:g}", details={"alphas": alphas})
     name = adapter_zip(method, match[0])
     return artifact_key(job, name), f"{job.id}-{name}"

@@ -11,13 +11,22 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from ..config import Settings
-from ..errors import ApiError
-from ..schemas import ModelOut
 from .adapter_files import read_safetensors_header
+from .errors import InvalidInput
+from .settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class OfferedModel:
+    """A base model a job may name: a folder under a model root, or a Hub id."""
+
+    name: str
+    source: Literal["local", "hub"]
+    model_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,18 +60,18 @@ def _model_type(folder: Path) -> str | None:
         return None
 
 
-def list_models(settings: Settings) -> list[ModelOut]:
+def list_models(settings: Settings) -> list[OfferedModel]:
     items = [
-        ModelOut(name=name, source="local", model_type=_model_type(path))
+        OfferedModel(name=name, source="local", model_type=_model_type(path))
         for name, path in _local_models(settings).items()
     ]
     if settings.hub_enabled:
-        items += [ModelOut(name=hub_id, source="hub") for hub_id in settings.hub_models]
+        items += [OfferedModel(name=hub_id, source="hub") for hub_id in settings.hub_models]
     return items
 
 
 def resolve(settings: Settings, name: str) -> BaseModelRef:
-    """The base model called `name`, or a 422 `unknown_base_model`."""
+    """The base model called `name`, or `InvalidInput` with code `unknown_base_model`."""
     local = _local_models(settings)
     if name in local:
         return BaseModelRef(name, local[name])
@@ -71,11 +80,10 @@ def resolve(settings: Settings, name: str) -> BaseModelRef:
         if not allowed or name.partition("@")[0] in allowed:
             return BaseModelRef(name, None)
     hint = "" if settings.hub_enabled else " (Hub ids are disabled on this server)"
-    raise ApiError(
-        422,
-        "unknown_base_model",
+    raise InvalidInput(
         f"base model {name!r} is not available{hint}; see GET /models",
-        {"available": sorted(local)},
+        code="unknown_base_model",
+        details={"available": sorted(local)},
     )
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import Select, and_, or_
 
-from ..errors import ApiError
+from .errors import InvalidInput
 
 
 def encode_cursor(created_at: datetime, ident: str) -> str:
@@ -22,7 +22,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created, ident = json.loads(raw)
         return datetime.fromisoformat(created), str(ident)
     except (ValueError, TypeError):
-        raise ApiError(422, "invalid_cursor", "the cursor is not valid; start again without it") from None
+        raise InvalidInput("the cursor is not valid; start again without it", code="invalid_cursor") from None
 
 
 def paginate(query: Select, model, limit: int, cursor: str | None) -> Select:

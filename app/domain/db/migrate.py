@@ -1,4 +1,4 @@
-"""Apply the Alembic migrations (`app/db/migrations`) up to head, serialised across processes."""
+"""Apply the Alembic migrations (`app/domain/db/migrations`) up to head, serialised across processes."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from datetime import timedelta
 from sqlalchemy import and_, func, or_, select, update
 from typing_extensions import Self
 
-from app.db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
-from app.db.session import session_scope
+from .db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
+from .db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .config import Settings
+from .auth import ensure_tenant
 from .db.migrate import upgrade
 from .db.session import session_scope
-from .services.auth import ensure_tenant
+from .settings import Settings
 
 
 def prepare(settings: Settings) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from ..queue import JobQueue
-from ..storage import Storage
+from .queue import JobQueue
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 

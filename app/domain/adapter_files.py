@@ -23,14 +23,14 @@ from sstmerge_core.adapter_format import (
 )
 from sstmerge_core.errors import AdapterError
 
-from ..errors import ApiError
+from .errors import InvalidInput
 
 KEPT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 _MAX_HEADER = 100 << 20
 
 
-def invalid(message: str, code: str = "invalid_adapter") -> ApiError:
-    return ApiError(422, code, message)
+def invalid(message: str, code: str = "invalid_adapter") -> InvalidInput:
+    return InvalidInput(message, code=code)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def find_adapter_folder(root: Path, files: list[PurePosixPath]) -> Path:
 
 
 def inspect_adapter(folder: Path) -> AdapterInfo:
-    """Validate a PEFT LoRA folder's metadata; raises ApiError(422) naming the problem."""
+    """Validate a PEFT LoRA folder's metadata; raises `InvalidInput` naming the problem."""
     try:
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

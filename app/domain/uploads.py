@@ -11,12 +11,12 @@ from typing import IO
 
 from sqlalchemy.orm import Session
 
-from ..errors import ApiError
-from ..storage import Storage
+from .errors import TooLarge
+from .storage import Storage
 
 
-def too_large(limit: int) -> ApiError:
-    return ApiError(413, "payload_too_large", f"the upload exceeds the limit of {limit} bytes", {"limit": limit})
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the upload exceeds the limit of {limit} bytes", details={"limit": limit})
 
 
 @contextmanager

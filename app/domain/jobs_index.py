@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..db.models import TERMINAL_STATUSES, Job
+from .db.models import TERMINAL_STATUSES, Job
 
 
 def request_adapter_ids(request: dict) -> set[str]:

@@ -1,4 +1,4 @@
-"""Merge jobs: submit-time validation, idempotency, listing, cancellation, events and artifacts."""
+"""Merge jobs: submit-time validation, idempotency, listing, cancellation and events."""
 
 from __future__ import annotations
 
@@ -12,58 +12,33 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
-from sstmerge_core.methods.catalog import CATALOG, parse_params
+from sstmerge_core.methods.catalog import CATALOG
 
-from ..config import Settings
-from ..db.models import Adapter, Dataset, Job, JobEvent, utcnow
-from ..errors import ApiError, not_found
-from ..schemas import JobError, JobOut, MergeRequest, Progress
 from . import base_models
+from .db.models import Adapter, Dataset, Job, JobEvent, utcnow
+from .errors import Conflict, InvalidInput, Unavailable, not_found
+from .job_spec import build_spec
 from .pagination import page_of, paginate
+from .requests import MergeRequest
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 Enqueue = Callable[[str], None]
-
-
-def job_out(job: Job) -> JobOut:
-    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
-    return JobOut(
-        id=job.id,
-        status=job.status,
-        progress=Progress(stage=job.stage, percent=job.percent),
-        error=error,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        request=job.request,
-        summary=job.summary,
-        cancel_requested=job.cancel_requested,
-        attempts=job.attempts,
-    )
 
 
 def request_sha256(request: dict) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _errors(exc: ValidationError, *prefix: str) -> list[dict]:
-    return [{"loc": ["body", *prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+def _errors(exc: ValidationError) -> list[dict]:
+    return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
-def _check_method(body: MergeRequest) -> None:
-    for name in [body.method, *body.compare_with]:
-        if name not in CATALOG:
-            raise ApiError(422, "unknown_method", f"unknown method {name!r}", {"methods": sorted(CATALOG)})
-    try:
-        parse_params(body.method, body.params)
-    except ValidationError as exc:
-        raise ApiError(
-            422, "invalid_params", f"invalid params for method {body.method!r}", _errors(exc, "params")
-        ) from None
+def _check_data(body: MergeRequest) -> None:
+    """Methods that read data need both merge datasets (the method and its params are valid by construction)."""
     if CATALOG[body.method].needs_fisher and not (body.utility_dataset_id and body.safety_dataset_id):
-        raise ApiError(
-            422, "missing_dataset", f"method {body.method!r} needs utility_dataset_id and safety_dataset_id"
+        raise InvalidInput(
+            f"method {body.method!r} needs utility_dataset_id and safety_dataset_id", code="missing_dataset"
         )
 
 
@@ -77,23 +52,21 @@ def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -
     for adapter in adapters:
         hint = adapter.base_model_hint
         if hint and base_models.short_name(hint) not in aliases:
-            raise ApiError(
-                422,
-                "base_model_mismatch",
+            raise InvalidInput(
                 f"adapter {adapter.id} ({adapter.name}) was trained on {hint!r}, not on {base.name!r}",
-                {"adapter_id": adapter.id, "base_model_hint": hint, "base_model": base.name},
+                code="base_model_mismatch",
+                details={"adapter_id": adapter.id, "base_model_hint": hint, "base_model": base.name},
             )
     shapes: dict[str, tuple[list[int], Adapter]] = {}
     for adapter in adapters:
         for module, (d_out, d_in, _) in adapter.modules.items():
             seen = shapes.setdefault(module, ([d_out, d_in], adapter))
             if seen[0] != [d_out, d_in]:
-                raise ApiError(
-                    422,
-                    "adapter_mismatch",
+                raise InvalidInput(
                     f"module {module}: adapter {seen[1].id} has ΔW {tuple(seen[0])} but adapter "
                     f"{adapter.id} has {(d_out, d_in)}; the adapters do not share a base model",
-                    {"module": module},
+                    code="adapter_mismatch",
+                    details={"module": module},
                 )
     weights = base_models.weight_shapes(base.path) if base.path else {}
     if not weights:
@@ -104,76 +77,40 @@ def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -
             shape = weights.get(key) or weights.get(key.split(".", 1)[-1])
             expected = [d_in, d_out] if adapter.fan_in_fan_out else [d_out, d_in]
             if shape is None:
-                raise ApiError(
-                    422,
-                    "base_model_mismatch",
+                raise InvalidInput(
                     f"module {module} of adapter {adapter.id} does not exist in base model {base.name}",
-                    {"adapter_id": adapter.id, "module": module},
+                    code="base_model_mismatch",
+                    details={"adapter_id": adapter.id, "module": module},
                 )
             if shape != expected:
-                raise ApiError(
-                    422,
-                    "base_model_mismatch",
+                raise InvalidInput(
                     f"module {module}: base model {base.name} has weight {tuple(shape)}, adapter "
                     f"{adapter.id} expects {tuple(expected)}",
-                    {"adapter_id": adapter.id, "module": module},
+                    code="base_model_mismatch",
+                    details={"adapter_id": adapter.id, "module": module},
                 )
 
 
 def validate(session: Session, settings: Settings, tenant: str, body: MergeRequest) -> None:
-    """Everything that can be checked without a model: 422 with a code naming the first problem."""
-    _check_method(body)
+    """Everything that can be checked without a model; `InvalidInput` with a code naming the first problem."""
+    _check_data(body)
     base = base_models.resolve(settings, body.base_model)
     adapter_ids = {ref.adapter_id for ref in body.adapter_refs()}
     adapters = _owned(session, Adapter, tenant, adapter_ids)
     if missing := sorted(adapter_ids - adapters.keys()):
-        raise ApiError(422, "adapter_not_found", f"adapter(s) not found: {', '.join(missing)}", {"ids": missing})
+        raise InvalidInput(
+            f"adapter(s) not found: {', '.join(missing)}", code="adapter_not_found", details={"ids": missing}
+        )
     dataset_ids = set(body.dataset_ids())
     if missing := sorted(dataset_ids - _owned(session, Dataset, tenant, dataset_ids).keys()):
-        raise ApiError(422, "dataset_not_found", f"dataset(s) not found: {', '.join(missing)}", {"ids": missing})
+        raise InvalidInput(
+            f"dataset(s) not found: {', '.join(missing)}", code="dataset_not_found", details={"ids": missing}
+        )
     _check_base_model(base, [adapters[ref.adapter_id] for ref in body.adapter_refs()])
     try:  # the core's own checks, on placeholder paths
         build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident)
     except ValidationError as exc:
-        raise ApiError(422, "invalid_request", "the job is not valid", _errors(exc)) from None
-
-
-def build_spec(
-    body: MergeRequest,
-    base_model: str,
-    adapter_path: Callable[[str], str],
-    dataset_path: Callable[[str], str],
-    **overrides,
-) -> MergeSpec:
-    """The core `MergeSpec` for a request, with ids turned into local paths by the given functions."""
-
-    def adapter(ref) -> AdapterInput:
-        return AdapterInput(path=adapter_path(ref.adapter_id), weight=ref.weight, name=ref.adapter_id)
-
-    def data(ident: str | None) -> str | None:
-        return dataset_path(ident) if ident else None
-
-    evaluation = None
-    if body.evaluation:
-        ev = body.evaluation
-        evaluation = EvaluationSpec(
-            harmful=dataset_path(ev.harmful_dataset_id),
-            benign=dataset_path(ev.benign_dataset_id),
-            utility_eval=dataset_path(ev.utility_eval_dataset_id),
-            **ev.model_dump(include=set(EvaluationSettings.model_fields)),
-        )
-    return MergeSpec(
-        base_model=base_model,
-        utility=[adapter(r) for r in body.utility_adapters],
-        safety=[adapter(body.safety_adapter)],
-        utility_data=data(body.utility_dataset_id),
-        safety_data=data(body.safety_dataset_id),
-        method=body.method,
-        params=body.params,
-        compare_with=body.compare_with,
-        evaluation=evaluation,
-        **overrides,
-    )
+        raise InvalidInput("the job is not valid", code="invalid_request", details=_errors(exc)) from None
 
 
 def _by_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -182,8 +119,10 @@ def _by_key(session: Session, tenant: str, key: str) -> Job | None:
 
 def _replay(job: Job, digest: str) -> Job:
     if job.request_sha256 != digest:
-        raise ApiError(
-            409, "idempotency_conflict", "this Idempotency-Key was used for a different request", {"job_id": job.id}
+        raise Conflict(
+            "this Idempotency-Key was used for a different request",
+            code="idempotency_conflict",
+            details={"job_id": job.id},
         )
     return job
 
@@ -216,7 +155,7 @@ def submit(
         log.exception("enqueue failed", extra={"job_id": job.id})
         session.delete(job)
         session.commit()
-        raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again") from exc
+        raise Unavailable("the job queue is unavailable; try again", code="broker_unavailable") from exc
     log.info("job queued", extra={"tenant": tenant, "job_id": job.id, "method": body.method})
     return job, True
 
@@ -259,7 +198,7 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
     session.commit()
     session.refresh(job)
     if job.status in ("succeeded", "failed"):
-        raise ApiError(409, "job_finished", f"merge {job.id} already {job.status}")
+        raise Conflict(f"merge {job.id} already {job.status}", code="job_finished")
     log.info("job cancel", extra={"tenant": tenant, "job_id": job.id, "status": job.status})
     return job
 

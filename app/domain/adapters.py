@@ -13,14 +13,14 @@ from sqlalchemy.orm import Session
 from sstmerge_core.adapter_format import refuse_pickles
 from sstmerge_core.errors import AdapterError
 
-from ..config import Settings
-from ..db.models import Adapter, new_id
-from ..errors import ApiError, not_found
-from ..storage import Storage
 from . import archives
 from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
+from .db.models import Adapter, new_id
+from .errors import Conflict, InvalidInput, TooLarge, UpstreamFailed, not_found
 from .jobs_index import active_references
 from .pagination import page_of, paginate
+from .settings import Settings
+from .storage import Storage
 from .uploads import clean_name, save_stream, staging_dir, stored_with_row
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def create_from_archive(
                 archive, root, max_members=settings.max_archive_members, max_bytes=settings.max_extracted_bytes
             )
         except archives.ArchiveError as exc:
-            status = 413 if exc.code == "archive_too_large" else 422
-            raise ApiError(status, exc.code, str(exc)) from None
+            kind = TooLarge if exc.code == "archive_too_large" else InvalidInput
+            raise kind(str(exc), code=exc.code) from None
         folder = find_adapter_folder(root, files)
         return _store(
             session,
@@ -95,9 +95,9 @@ def _fetch_from_hub(source: str, destination: Path) -> None:
     try:
         names = HfApi().list_repo_files(repo_id, revision=revision or None)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise ApiError(422, "hub_not_found", f"{source}: {exc}") from None
+        raise InvalidInput(f"{source}: {exc}", code="hub_not_found") from None
     except Exception as exc:  # noqa: BLE001 - the Hub client raises HTTP, network and OS errors alike
-        raise ApiError(502, "hub_unavailable", f"cannot reach the Hugging Face Hub for {source}: {exc}") from None
+        raise UpstreamFailed(f"cannot reach the Hugging Face Hub for {source}: {exc}", code="hub_unavailable") from None
     if WEIGHTS_NAME not in names:
         try:
             refuse_pickles(names)
@@ -112,7 +112,7 @@ def _fetch_from_hub(source: str, destination: Path) -> None:
             allow_patterns=list(KEPT_FILES),
         )
     except Exception as exc:  # noqa: BLE001 - as above
-        raise ApiError(502, "hub_unavailable", f"download of {source} failed: {exc}") from None
+        raise UpstreamFailed(f"download of {source} failed: {exc}", code="hub_unavailable") from None
 
 
 def create_from_hub(
@@ -120,7 +120,9 @@ def create_from_hub(
 ) -> Adapter:
     """Fetch `hf://org/name[@revision]` (safetensors and config only) and store it like an upload."""
     if not settings.hub_enabled:
-        raise ApiError(422, "hub_disabled", "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)")
+        raise InvalidInput(
+            "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)", code="hub_disabled"
+        )
     with staging_dir(settings.resolved_work_dir) as staging:
         _fetch_from_hub(source, staging)
         repo_name = source.removeprefix("hf://").partition("@")[0].rsplit("/", 1)[-1]
@@ -143,7 +145,7 @@ def delete_adapter(session: Session, storage: Storage, tenant: str, adapter_id: 
     adapter = get_adapter(session, tenant, adapter_id)
     jobs = active_references(session, tenant, adapter_id=adapter_id)
     if jobs:
-        raise ApiError(409, "in_use", f"adapter {adapter_id} is used by unfinished jobs", {"jobs": jobs})
+        raise Conflict(f"adapter {adapter_id} is used by unfinished jobs", code="in_use", details={"jobs": jobs})
     session.delete(adapter)
     session.commit()
     storage.delete_prefix(adapter.storage_prefix)

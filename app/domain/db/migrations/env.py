@@ -1,6 +1,6 @@
-"""Alembic environment: runs on the connection handed in by `app.db.migrate.upgrade`.
+"""Alembic environment: runs on the connection handed in by `app.domain.db.migrate.upgrade`.
 
-For `alembic revision --autogenerate` by hand: `SSTMERGE_DATABASE_URL=… alembic -c app/db/alembic.ini …`.
+For `alembic revision --autogenerate` by hand: `SSTMERGE_DATABASE_URL=… alembic -c app/domain/db/alembic.ini …`.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from app.config import get_settings
-from app.db.models import Base
+from app.domain.db.models import Base
+from app.domain.settings import get_settings
 
 target_metadata = Base.metadata
 

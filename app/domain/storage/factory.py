@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import Settings
+from ..settings import Settings
 from .base import Storage
 
 

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..config import TENANT_PATTERN, Settings
-from ..db.models import ApiKey, Tenant, utcnow
+from .db.models import ApiKey, Tenant, utcnow
+from .settings import TENANT_PATTERN, Settings
 
 
 def hash_key(key: str) -> str:

@@ -1,0 +1,167 @@
+"""What a client asks for: a merge job, a Hub adapter, a Hub dataset (pydantic; the HTTP bodies and the job
+record the worker reads back).
+
+A merge request's `params` are validated by the chosen method's parameter model from the torch-free catalogue
+(`sstmerge_core.methods.catalog`), so a method added there is accepted, validated and documented here
+without a change to this package. The stored request keeps `params` as the client sent them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
+
+from sstmerge_core.jobspec import EvaluationSettings
+from sstmerge_core.methods.catalog import CATALOG, parse_params
+
+from .errors import InvalidInput
+
+HF_ADAPTER = r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$"
+HF_DATASET = r"^hf://(datasets/)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$"
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+DEFAULT_METHOD = "sst"
+UNKNOWN_METHOD = "unknown_method"
+
+
+class AdapterSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(pattern=HF_ADAPTER, examples=["hf://org/my-lora@main"])
+    name: str | None = Field(default=None, max_length=200)
+
+
+class DatasetSource(BaseModel):
+    """A Hub dataset with a column mapping; its rows are copied into storage as JSONL at creation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(pattern=HF_DATASET, examples=["hf://datasets/org/prompts@main"])
+    split: str = "train"
+    prompt_column: str = "prompt"
+    response_column: str | None = "response"
+    limit: int | None = Field(default=None, ge=1)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class AdapterRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+
+
+class EvaluationRequest(EvaluationSettings):
+    """Held-out evaluation sets (dataset ids) and generation/judging settings (§5)."""
+
+    harmful_dataset_id: str
+    benign_dataset_id: str
+    utility_eval_dataset_id: str
+
+
+def _known_method(name: str) -> str:
+    if name not in CATALOG:
+        raise PydanticCustomError(UNKNOWN_METHOD, "unknown method {name}", {"name": repr(name)})
+    return name
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+
+
+class MergeRequest(BaseModel):
+    """A merge job as submitted (README.md, "The service"). `params` must fit the parameter model of `method`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(description="a name from GET /models or a Hub id `org/name[@revision]`")
+    utility_adapters: list[AdapterRef] = Field(default_factory=list)
+    safety_adapter: AdapterRef
+    utility_dataset_id: str | None = None
+    safety_dataset_id: str | None = None
+    method: MethodName = Field(default=DEFAULT_METHOD, description="a method of GET /methods")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the parameters of `method` (its JSON Schema is in GET /methods); unknown keys are an error",
+    )
+    evaluation: EvaluationRequest | None = None
+    compare_with: list[MethodName] = Field(default_factory=list, description="baseline methods, run with defaults")
+
+    @field_validator("params")
+    @classmethod
+    def _params_fit_method(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Validated by the method's model; its errors are located under `params` (an unknown method is
+        reported on its own)."""
+        if "method" in info.data:
+            parse_params(info.data["method"], params)
+        return params
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The schema ties `params` to `method`: a named schema per catalogue method's parameter model, and `if`
+        method is m `then` params follow m's model. `anyOf`, not `oneOf`, for the list: `{}` fits every method."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        # generate_inner registers each model as a definition and returns its $ref (handler() would inline it)
+        generate = handler.generate_json_schema.generate_inner  # type: ignore[attr-defined]
+        models = {name: generate(info.params.__pydantic_core_schema__) for name, info in CATALOG.items()}
+        properties = schema["properties"]
+        properties["method"]["enum"] = list(CATALOG)
+        properties["compare_with"]["items"]["enum"] = list(CATALOG)
+        properties["params"] = {
+            "anyOf": list(models.values()),
+            "default": {},
+            "description": properties["params"]["description"],
+        }
+        schema["allOf"] = [
+            {
+                "if": {"properties": {"method": {"const": name}}, "required": ["method"]},
+                "then": {"properties": {"params": ref}},
+            }
+            for name, ref in models.items()
+        ]
+        return schema
+
+    def adapter_refs(self) -> list[AdapterRef]:
+        return [*self.utility_adapters, self.safety_adapter]
+
+    def dataset_ids(self) -> list[str]:
+        ids = [self.utility_dataset_id, self.safety_dataset_id]
+        if self.evaluation:
+            ev = self.evaluation
+            ids += [ev.harmful_dataset_id, ev.benign_dataset_id, ev.utility_eval_dataset_id]
+        return [i for i in ids if i]
+
+
+def method_error(
+    errors: Sequence[Mapping[str, Any]], request: object, root: tuple[str | int, ...] = ()
+) -> InvalidInput | None:
+    """The domain error for a merge request whose only problems are its method(s) or its `params`:
+    `unknown_method` (naming the known methods) or `invalid_params` (every error, located under `params`);
+    None when anything else is wrong too (`params` that is not an object is a malformed body). `root` is where
+    the request sits in the errors' `loc`."""
+    params_loc = (*root, "params")
+
+    def ours(error: Mapping[str, Any]) -> bool:
+        if error["type"] == UNKNOWN_METHOD:
+            return True
+        loc = tuple(error["loc"])
+        return loc[: len(params_loc)] == params_loc and not (loc == params_loc and error["type"] == "dict_type")
+
+    if not errors or not all(ours(e) for e in errors):
+        return None
+    unknown = [e for e in errors if e["type"] == UNKNOWN_METHOD]
+    if unknown:
+        return InvalidInput(unknown[0]["msg"], code="unknown_method", details={"methods": sorted(CATALOG)})
+    method = request.get("method", DEFAULT_METHOD) if isinstance(request, dict) else DEFAULT_METHOD
+    details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+    return InvalidInput(f"invalid params for method {method!r}", code="invalid_params", details=details)

@@ -1,1 +1,0 @@
-"""Business logic behind the routes: uploads, validation, jobs. Routes only translate HTTP to these calls."""
