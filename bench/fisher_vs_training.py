@@ -1,4 +1,4 @@
-"""Fisher pass vs the training floor on SmolLM2-135M-Instruct (SPEC §8, issue: Fisher pass ≤ training).
+"""Fisher pass vs the training floor on SmolLM2-135M-Instruct (issue: Fisher pass ≤ training).
 
 Times, side by side in one process and interleaved, over the same batches:
   fisher     — SST's restricted K-FAC pass (empirical labels; activation gradients only),

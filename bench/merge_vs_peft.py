@@ -1,4 +1,4 @@
-"""Merge step vs PEFT's `add_weighted_adapter` on the same adapters (SPEC §8), side by side in one run.
+"""Merge step vs PEFT's `add_weighted_adapter` on the same adapters, side by side in one run.
 
 Two r=16 adapters (utility, safety) on all 7 projection types of SmolLM2-135M-Instruct (210 modules).
 Timed, each including writing the merged adapter to disk:

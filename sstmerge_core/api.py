@@ -2,6 +2,7 @@
 
 SSTMerge(selection="topk", k=16, alphas=[0.5, 1.0]).merge(base=..., utility=[...], safety=[...],
                                                           utility_data=..., safety_data=..., out=...)
+rerun("merged/merge_spec.json", out="again/")   # the recipe written beside a result, run again
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def merge(
     dtype: str = "auto",
     cache_dir: str | Path | None = None,
     progress=None,
+    names: dict[str, str] | None = None,
 ):
-    """Run one merge job (see `pipeline.run_merge`); adapters are paths or (path, weight) pairs."""
+    """Run one merge job (see `pipeline.run_merge`); adapters are paths or (path, weight) pairs. `names` maps
+    input paths to the names the written documents use for them."""
     from .pipeline import run_merge
 
     spec = MergeSpec(
@@ -56,6 +59,22 @@ def merge(
         dtype=dtype,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
+    return run_merge(spec, out, progress=progress, names=names)
+
+
+def rerun(
+    spec_file: str | Path,
+    *,
+    out: str | Path,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress=None,
+):
+    """Run a merge_spec.json again (inputs resolved from its folder, their sha256 checked first)."""
+    from .pipeline import run_merge
+    from .specfile import read_spec_file
+
+    spec = read_spec_file(spec_file, device=device, cache_dir=str(cache_dir) if cache_dir else None)
     return run_merge(spec, out, progress=progress)
 
 

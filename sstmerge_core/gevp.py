@@ -1,4 +1,4 @@
-"""Linear algebra of SST-Merge as pure tensor functions (SPEC §3, steps 2 and 4–7).
+"""Linear algebra of SST-Merge as pure tensor functions (docs/method.md, steps 2 and 4–7).
 
 Notation for one module: ΔS (d_out × d_in) is the safety update, R_out (d_out × p) and R_in (d_in × q)
 orthonormal bases of its column and row spaces, M = R_outᵀ ΔS R_in (p × q) its core. The K-FAC Fisher
@@ -97,7 +97,7 @@ def eigenbasis(
     G_s: torch.Tensor,
     eps: float,
 ) -> Eigenbasis:
-    """Damp the four r×r factors (SPEC §3 step 4) and solve Ã_S x = μ Ã_U x and G̃_S y = ν G̃_U y (step 5)."""
+    """Damp the four r×r factors (docs/method.md, step 4) and solve Ã_S x = μ Ã_U x and G̃_S y = ν G̃_U y (step 5)."""
     A_u, G_u, A_s, G_s = (damp(f, eps) for f in (A_u, G_u, A_s, G_s))
     mu, X = generalized_eigh(A_s, A_u)
     nu, Y = generalized_eigh(G_s, G_u)

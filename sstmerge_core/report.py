@@ -1,16 +1,20 @@
-"""`merge_report.json` and the model card (`README.md`) of a merged adapter, generated from the method
-registry's metadata and the per-module results."""
+"""`merge_report.json`: the recipe, the inputs (hashes), per-module spectra and diagnostics, timings, and the
+evaluation's recommendation, built from a method's finished merge (`MergedUpdates`)."""
 
 from __future__ import annotations
 
-import json
 import statistics
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
-from .methods.base import MergeMethod, ModuleResult
+from .methods.base import ModuleResult
+from .stages.merging import MergedUpdates
+from .stages.writing import alpha_dirname
 
 SCHEMA_VERSION = 1
+
+__all__ = ["SCHEMA_VERSION", "alpha_dirname", "build_report", "module_section", "package_version", "summary_section"]
 
 
 def package_version() -> str:
@@ -20,12 +24,11 @@ def package_version() -> str:
         return "0+local"
 
 
-def alpha_dirname(alpha: float) -> str:
-    """Folder of the adapter merged at α: `alpha-0.5`, `alpha-1`, `alpha-1.5`."""
-    return f"alpha-{alpha:g}"
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def module_section(by_alpha: dict[float, dict[str, ModuleResult]]) -> dict:
+def module_section(by_alpha: Mapping[float, Mapping[str, ModuleResult]]) -> dict:
     """Per module: the α-independent diagnostics once, then rank and SVD error per α."""
     first = next(iter(by_alpha.values()))
     modules = {}
@@ -42,7 +45,7 @@ def module_section(by_alpha: dict[float, dict[str, ModuleResult]]) -> dict:
     return modules
 
 
-def summary_section(modules: dict) -> dict:
+def summary_section(modules: Mapping[str, Mapping]) -> dict:
     """Medians over modules of the SST diagnostics (when present), for a quick read."""
     keys = ("norm_ratio", "energy_retained_fu", "energy_retained_fs", "gevp_residual", "lambda_median")
     out = {}
@@ -57,18 +60,10 @@ def summary_section(modules: dict) -> dict:
     return out
 
 
-def build_report(
-    *,
-    method: MergeMethod,
-    params: dict,
-    inputs: dict,
-    by_alpha: dict[float, dict[str, ModuleResult]],
-    timings: dict,
-    fisher: dict | None,
-) -> dict:
-    modules = module_section(by_alpha)
+def adapters_section(merged: MergedUpdates) -> dict:
+    """Per α: the adapter's folder (relative to the method's folder), modules written and ranks."""
     adapters = {}
-    for alpha, results in by_alpha.items():
+    for alpha, results in merged.by_alpha.items():
         ranks = [r.factors.rank for r in results.values() if r.factors is not None]
         adapters[f"{alpha:g}"] = {
             "dir": alpha_dirname(alpha),
@@ -76,74 +71,46 @@ def build_report(
             "max_rank": max(ranks, default=0),
             "total_rank": sum(ranks),
         }
-    return {
+    return adapters
+
+
+def build_report(
+    *,
+    merged: MergedUpdates,
+    inputs: Mapping,
+    fisher: Mapping | None,
+    timings: Mapping[str, float],
+    estimated: Mapping[str, float] | None = None,
+    recommended: Mapping | None = None,
+    evaluated: bool = False,
+    created_at: str | None = None,
+    spec_file: str | None = None,
+) -> dict:
+    """The merge_report.json of one method's merge.
+
+    Keys: schema_version, sstmerge_version, created_at, method {name, description, reference}, params, inputs,
+    fisher (cache keys and hits, damping; null without data passes), alphas, adapters, summary, timings_s (seconds
+    per finished stage), estimated_s (the progress plan's expected seconds per stage), modules, spec_file, and,
+    when the job was evaluated, evaluation {recommended}.
+    """
+    method = merged.method
+    modules = module_section(merged.by_alpha)
+    report = {
         "schema_version": SCHEMA_VERSION,
         "sstmerge_version": package_version(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": created_at or now_iso(),
         "method": {"name": method.name, "description": method.info.description, "reference": method.info.reference},
-        "params": params,
-        "inputs": inputs,
-        "fisher": fisher,
-        "alphas": [float(a) for a in by_alpha],
-        "adapters": adapters,
+        "params": merged.params.model_dump(),
+        "inputs": dict(inputs),
+        "fisher": dict(fisher) if fisher is not None else None,
+        "alphas": [float(a) for a in merged.by_alpha],
+        "adapters": adapters_section(merged),
         "summary": summary_section(modules),
-        "timings_s": timings,
+        "timings_s": dict(timings),
+        "estimated_s": {k: round(v, 3) for k, v in (estimated or {}).items()},
         "modules": modules,
+        "spec_file": spec_file,
     }
-
-
-def model_card(report: dict, alpha: float, metrics_row: dict | None = None) -> str:
-    """Markdown model card for the adapter merged at α: recipe, inputs, diagnostics, metrics if any."""
-    method = report["method"]
-    inputs = report["inputs"]
-    lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {inputs['base_model']}",
-        "tags: [lora, merge, sstmerge, " + method["name"] + "]",
-        "---",
-        "",
-        f"# Merged LoRA adapter ({method['name']}, α = {alpha:g})",
-        "",
-        f"Made with sstmerge {report['sstmerge_version']} on {report['created_at']}.",
-        "",
-        f"**Method.** {method['description']} Reference: {method['reference']}",
-        "",
-        "## Recipe",
-        "",
-        f"- Base model: `{inputs['base_model']}`",
-    ]
-    for role in ("utility", "safety"):
-        for a in inputs.get(f"{role}_adapters", []):
-            digest = a["sha256"][:12]
-            lines.append(f"- {role} adapter `{a['name']}` (rank {a['rank']}, weight {a['weight']:g}, sha `{digest}`)")
-    for role, data in (inputs.get("data") or {}).items():
-        lines.append(
-            f"- {role} data: {data['n']} examples, sha256 `{data['sha256'][:12]}`, estimator `{data['estimator']}`"
-        )
-    lines += ["", "Parameters:", "", "```json", json.dumps(report["params"], indent=2, sort_keys=True), "```", ""]
-    summary = report["summary"]
-    if summary:
-        lines += ["## Diagnostics (medians over modules)", ""]
-        lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items()]
-        lines.append("")
-    if metrics_row:
-        lines += ["## Evaluation", ""]
-        for key in ("safety", "over_refusal", "utility"):
-            value = metrics_row.get(key)
-            if isinstance(value, dict):
-                rate = value.get("rate", value.get("value"))
-                lines.append(
-                    f"- {key}: {rate} (n = {value.get('n')}, 95% CI {value.get('ci_low')}–{value.get('ci_high')})"
-                )
-        lines.append("")
-    lines += [
-        "Load with:",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base_model, 'path/to/this/folder')",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    if evaluated:
+        report["evaluation"] = {"recommended": dict(recommended) if recommended is not None else None}
+    return report

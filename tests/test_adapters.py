@@ -1,4 +1,4 @@
-"""Adapter I/O against PEFT's own view of the same adapters (every config field of SPEC §2)."""
+"""Adapter I/O against PEFT's own view of the same adapters (every config field of docs/method.md, "Adapters and updates")."""
 
 from __future__ import annotations
 

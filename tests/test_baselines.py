@@ -1,4 +1,4 @@
-"""Baselines (SPEC §4) against PEFT's own `add_weighted_adapter` on the same adapters."""
+"""Baselines (docs/method.md, "Baselines") against PEFT's own `add_weighted_adapter` on the same adapters."""
 
 from __future__ import annotations
 

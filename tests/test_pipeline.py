@@ -76,6 +76,9 @@ def test_second_run_reuses_cached_fisher_factors(tiny_llama, llama_adapters, mer
     r1, r2 = (json.loads(o.report_path.read_text()) for o in (first, second))
     assert r1["fisher"]["cache_hits"] == {"utility": False, "safety": False}
     assert r2["fisher"]["cache_hits"] == {"utility": True, "safety": True}
+    # the progress plan knows the passes are cached: they weigh a file read, not a data pass
+    for kind in ("fisher_utility", "fisher_safety"):
+        assert r2["estimated_s"][kind] < r1["estimated_s"][kind] / 5
     name = next(iter(r1["modules"]))
     assert r1["modules"][name]["lambda_top"] == pytest.approx(r2["modules"][name]["lambda_top"], rel=1e-5)
     assert r1["modules"][name]["norm_ratio"] != pytest.approx(r2["modules"][name]["norm_ratio"])
@@ -89,9 +92,15 @@ def test_baselines_and_progress(tiny_llama, llama_adapters, merge_data, tmp_path
         progress=lambda stage, f: seen.append((stage, f)),
     )
     assert (outcome.out_dir / "baselines" / "ties" / "alpha-1" / "adapter_model.safetensors").is_file()
+    assert outcome.baseline_dirs["ties"][1.0] == outcome.out_dir / "baselines" / "ties" / "alpha-1"
     assert [s for s, _ in seen][0] == "loading" and seen[-1][1] == pytest.approx(1.0)
     assert all(b >= a for (_, a), (_, b) in zip(seen, seen[1:]))
-    assert {s for s, _ in seen} == {"loading", "fisher_utility", "fisher_safety", "merging", "writing"}
+    stages = list(dict.fromkeys(s for s, _ in seen))
+    assert stages == ["loading", "fisher_utility", "fisher_safety", "merging", "writing", "reporting"]
+    # the planned cost of every stage is recorded next to its measured time
+    report = json.loads(outcome.report_path.read_text())
+    assert set(report["estimated_s"]) == set(stages) and all(v >= 0 for v in report["estimated_s"].values())
+    assert set(report["timings_s"]) == set(stages) - {"reporting"}
 
 
 def test_failed_job_leaves_no_output_and_keeps_the_old_one(tiny_llama, llama_adapters, merge_data, tmp_path):
@@ -168,6 +177,112 @@ def test_merge_with_evaluation_writes_metrics_for_every_model(
     for model in metrics["models"]:
         assert model["safety"]["n"] == 3 and 0 <= model["safety"]["ci_low"] <= model["safety"]["ci_high"] <= 1
     assert "recommended" in outcome.summary
+    report = json.loads(outcome.report_path.read_text())
+    assert report["evaluation"]["recommended"] == metrics["recommended"] == outcome.summary["recommended"]
+    for folder, method, label in [
+        (outcome.adapter_dirs[0.5], "sst", "sst@0.5"),
+        (outcome.baseline_dirs["linear"][1.0], "linear", "linear@1"),
+    ]:
+        check_card(folder / "README.md", metrics, base=tiny_llama.name, method=method, label=label)
+
+
+def check_card(path, metrics: dict, *, base: str, method: str, label: str) -> None:
+    """The card as the Hub reads it: front matter, and an evaluation table that agrees with metrics.json."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    assert card.data.base_model == base and card.data.library_name == "peft"
+    assert {"lora", "merge", method} <= set(card.data.tags)
+    text = card.text
+    evaluation = text.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in evaluation.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(rows) == len(metrics["models"])
+    for row, model in zip(rows, metrics["models"]):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        shown = f"**{model['label']} (this adapter)**" if model["label"] == label else model["label"]
+        assert cells[0] == shown
+        assert cells[3].startswith(f"{model['safety']['rate']:.3f} [") and cells[4].startswith(
+            f"{model['over_refusal']['rate']:.3f} ["
+        )
+        assert cells[5].startswith(f"{model['utility']['value']:.3f}")
+    assert sum("(this adapter)" in row for row in rows) == 1
+    recommended = metrics["recommended"]
+    assert f"- rule: {recommended['rule']}" in evaluation
+    chosen = f"`{recommended['label']}`" if recommended["label"] is not None else "nothing qualifies"
+    assert f"- chosen: {chosen}" in evaluation
+
+
+def test_named_inputs_keep_local_paths_out_of_every_document(
+    tiny_llama, llama_adapters, merge_data, eval_files, tmp_path
+):
+    """The service names its inputs by id: no local path may reach a card, a report, a spec or a config."""
+    evaluation = {**{k: str(v) for k, v in eval_files.items()}, "max_new_tokens": 2}
+    job = spec(tiny_llama, llama_adapters, merge_data, tmp_path, compare_with=["linear"], evaluation=evaluation)
+    names = {
+        str(tiny_llama): "tiny-llama-model",
+        str(llama_adapters["utility"]): "ad_utility",
+        str(llama_adapters["safety"]): "ad_safety",
+        str(merge_data["utility"]): "ds_utility",
+        str(merge_data["safety"]): "ds_safety",
+        **{str(path): f"ds_{key}" for key, path in eval_files.items()},
+    }
+    outcome = run_merge(job, tmp_path / "out", names=names)
+    documents = [p for p in outcome.out_dir.rglob("*") if p.suffix in (".json", ".md")]
+    assert len(documents) > 10
+    for document in documents:
+        text = document.read_text()
+        assert "pytest-of" not in text and str(tmp_path) not in text, document
+        assert not any(path in text for path in names), document
+    spec_file = json.loads(outcome.spec_path.read_text())
+    assert spec_file["base_model"] == "tiny-llama-model"
+    assert spec_file["utility"][0] == {
+        "path": "ad_utility",
+        "sha256": load_adapter(llama_adapters["utility"]).sha256,
+        "weight": 0.8,
+    }
+    assert spec_file["evaluation"]["harmful"]["path"] == "ds_harmful"
+    config = json.loads((outcome.adapter_dirs[1.0] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-llama-model"
+
+
+def test_search_loop_loads_once_and_scores_merges_in_memory(
+    tiny_llama, llama_adapters, merge_data, eval_files, tmp_path
+):
+    """Load once, Fisher factors once, then merge and score candidates without writing anything; the in-memory
+    updates are the written adapter's bit for bit, and score as the written adapter did."""
+    from sstmerge_core.methods.catalog import parse_params
+    from sstmerge_core.stages.evaluation import score_updates
+    from sstmerge_core.stages.fisher import compute_fisher
+    from sstmerge_core.stages.inputs import load_inputs
+    from sstmerge_core.stages.merging import merge_updates
+
+    evaluation = {**{k: str(v) for k, v in eval_files.items()}, "max_new_tokens": 3}
+    job = spec(tiny_llama, llama_adapters, merge_data, tmp_path, params={"alphas": [1.0]}, evaluation=evaluation)
+    outcome = run_merge(job, tmp_path / "out")
+    files_before = sorted(tmp_path.rglob("*"))
+
+    loaded = load_inputs(job)
+    fisher = compute_fisher(loaded)
+    assert fisher.cache_hits == {"utility": True, "safety": True}  # the job above filled the cache
+    weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    candidates = {}
+    for label, extra in (("soft", {}), ("topk", {"selection": "topk", "k": 2})):
+        params = parse_params("sst", {**PARAMS, "alphas": [1.0], **extra})
+        candidates[label] = merge_updates(loaded.modules, loaded.method, params, fisher.factors).updates(1.0)
+    written = load_adapter(outcome.adapter_dirs[1.0])
+    assert set(written.modules) == set(candidates["soft"])
+    for name, factors in written.modules.items():
+        assert factors.scale == 1.0
+        assert torch.equal(factors.A, candidates["soft"][name].A) and torch.equal(factors.B, candidates["soft"][name].B)
+    assert any(not torch.equal(candidates["topk"][n].B, candidates["soft"][n].B) for n in candidates["soft"])
+
+    scores = score_updates(loaded, candidates)
+    entry = next(m for m in json.loads(outcome.metrics_path.read_text())["models"] if m["label"] == "sst@1")
+    assert scores["soft"].safety.rate == entry["safety"]["rate"]
+    assert scores["soft"].over_refusal.rate == entry["over_refusal"]["rate"]
+    assert scores["soft"].utility["value"] == entry["utility"]["value"]
+    assert all(torch.equal(weights[n], p) for n, p in loaded.model.named_parameters())
+    assert sorted(tmp_path.rglob("*")) == files_before
 
 
 def test_evaluation_on_merge_prompts_is_refused(tiny_llama, llama_adapters, merge_data, eval_files, tmp_path):
@@ -199,7 +314,7 @@ def test_max_samples_takes_a_seeded_subset_across_the_file(tmp_path):
     from conftest import write_jsonl
 
     from sstmerge_core.fisher import FisherConfig
-    from sstmerge_core.pipeline import _load_data
+    from sstmerge_core.stages.inputs import sample_examples as _load_data
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"kind {'a' if i < 50 else 'b'} {i}"} for i in range(100)])
     subset = _load_data(str(path), FisherConfig(estimator="sampled", max_samples=20, seed=0))

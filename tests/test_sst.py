@@ -1,4 +1,4 @@
-"""SST-Merge invariants (SPEC §3) on synthetic modules, and the projection against a dense Kronecker solve."""
+"""SST-Merge invariants (docs/method.md) on synthetic modules, and the projection against a dense Kronecker solve."""
 
 from __future__ import annotations
 

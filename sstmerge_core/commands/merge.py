@@ -1,13 +1,17 @@
-"""`sstmerge merge`: run SST-Merge or a baseline (and optionally the evaluation) from the command line.
+"""`sstmerge merge`: run SST-Merge or a baseline (and optionally the evaluation) from the command line, or
+re-run a `merge_spec.json` with `--spec`.
 
-The method-parameter flags are generated from the method registry's pydantic models, so a new
-parameter appears here, in the API schema and in the model card without being repeated by hand.
+The method-parameter flags are generated from the method catalogue's pydantic models (with each method's
+default in `--help`), so a new parameter appears here, in the API schema and in the model card without being
+repeated by hand.
 """
 
 from __future__ import annotations
 
 import math
+import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -21,41 +25,99 @@ from .options import evaluation_options, evaluation_spec, metrics_table, one_lin
 _SPECIAL = {"alphas"}
 
 
-def _param_fields() -> dict[str, tuple[object, str, list[str]]]:
-    """Union over methods of their parameter fields: name → (annotation, description, methods using it)."""
-    fields: dict[str, tuple[object, str, list[str]]] = {}
+@dataclass(frozen=True)
+class ParamField:
+    """One method parameter as a flag: its type, help text, and default per method that takes it."""
+
+    annotation: object
+    description: str
+    defaults: dict[str, object]  # method → default
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.defaults)
+
+    def default_text(self) -> str:
+        """`0.5`, or `sst: 10, ties: 0.5` when the methods' defaults differ."""
+        shown = {method: "none" if d is None else str(d) for method, d in self.defaults.items()}
+        values = set(shown.values())
+        return values.pop() if len(values) == 1 else ", ".join(f"{m}: {v}" for m, v in shown.items())
+
+
+def _param_fields() -> dict[str, ParamField]:
+    """Union over methods of their parameter fields (the α sweep has its own flag)."""
+    fields: dict[str, ParamField] = {}
     for method, model in METHOD_PARAMS.items():
         for name, info in model.model_fields.items():
             if name in _SPECIAL:
                 continue
-            annotation, description, methods = fields.get(name, (info.annotation, info.description or "", []))
-            fields[name] = (annotation, description, [*methods, method])
+            field = fields.setdefault(name, ParamField(info.annotation, info.description or "", {}))
+            field.defaults[method] = info.get_default(call_default_factory=True)
     return fields
 
 
+def _inner(annotation: object) -> object:
+    """The annotation without `| None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner[0]
+    return annotation
+
+
 def _click_type(annotation: object) -> click.ParamType | type:
+    annotation = _inner(annotation)
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return click.Choice([str(v) for v in typing.get_args(annotation)])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _click_type(inner[0])
+    if origin is list:
+        return _click_type(typing.get_args(annotation)[0])
     return annotation if annotation in (int, float, str, bool) else str
 
 
 def method_param_options(command: click.Command) -> click.Command:
-    """Add `--<param>` for every method parameter (default: the method's own default)."""
+    """Add `--<param>` for every method parameter (a list parameter is a repeatable flag); `--help` shows each
+    method's default. Unset flags stay None, so that a flag that does not apply to the method can be refused."""
     methods_all = set(METHOD_PARAMS)
-    for name, (annotation, description, methods) in sorted(_param_fields().items(), reverse=True):
-        scope = "all methods" if set(methods) == methods_all else "method " + "/".join(methods)
+    for name, field in sorted(_param_fields().items(), reverse=True):
+        scope = "all methods" if set(field.methods) == methods_all else "method " + "/".join(field.methods)
+        repeatable = typing.get_origin(_inner(field.annotation)) is list
+        notes = [scope, *(["repeatable"] if repeatable else []), f"default: {field.default_text()}"]
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
-            type=_click_type(annotation),
+            type=_click_type(field.annotation),
+            multiple=repeatable,
             default=None,
-            help=f"{description} [{scope}]",
+            help=f"{field.description} [{'; '.join(notes)}]",
         )(command)
     return command
+
+
+def given_params(options: dict) -> dict:
+    """The method-parameter flags actually given (a repeatable flag as a list)."""
+    fields = _param_fields()
+    params = {}
+    for key, value in options.items():
+        if key not in fields or value is None or value == ():
+            continue
+        params[key] = list(value) if isinstance(value, tuple) else value
+    return params
+
+
+# Flags that may go with --spec: where to write and what to run on; everything else is the recipe's.
+SPEC_COMPATIBLE = {"spec_file", "out", "overwrite", "device", "cache_dir"}
+
+
+def _check_spec_alone(ctx: click.Context) -> None:
+    for param in ctx.command.params:
+        if param.name in SPEC_COMPATIBLE:
+            continue
+        if ctx.get_parameter_source(param.name) in (
+            click.core.ParameterSource.COMMANDLINE,
+            click.core.ParameterSource.ENVIRONMENT,
+        ):
+            flag = param.opts[0]
+            raise InputError(f"{flag} cannot be combined with --spec (the spec file holds the recipe)")
 
 
 def parse_weighted(value: str, flag: str) -> tuple[str, float]:
@@ -73,12 +135,19 @@ def parse_weighted(value: str, flag: str) -> tuple[str, float]:
 
 
 @click.command("merge")
-@click.option("--base", "base", required=True, help="Base model: a local folder or a Hub id org/name[@revision].")
+@click.option(
+    "--spec",
+    "spec_file",
+    type=click.Path(dir_okay=False),
+    help="Re-run a merge_spec.json (written beside every result) instead of giving the recipe as flags; relative "
+    "paths in it are read from its folder and every recorded sha256 is checked. Combines with --out, --overwrite, "
+    "--device and --cache-dir only.",
+)
+@click.option("--base", "base", help="Base model: a local folder or a Hub id org/name[@revision].")
 @click.option("--utility", multiple=True, metavar="DIR[:WEIGHT]", help="Utility LoRA adapter (repeatable).")
 @click.option(
     "--safety",
     multiple=True,
-    required=True,
     metavar="DIR[:WEIGHT]",
     help="Safety LoRA adapter (repeatable; several are summed with their weights).",
 )
@@ -112,53 +181,21 @@ def parse_weighted(value: str, flag: str) -> tuple[str, float]:
 @click.option("--evaluate", "do_evaluate", is_flag=True, help="Evaluate base, before, safety, merged and baselines.")
 @evaluation_options(required=False)
 @method_param_options
-def merge(
-    base,
-    utility,
-    safety,
-    utility_data,
-    safety_data,
-    method,
-    alphas,
-    compare_with,
-    out,
-    overwrite,
-    device,
-    dtype,
-    cache_dir,
-    do_evaluate,
-    **options,
-) -> None:
+@click.pass_context
+def merge(ctx: click.Context, spec_file, out, overwrite, device, cache_dir, **recipe) -> None:
     """Merge utility and safety LoRA adapters with SST-Merge (default) or a baseline."""
-    from ..jobspec import AdapterInput, MergeSpec
     from ..pipeline import run_merge
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()) and not overwrite:
         raise InputError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
-    evaluation = evaluation_spec(options) if do_evaluate else None
-    params = {k: v for k, v in options.items() if v is not None and k in _param_fields()}
-    params["alphas"] = list(alphas) or [1.0]
-    foreign = [k for k in params if k not in METHOD_PARAMS[method].model_fields]
-    if foreign:
-        raise InputError(f"--{foreign[0].replace('_', '-')} does not apply to method {method}")
-    try:
-        spec = MergeSpec(
-            base_model=base,
-            utility=[AdapterInput(path=p, weight=w) for p, w in (parse_weighted(u, "--utility") for u in utility)],
-            safety=[AdapterInput(path=p, weight=w) for p, w in (parse_weighted(s, "--safety") for s in safety)],
-            utility_data=utility_data,
-            safety_data=safety_data,
-            method=method,
-            params=params,
-            compare_with=list(compare_with),
-            evaluation=evaluation,
-            device=device,
-            dtype=dtype,
-            cache_dir=cache_dir,
-        )
-    except ValidationError as exc:
-        raise InputError(one_line(exc)) from None
+    if spec_file:
+        from ..specfile import read_spec_file
+
+        _check_spec_alone(ctx)
+        spec = read_spec_file(spec_file, device=device, cache_dir=cache_dir)
+    else:
+        spec = spec_from_flags(recipe, device=device, cache_dir=cache_dir)
     with progress_bar() as report:
         outcome = run_merge(spec, out_path, progress=report)
     click.echo(f"wrote {outcome.out_dir}")
@@ -172,3 +209,41 @@ def merge(
 
         Console().print(metrics_table(json.loads(outcome.metrics_path.read_text())))
         click.echo(f"  metrics: {outcome.metrics_path}  plot: {outcome.plot_path}")
+    click.echo(f"  re-run: sstmerge merge --spec {outcome.spec_path} --out DIR")
+
+
+def spec_from_flags(flags: dict, *, device: str, cache_dir: str | None):
+    """The `MergeSpec` of the recipe flags; one-line `InputError` / usage errors for what is missing or wrong."""
+    from ..jobspec import AdapterInput, MergeSpec
+
+    for flag, key in (("--base", "base"), ("--safety", "safety")):
+        if not flags[key]:
+            raise click.UsageError(f"Missing option '{flag}' (or give --spec FILE).")
+    method = flags["method"]
+    evaluation = evaluation_spec(flags) if flags["do_evaluate"] else None
+    params = given_params(flags)
+    params["alphas"] = list(flags["alphas"]) or [1.0]
+    foreign = [k for k in params if k not in METHOD_PARAMS[method].model_fields]
+    if foreign:
+        raise InputError(f"--{foreign[0].replace('_', '-')} does not apply to method {method}")
+
+    def adapters(values: tuple[str, ...], flag: str) -> list[AdapterInput]:
+        return [AdapterInput(path=p, weight=w) for p, w in (parse_weighted(v, flag) for v in values)]
+
+    try:
+        return MergeSpec(
+            base_model=flags["base"],
+            utility=adapters(flags["utility"], "--utility"),
+            safety=adapters(flags["safety"], "--safety"),
+            utility_data=flags["utility_data"],
+            safety_data=flags["safety_data"],
+            method=method,
+            params=params,
+            compare_with=list(flags["compare_with"]),
+            evaluation=evaluation,
+            device=device,
+            dtype=flags["dtype"],
+            cache_dir=cache_dir,
+        )
+    except ValidationError as exc:
+        raise InputError(one_line(exc)) from None

@@ -18,7 +18,7 @@ from .catalog import CommonParams, MethodInfo, method_info
 
 @dataclass(frozen=True)
 class FisherFactors:
-    """Restricted K-FAC factors of one module at the utility-merged model (SPEC §3 step 3)."""
+    """Restricted K-FAC factors of one module at the utility-merged model (docs/method.md, step 3)."""
 
     R_in: torch.Tensor  # (d_in × q) orthonormal basis of row(A_S)
     R_out: torch.Tensor  # (d_out × p) orthonormal basis of col(B_S)
@@ -56,7 +56,7 @@ class ModuleInputs:
         return delta
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModuleResult:
     """The merged update ΔW = B A (scale 1) of one module at one α, or None if ΔW = 0."""
 

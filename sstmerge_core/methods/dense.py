@@ -56,7 +56,6 @@ def dense_merge(rule: Rule) -> Callable[[ModuleInputs, CommonParams, list[float]
     return merge
 
 
-
 @implements("ties")
 @dense_merge
 def _ties(t: list[torch.Tensor], w: torch.Tensor, p: TiesParams) -> torch.Tensor:

@@ -9,4 +9,3 @@ from .catalog import CommonParams
 @implements("linear")
 def merge(inputs: ModuleInputs, params: CommonParams, alphas: list[float]) -> list[ModuleResult]:
     return [ModuleResult(concat_update(inputs.weighted_utility(), inputs.safety, alpha)) for alpha in alphas]
-

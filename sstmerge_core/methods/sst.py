@@ -33,7 +33,7 @@ def selection_weights(basis: Eigenbasis, params: SSTParams) -> torch.Tensor:
 
 
 def project(inputs: ModuleInputs, params: SSTParams) -> tuple[LoraFactors, dict]:
-    """ΔS' as exact minimal LoRA factors, with the per-module diagnostics of SPEC §3."""
+    """ΔS' as exact minimal LoRA factors, with the per-module diagnostics of docs/method.md (step 7)."""
     f = inputs.fisher
     if f is None or inputs.safety is None:
         raise ValueError(f"module {inputs.name}: SST needs the safety update and its Fisher factors")
@@ -71,4 +71,3 @@ def merge(inputs: ModuleInputs, params: SSTParams, alphas: list[float]) -> list[
         return [ModuleResult(concat_update(inputs.weighted_utility(), None, alpha)) for alpha in alphas]
     projected, diagnostics = project(inputs, params)
     return [ModuleResult(concat_update(inputs.weighted_utility(), projected, alpha), diagnostics) for alpha in alphas]
-
