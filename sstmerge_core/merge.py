@@ -20,7 +20,7 @@ from .fisher import FisherConfig, KFACFactors, collect_factors
 from .gevp import orthonormal_basis, truncate_product
 from .methods.base import FisherFactors, MergeMethod, ModuleInputs, ModuleResult
 from .methods.catalog import CommonParams
-from .modeling import get_target_module, merged_deltas
+from .modeling import get_target_module, lora_forward
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -82,7 +82,7 @@ def module_inputs(
 
 
 def span_bases(inputs: dict[str, ModuleInputs]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(R_in, R_out) per safety module: orthonormal bases of row(A_S) and col(B_S) (SPEC §3 step 2)."""
+    """(R_in, R_out) per safety module: orthonormal bases of row(A_S) and col(B_S) (docs/method.md, step 2)."""
     bases = {}
     for name, m in inputs.items():
         if m.safety is None:
@@ -111,7 +111,7 @@ def fisher_factors(
     cached: Callable[[str, Callable[[], dict[str, KFACFactors]]], dict[str, KFACFactors]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, FisherFactors]:
-    """Both data passes at the utility-merged model M + ΔU (SPEC §3 step 3); the base weights are restored.
+    """Both data passes at the utility-merged model M + ΔU (docs/method.md, step 3); the weights are not touched.
 
     `cached(kind, compute)` may return stored factors instead of running `compute` (kind: utility/safety).
     """
@@ -119,7 +119,8 @@ def fisher_factors(
 
     def run(kind: str, data: list[Example], config: FisherConfig) -> dict[str, KFACFactors]:
         def compute() -> dict[str, KFACFactors]:
-            with merged_deltas(model, utility_deltas(inputs)):
+            # ΔU by forward hooks: no copy of the weights (merged_deltas would keep one of every updated module)
+            with lora_forward(model, utility_deltas(inputs)):
                 report = (lambda done, total: progress(kind, done, total)) if progress else None
                 return collect_factors(model, tokenizer, data, bases, config, report)
 
@@ -144,18 +145,30 @@ def merge_modules(
     inputs: dict[str, ModuleInputs],
     params: CommonParams,
     fisher: dict[str, FisherFactors] | None = None,
+    *,
+    num_layers: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[float, dict[str, ModuleResult]]:
-    """The method on every module, for every α: {α: {module: result}}, with `max_rank` truncation."""
+    """The method on every module, for every α: {α: {module: result}}, with `max_rank` truncation.
+
+    Each module m gets its depth-scheduled α_ℓ(m) (docs/repair.md; the model's `num_layers` is needed unless the
+    schedule is constant). `progress(done, total)` is called after each module (all its α).
+    """
+    if params.schedule != "constant" and num_layers is None:
+        raise ValueError(f"schedule {params.schedule!r} needs the model's number of layers")
     started = time.perf_counter()
     by_alpha: dict[float, dict[str, ModuleResult]] = {alpha: {} for alpha in params.alphas}
-    for name, m in inputs.items():
+    for done, (name, m) in enumerate(inputs.items(), start=1):
         if fisher is not None and name in fisher:
             m = dataclasses.replace(m, fisher=fisher[name])
-        for alpha, result in zip(params.alphas, method.merge(m, params, params.alphas), strict=True):
+        alphas = [params.module_alpha(alpha, name, num_layers or 0) for alpha in params.alphas]
+        for alpha, result in zip(params.alphas, method.merge(m, params, alphas), strict=True):
             if params.max_rank is not None and result.factors is not None and result.factors.rank > params.max_rank:
                 factors, error = truncate_factors(result.factors, params.max_rank)
                 result = ModuleResult(factors, {**result.diagnostics, "svd_rel_error": error})
             by_alpha[alpha][name] = result
+        if progress is not None:
+            progress(done, len(inputs))
     log.info(
         "merged modules",
         extra={

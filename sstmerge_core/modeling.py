@@ -100,6 +100,15 @@ def load_base_model(ref: ModelRef | str, device: str = "auto", dtype: str = "aut
     return model, tokenizer
 
 
+def num_layers(model: nn.Module) -> int:
+    """L, the number of decoder layers (from the config)."""
+    for key in ("num_hidden_layers", "n_layer"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ModelError(f"cannot tell the number of layers of {type(model).__name__}")
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style Conv1D: weight stored (d_in × d_out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -202,3 +211,40 @@ def merged_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFact
                 model.get_submodule(name).weight.copy_(weight)
             for name, parameter in untied.items():
                 model.get_submodule(name).weight = parameter
+
+
+def _lora_branch(module: nn.Module, update: torch.Tensor | LoraFactors):
+    """The hook adding ΔW x to `module`'s output: s·(x Aᵀ) Bᵀ for LoRA factors, x ΔWᵀ for a dense ΔW; an embedding
+    adds row t of ΔWᵀ for token t. Factors are cast to the module's dtype and device once, here."""
+    weight = module.weight
+    if isinstance(update, LoraFactors):
+        down = update.A.T.to(weight.device, weight.dtype).contiguous()  # d_in × r
+        up = (update.scale * update.B.double()).T.to(weight.device, weight.dtype).contiguous()  # r × d_out
+    else:
+        down, up = update.T.to(weight.device, weight.dtype).contiguous(), None
+    embedding = isinstance(module, nn.Embedding)
+
+    def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.embedding(inputs[0], down) if embedding else inputs[0].to(down.dtype) @ down
+        return output + (x if up is None else x @ up).to(output.dtype)
+
+    return hook
+
+
+@contextlib.contextmanager
+def lora_forward(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFactors]) -> Iterator[nn.Module]:
+    """Temporarily y_m = W_m x + ΔW_m x for every m, by forward hooks (as PEFT runs an unmerged adapter).
+
+    The weights are never touched, so nothing is copied and nothing needs restoring: memory grows only by the
+    factors (cast to the module's dtype), where `merged_deltas` keeps a copy of every updated weight.
+    """
+    handles = []
+    try:
+        for name, update in deltas.items():
+            shape = update.shape if isinstance(update, LoraFactors) else tuple(update.shape)
+            module = get_target_module(model, name, tuple(shape), allow_embedding=True)
+            handles.append(module.register_forward_hook(_lora_branch(module, update)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .jobspec import MergeSpec
+from .modeling import num_layers
 from .progress import JobProgress, MergeRun, ProgressFn, constants_for, merge_cost, stage_costs
 from .report import now_iso
 from .specfile import InputNames
@@ -108,7 +109,7 @@ def merge_all(loaded: LoadedInputs, fisher: FisherResult | None, track: JobProgr
     k = constants_for(loaded.device)
     weights = [merge_cost(shapes, [MergeRun(len(p.alphas), m.info.dense)], k).total for m, p, _ in plan]
     total = sum(weights) or 1.0
-    merges = []
+    merges, layers = [], num_layers(loaded.model)
     for i, (method, params, role) in enumerate(plan):
         before, weight = sum(weights[:i]), weights[i]
 
@@ -116,7 +117,9 @@ def merge_all(loaded: LoadedInputs, fisher: FisherResult | None, track: JobProgr
             track.advance(before + weight * done / max(count, 1), total)
 
         factors = fisher.factors if fisher is not None and method.needs_fisher else None
-        merges.append(merge_updates(loaded.modules, method, params, factors, role=role, progress=advance))
+        merges.append(
+            merge_updates(loaded.modules, method, params, factors, role=role, num_layers=layers, progress=advance)
+        )
     return merges
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..modeling import is_conv1d, linear_module_names
+from ..modeling import is_conv1d, linear_module_names, num_layers
 from ..prompting import chat_prompt
 from .directions import project_out
 
@@ -23,15 +23,6 @@ from .directions import project_out
 WRITER_SUFFIXES = ("self_attn.o_proj", "mlp.down_proj", "attn.c_proj", "mlp.c_proj")
 POSITIONAL_EMBEDDINGS = ("transformer.wpe",)
 _MARK = "\u2063sstmerge\u2063"
-
-
-def num_layers(model: nn.Module) -> int:
-    """L, the number of decoder layers (from the config)."""
-    config = model.config
-    for key in ("num_hidden_layers", "n_layer"):
-        if isinstance(getattr(config, key, None), int):
-            return int(getattr(config, key))
-    raise ModelError(f"cannot tell the number of layers of {type(model).__name__}")
 
 
 def embedding_names(model: nn.Module) -> list[str]:

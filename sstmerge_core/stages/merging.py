@@ -69,10 +69,14 @@ def merge_updates(
     fisher: Mapping[str, FisherFactors] | None = None,
     *,
     role: Role = "merged",
+    num_layers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergedUpdates:
-    """`method` with `params` on every module (Fisher factors where it needs them); nothing is written."""
-    by_alpha = merge_modules(method, dict(modules), params, dict(fisher) if fisher else None, progress=progress)
+    """`method` with `params` on every module (Fisher factors where it needs them; `num_layers` of the model for a
+    depth schedule); nothing is written."""
+    by_alpha = merge_modules(
+        method, dict(modules), params, dict(fisher) if fisher else None, num_layers=num_layers, progress=progress
+    )
     return MergedUpdates(method, params, by_alpha, role)
 
 
