@@ -6,11 +6,11 @@ The CLI builds a `MergeSpec` from flags and the worker from a stored job; both h
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .methods.catalog import CATALOG, CommonParams, parse_params
+from .methods.catalog import CATALOG, REPAIRS, CommonParams, RefusalAblationParams, parse_params, parse_repair
 
 UtilityMetric = Literal["exact_match", "contains", "rouge_l", "nll"]
 
@@ -19,23 +19,43 @@ class AdapterInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    weight: float = 1.0
+    weight: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False, description="w of w·ΔW, within ±100")
     name: str | None = None
 
 
 class EvaluationSettings(BaseModel):
-    """Generation and judging settings of an evaluation (SPEC §5), shared with the API's request schema."""
+    """Generation, judging, split and recommendation settings of an evaluation, shared with the API's
+    request schema (`sstmerge_core/evaluation/README.md` defines each). Every number has a range; NaN and ±inf
+    are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     utility_metric: UtilityMetric = "exact_match"
-    judge: str = Field(default="keyword", description="`keyword` or `classifier:<model id>`")
+    judge: str = Field(
+        default="keyword",
+        max_length=400,
+        pattern=r"^(keyword|classifier:[^\x00-\x1f\x7f]+)$",
+        description="`keyword` or `classifier:<model id>`",
+    )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
-    limit: int | None = Field(default=None, ge=1, description="at most this many prompts per evaluation set")
-    batch_size: int = Field(default=8, ge=1)
-    utility_tolerance: float = Field(default=0.02, ge=0, description="recommended α: utility_drop ≤ this")
+    limit: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="at most this many prompts per evaluation set"
+    )
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default="auto",
+        description="prompts per generation batch, or `auto`: the most that fit the memory budget",
+    )
+    split_seed: int = Field(
+        default=0, ge=0, lt=2**31, description="seed of the search/report split of every evaluation set"
+    )
+    report_fraction: float = Field(
+        default=0.5, gt=0, lt=1, description="share of each evaluation set held out as the report split"
+    )
+    utility_tolerance: float = Field(
+        default=0.02, ge=0, le=1, description="recommendation: utility_drop ≤ this (in the utility metric's units)"
+    )
     over_refusal_tolerance: float | None = Field(
-        default=None, ge=0, description="recommended α: also over_refusal_increase ≤ this (unbounded when null)"
+        default=0.05, ge=0, le=1, description="recommendation: over_refusal_increase ≤ this (unbounded when null)"
     )
 
 
@@ -45,6 +65,27 @@ class EvaluationSpec(EvaluationSettings):
     harmful: str
     benign: str
     utility_eval: str
+
+
+class RepairSpec(BaseModel):
+    """A post-merge repair step (`methods.catalog.REPAIRS`) and its parameters, applied to every merged model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "refusal_ablation"
+    params: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> RepairSpec:
+        if self.method not in REPAIRS:
+            raise ValueError(f"unknown repair step {self.method!r}; one of {sorted(REPAIRS)}")
+        parse_repair(self.method, self.params)
+        return self
+
+    def step_params(self) -> RefusalAblationParams:
+        params = parse_repair(self.method, self.params)
+        assert isinstance(params, RefusalAblationParams)
+        return params
 
 
 class MergeSpec(BaseModel):
@@ -58,6 +99,11 @@ class MergeSpec(BaseModel):
     method: str = "sst"
     params: dict = Field(default_factory=dict)
     compare_with: list[str] = Field(default_factory=list)
+    repair: RepairSpec | None = None
+    harmless_data: str | None = Field(default=None, description="repair: harmless prompts B (held out from evaluation)")
+    borderline_data: str | None = Field(
+        default=None, description="repair: borderline-benign prompts P (held out from evaluation)"
+    )
     evaluation: EvaluationSpec | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -71,6 +117,12 @@ class MergeSpec(BaseModel):
         parse_params(self.method, self.params)
         if CATALOG[self.method].needs_fisher and not (self.utility_data and self.safety_data):
             raise ValueError(f"method {self.method!r} needs utility_data and safety_data")
+        if self.repair is not None:
+            missing = [k for k in ("safety_data", "harmless_data", "borderline_data") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"repair {self.repair.method!r} needs {', '.join(missing)}")
+        elif self.harmless_data or self.borderline_data:
+            raise ValueError("harmless_data and borderline_data are inputs of a repair step; none was given")
         return self
 
     def method_params(self) -> CommonParams:

@@ -27,6 +27,7 @@ from .stages.evaluation import evaluate_adapters
 from .stages.fisher import FisherResult, compute_fisher
 from .stages.inputs import LoadedInputs, ModelCache, load_inputs
 from .stages.merging import MergedUpdates, merge_plan, merge_updates
+from .stages.repair import repair_updates
 from .stages.sizes import job_sizes
 from .stages.writing import AdapterTarget, WrittenAdapters, adapter_target, write_adapter_weights
 
@@ -71,6 +72,9 @@ def run_merge(
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
         track.begin("merging")
         merges = merge_all(loaded, fisher, track)
+        if loaded.repair is not None:
+            track.begin("repairing")
+            merges = repair_all(loaded, merges, track)
         track.begin("writing")
         written = write_all(staging, merges, adapter_target(loaded, names), track)
         evaluation = None
@@ -121,6 +125,19 @@ def merge_all(loaded: LoadedInputs, fisher: FisherResult | None, track: JobProgr
             merge_updates(loaded.modules, method, params, factors, role=role, num_layers=layers, progress=advance)
         )
     return merges
+
+
+def repair_all(loaded: LoadedInputs, merges: list[MergedUpdates], track: JobProgress) -> list[MergedUpdates]:
+    """The repair step on every method's merged models; progress counts the models repaired."""
+    total, repaired = sum(len(m.alphas) for m in merges), []
+    for merged in merges:
+        before = sum(len(m.alphas) for m in repaired)
+
+        def advance(done: float, _count: float, before: int = before) -> None:
+            track.advance(before + done, total)
+
+        repaired.append(repair_updates(loaded.model, loaded.tokenizer, merged, loaded.repair, progress=advance))
+    return repaired
 
 
 def write_all(

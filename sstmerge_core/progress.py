@@ -98,6 +98,18 @@ class EvaluationSize:
 
 
 @dataclass(frozen=True)
+class RepairSize:
+    """The repair step on `models` merged models: per model, forward passes over the fit halves of three prompt sets
+    (activations) and, for each of `candidates` directions and once without, over their select halves."""
+
+    models: int
+    prompts: int  # prompts per set used, fit and select halves together
+    prompt_tokens: float
+    candidates: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class MergeRun:
     """One method's merge: how many α and whether it works on dense ΔW."""
 
@@ -116,6 +128,7 @@ class JobSizes:
     merges: Sequence[MergeRun]  # the job's method first, then the compare_with methods
     fisher: Mapping[str, PassSize] = field(default_factory=dict)  # "utility", "safety"
     evaluation: EvaluationSize | None = None
+    repair: RepairSize | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,12 @@ def merge_cost(shapes: Sequence[tuple[int, int]], runs: Sequence[MergeRun], k: C
     return StageCost(body=body)
 
 
+def repair_cost(model: ModelSize, size: RepairSize, k: CostConstants) -> StageCost:
+    half = (size.prompts + 1) // 2
+    sets = 3 * sum(_call(model, rows * size.prompt_tokens, k) for rows in _batches(half, size.batch_size))
+    return StageCost(body=size.models * sets * (1 + size.candidates + 1))
+
+
 def stage_costs(sizes: JobSizes, k: CostConstants = CPU) -> dict[str, StageCost]:
     """Expected cost of every stage the job runs, in the order they run."""
     costs = {
@@ -196,6 +215,8 @@ def stage_costs(sizes: JobSizes, k: CostConstants = CPU) -> dict[str, StageCost]
     if sizes.fisher:  # ΔU is added to the model for the passes and taken out again
         costs["fisher_utility"] = replace(costs["fisher_utility"], lead=costs["fisher_utility"].lead + 2 * apply)
     costs["merging"] = merge_cost(sizes.shapes, sizes.merges, k)
+    if sizes.repair is not None:
+        costs["repairing"] = repair_cost(sizes.model, sizes.repair, k)
     adapters = sum(run.alphas for run in sizes.merges)
     costs["writing"] = StageCost(body=adapters * (2 * k.c_file + apply / 10))
     if sizes.evaluation is not None:
@@ -273,6 +294,12 @@ class JobProgress:
         if self._clock() - self._last_check >= self._cancel_check_s:
             self._check_cancel(f"cancelled during stage {self._stage}")
         self._report()
+
+    def check_cancel(self) -> None:
+        """A cancellation check within the current stage without reported work (the continuations that lead a
+        Fisher pass), at most every `cancel_check_s` like `advance`'s."""
+        if self._stage is not None and self._clock() - self._last_check >= self._cancel_check_s:
+            self._check_cancel(f"cancelled during stage {self._stage}")
 
     def finish(self) -> None:
         """End the current stage (if any) and record its time."""

@@ -90,8 +90,9 @@ def build_report(
 
     Keys: schema_version, sstmerge_version, created_at, method {name, description, reference}, params, inputs,
     fisher (cache keys and hits, damping; null without data passes), alphas, adapters, summary, timings_s (seconds
-    per finished stage), estimated_s (the progress plan's expected seconds per stage), modules, spec_file, and,
-    when the job was evaluated, evaluation {recommended}.
+    per finished stage), estimated_s (the progress plan's expected seconds per stage), modules, spec_file, when the
+    merges were repaired repair {α: the step's report (docs/repair.md)}, and, when the job was evaluated,
+    evaluation {recommended}.
     """
     method = merged.method
     modules = module_section(merged.by_alpha)
@@ -111,6 +112,8 @@ def build_report(
         "modules": modules,
         "spec_file": spec_file,
     }
+    if merged.repairs:
+        report["repair"] = {f"{alpha:g}": dict(step) for alpha, step in merged.repairs.items()}
     if evaluated:
         report["evaluation"] = {"recommended": dict(recommended) if recommended is not None else None}
     return report

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .adapter_format import adapter_sha256
 from .data import file_sha256
 from .errors import InputError
-from .jobspec import EvaluationSettings, EvaluationSpec, MergeSpec
+from .jobspec import EvaluationSettings, EvaluationSpec, MergeSpec, RepairSpec
 
 SPEC_FILE = "merge_spec.json"
 InputNames = Mapping[str, str]
@@ -62,6 +62,9 @@ class MergeSpecFile(BaseModel):
     method: str
     params: dict
     compare_with: list[str] = []
+    repair: RepairSpec | None = None
+    harmless_data: FileInput | None = None
+    borderline_data: FileInput | None = None
     evaluation: EvaluationFiles | None = None
     dtype: str = "auto"
 
@@ -137,6 +140,9 @@ def write_spec_file(
         method=spec.method,
         params=spec.params,
         compare_with=list(spec.compare_with),
+        repair=spec.repair,
+        harmless_data=file_input(spec.harmless_data),
+        borderline_data=file_input(spec.borderline_data),
         evaluation=evaluation,
         dtype=dtype,
     )
@@ -152,7 +158,7 @@ def input_hashes(spec: MergeSpec, known: Mapping[str, str] | None = None) -> dic
     for item in [*spec.utility, *spec.safety]:
         if item.path not in hashes:
             hashes[item.path] = adapter_sha256(Path(item.path))
-    files = [spec.utility_data, spec.safety_data]
+    files = [spec.utility_data, spec.safety_data, spec.harmless_data, spec.borderline_data]
     if spec.evaluation is not None:
         files += [spec.evaluation.harmful, spec.evaluation.benign, spec.evaluation.utility_eval]
     for value in files:
@@ -233,6 +239,9 @@ def read_spec_file(path: str | Path, *, device: str = "auto", cache_dir: str | N
             method=content.method,
             params=content.params,
             compare_with=content.compare_with,
+            repair=content.repair,
+            harmless_data=resolve(content.harmless_data, "harmless data") if content.harmless_data else None,
+            borderline_data=resolve(content.borderline_data, "borderline data") if content.borderline_data else None,
             evaluation=evaluation,
             device=device,
             dtype=content.dtype,

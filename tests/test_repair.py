@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from sstmerge_core.adapters import LoraFactors, load_adapter, save_adapter
 from sstmerge_core.errors import InputError
+from sstmerge_core.methods.catalog import RefusalAblationParams
 from sstmerge_core.modeling import load_base_model, merged_deltas
 from sstmerge_core.repair.directions import (
     ablation_factors,
@@ -17,7 +18,6 @@ from sstmerge_core.repair.directions import (
     partial_orthogonalization,
     refusal_log_odds,
 )
-from sstmerge_core.repair.params import RefusalAblationParams
 from sstmerge_core.repair.residual import (
     ablated,
     last_token_logits,

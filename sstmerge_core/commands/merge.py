@@ -18,7 +18,7 @@ import click
 from pydantic import ValidationError
 
 from ..errors import InputError
-from ..methods.catalog import METHOD_PARAMS
+from ..methods.catalog import METHOD_PARAMS, REPAIRS
 from .options import evaluation_options, evaluation_spec, metrics_table, one_line, progress_bar
 
 # Fields set by dedicated flags rather than generated ones.
@@ -91,6 +91,46 @@ def method_param_options(command: click.Command) -> click.Command:
             help=f"{field.description} [{'; '.join(notes)}]",
         )(command)
     return command
+
+
+REPAIR_PREFIX = "repair_"
+
+
+def repair_param_options(command: click.Command) -> click.Command:
+    """`--repair STEP`, its data flags, and `--repair-<param>` for every parameter of every repair step."""
+    fields = {name: info for step in REPAIRS.values() for name, info in step.params.model_fields.items()}
+    for name, info in sorted(fields.items(), reverse=True):
+        command = click.option(
+            f"--repair-{name.replace('_', '-')}",
+            REPAIR_PREFIX + name,
+            type=_click_type(info.annotation),
+            default=None,
+            help=f"{info.description} [repair; default: {info.get_default(call_default_factory=True)}]",
+        )(command)
+    for flag, text in (
+        ("--borderline-data", "Repair: borderline-benign prompts P (JSONL/CSV), held out from evaluation."),
+        ("--harmless-data", "Repair: harmless prompts B (JSONL/CSV), held out from evaluation."),
+    ):
+        command = click.option(flag, type=click.Path(), help=text)(command)
+    return click.option(
+        "--repair",
+        type=click.Choice(sorted(REPAIRS)),
+        default=None,
+        help="A post-merge repair step applied to every merged model (docs/repair.md); it reads --safety-data "
+        "(harmful prompts and their refusals), --harmless-data and --borderline-data.",
+    )(command)
+
+
+def given_repair(options: dict) -> dict | None:
+    """The repair step and its parameters as given, or None; a repair parameter without --repair is an error."""
+    params = {
+        k.removeprefix(REPAIR_PREFIX): v for k, v in options.items() if k.startswith(REPAIR_PREFIX) and v is not None
+    }
+    if options.get("repair") is None:
+        if params or options.get("harmless_data") or options.get("borderline_data"):
+            raise InputError("--repair-*, --harmless-data and --borderline-data need --repair")
+        return None
+    return {"method": options["repair"], "params": params}
 
 
 def given_params(options: dict) -> dict:
@@ -181,6 +221,7 @@ def parse_weighted(value: str, flag: str) -> tuple[str, float]:
 @click.option("--evaluate", "do_evaluate", is_flag=True, help="Evaluate base, before, safety, merged and baselines.")
 @evaluation_options(required=False)
 @method_param_options
+@repair_param_options
 @click.pass_context
 def merge(ctx: click.Context, spec_file, out, overwrite, device, cache_dir, **recipe) -> None:
     """Merge utility and safety LoRA adapters with SST-Merge (default) or a baseline."""
@@ -240,6 +281,9 @@ def spec_from_flags(flags: dict, *, device: str, cache_dir: str | None):
             method=method,
             params=params,
             compare_with=list(flags["compare_with"]),
+            repair=given_repair(flags),
+            harmless_data=flags["harmless_data"],
+            borderline_data=flags["borderline_data"],
             evaluation=evaluation,
             device=device,
             dtype=flags["dtype"],

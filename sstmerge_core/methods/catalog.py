@@ -14,23 +14,33 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..schedules import ScheduleParams
+from ..schedules import SCALE_BOUND, ScheduleParams
+
+SEED_BOUND = 2**31  # seeds are stored and passed on as 32-bit integers
+MAX_RANK = 1 << 16
+Alpha = Annotated[float, Field(ge=-SCALE_BOUND, le=SCALE_BOUND)]
 
 
 class CommonParams(ScheduleParams):
-    """Parameters every method takes (the depth schedule of α included)."""
+    """Parameters every method takes (the depth schedule of α included). Every number has a range; NaN and
+    ±inf are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    alphas: list[float] = Field(
-        default=[1.0], min_length=1, description="weight(s) α of the safety side; a list is a sweep"
+    alphas: list[Alpha] = Field(
+        default=[1.0],
+        min_length=1,
+        max_length=64,
+        description="weight(s) α of the safety side, each within ±100; a list is a sweep",
     )
-    max_rank: int | None = Field(default=None, ge=1, description="truncate each merged module to this rank by SVD")
-    seed: int = Field(default=0, description="seed for sampling (sampled Fisher, DARE)")
+    max_rank: int | None = Field(
+        default=None, ge=1, le=MAX_RANK, description="truncate each merged module to this rank by SVD"
+    )
+    seed: int = Field(default=0, ge=0, lt=SEED_BOUND, description="seed for sampling (sampled Fisher, DARE)")
 
     @field_validator("alphas")
     @classmethod
@@ -46,14 +56,17 @@ class CommonParams(ScheduleParams):
 class FisherParams(CommonParams):
     """Data-pass settings (only methods that read data)."""
 
-    max_samples: int = Field(default=1000, ge=1, description="examples used per dataset")
-    max_length: int = Field(default=512, ge=8, description="tokens per example (prompt + response)")
-    batch_size: int = Field(default=8, ge=1, description="examples per forward/backward pass")
-    damping: float = Field(default=1e-3, gt=0, description="ε: Ã = A + ε·tr(A)/r·I")
+    max_samples: int = Field(default=1000, ge=1, le=100_000, description="examples used per dataset")
+    max_length: int = Field(default=512, ge=8, le=32_768, description="tokens per example (prompt + response)")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="examples per forward/backward pass")
+    damping: float = Field(default=1e-3, gt=0, le=1e3, description="ε: Ã = A + ε·tr(A)/r·I")
     continuation_tokens: int = Field(
-        default=32, ge=1, description="tokens the model writes for prompts without a response (sampled Fisher)"
+        default=32,
+        ge=1,
+        le=1024,
+        description="tokens the model writes for prompts without a response (sampled Fisher)",
     )
-    label_samples: int = Field(default=1, ge=1, description="label draws per position for the sampled Fisher")
+    label_samples: int = Field(default=1, ge=1, le=64, description="label draws per position for the sampled Fisher")
 
 
 @dataclass(frozen=True)
@@ -101,9 +114,9 @@ def method(
 )
 class SSTParams(FisherParams):
     selection: Literal["soft", "topk", "input"] = Field(default="soft", description="how directions are weighted")
-    beta: float = Field(default=1.0, ge=0, description="soft: W = λ/(λ+β·median λ)")
-    k: int = Field(default=10, ge=1, description="topk: number of (i, j) directions kept per module")
-    k_in: int = Field(default=8, ge=1, description="input: number of input directions kept per module")
+    beta: float = Field(default=1.0, ge=0, le=1e6, description="soft: W = λ/(λ+β·median λ)")
+    k: int = Field(default=10, ge=1, le=1 << 20, description="topk: number of (i, j) directions kept per module")
+    k_in: int = Field(default=8, ge=1, le=MAX_RANK, description="input: number of input directions kept per module")
     utility_fisher: Literal["sampled", "empirical"] = Field(default="sampled", description="estimator on utility data")
     safety_fisher: Literal["empirical", "sampled"] = Field(default="empirical", description="estimator on safety data")
 
@@ -179,3 +192,80 @@ def method_info(name: str) -> MethodInfo:
 def parse_params(method: str, params: dict) -> CommonParams:
     """Validate `params` for `method`; raises KeyError for an unknown method, pydantic's error otherwise."""
     return method_info(method).params.model_validate(params)
+
+
+@dataclass(frozen=True)
+class RepairInfo:
+    """A post-merge repair step: it changes a merged model, whatever method made it."""
+
+    name: str
+    params: type[BaseModel]
+    description: str
+    reference: str
+
+    def params_schema(self) -> dict[str, Any]:
+        return self.params.model_json_schema()
+
+
+REPAIRS: dict[str, RepairInfo] = {}
+R = TypeVar("R", bound=type[BaseModel])
+MAX_POSITIONS = 16
+
+
+def repair_step(name: str, *, description: str, reference: str) -> Callable[[R], R]:
+    """Declare the decorated parameter class as the parameters of repair step `name`."""
+
+    def declare(params: R) -> R:
+        if name in REPAIRS:
+            raise ValueError(f"repair step {name!r} is declared twice")
+        REPAIRS[name] = RepairInfo(name, params, description, reference)
+        return params
+
+    return declare
+
+
+def parse_repair(name: str, params: dict) -> BaseModel:
+    """Validate `params` for repair step `name`; KeyError naming the known steps, pydantic's error otherwise."""
+    if name not in REPAIRS:
+        raise KeyError(f"unknown repair step {name!r}; one of {sorted(REPAIRS)}")
+    return REPAIRS[name].params.model_validate(params)
+
+
+@repair_step(
+    "refusal_ablation",
+    description=(
+        "Ablate the false-refusal direction (borderline − harmless mean activations, orthogonalized against the "
+        "true refusal direction) from every residual-stream writer of the merged model, as rank-1 LoRA factors."
+    ),
+    reference="https://arxiv.org/abs/2410.03415 (docs/repair.md)",
+)
+class RefusalAblationParams(BaseModel):
+    """Ablate the false-refusal direction v̂ (λ-orthogonalized against the true refusal direction) with strength c
+    from every residual-stream writer of the merged model (docs/repair.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lam: float = Field(default=1.0, ge=0, le=1, description="λ: v′ = v − λ (v·r/‖r‖²) r (1: v̂ ⟂ r)")
+    strength: float = Field(default=1.0, ge=0, le=1, description="c: W_eff ← (I − c v̂v̂ᵀ) W_eff (1: full ablation)")
+    layer: int | None = Field(default=None, ge=0, le=4096, description="take v̂ at this layer (default: selected)")
+    position: int | None = Field(
+        default=None,
+        ge=-MAX_POSITIONS,
+        le=-1,
+        description="take v̂ at this post-instruction token, counted from the end (-1: last; default: selected)",
+    )
+    max_layer_fraction: float = Field(
+        default=0.8, gt=0, le=1, description="candidate layers ℓ < this fraction of L (the last layers are skipped)"
+    )
+    kl_threshold: float = Field(
+        default=0.1, gt=0, le=100, description="drop a candidate whose ablation moves harmless next-token KL above this"
+    )
+    harmful_margin: float = Field(
+        default=1.0, ge=0, le=100, description="keep a candidate only if harmful refusal log-odds fall by at most this"
+    )
+    include_embedding: bool = Field(default=True, description="also ablate v̂ from the token embedding")
+    max_samples: int = Field(
+        default=128, ge=4, le=10_000, description="prompts used per set (harmful, harmless, borderline)"
+    )
+    batch_size: int = Field(default=16, ge=1, le=1024, description="prompts per forward pass")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the subsample and the fit/select split")

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..methods.catalog import RefusalAblationParams
 from .directions import kl_divergence, refusal_log_odds
-from .params import RefusalAblationParams
 from .residual import ablated, last_token_logits
 
 

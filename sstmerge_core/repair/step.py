@@ -1,9 +1,9 @@
 """The `refusal_ablation` repair step on a merged model: fit false-refusal directions, select one, and write
 its ablation exactly into the merged adapter as rank-1 LoRA factors per residual writer (docs/repair.md).
 
-The caller applies the merged update first (W_eff = W + ΔW in the model's weights, e.g. inside
-`modeling.merged_deltas`); the returned factors add ΔW_abl = −c v̂ (v̂ᵀ W_eff) to every writer, so that the
-repaired weights are (I − c v̂v̂ᵀ) W_eff.
+The merged update ΔW is applied by forward hooks while the directions are fitted and selected, and
+W_eff = W + ΔW is formed per writer; the returned factors add ΔW_abl = −c v̂ (v̂ᵀ W_eff) to every writer, so that
+the repaired weights are (I − c v̂v̂ᵀ) W_eff.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +19,9 @@ from torch import nn
 
 from ..adapters import LoraFactors
 from ..errors import InputError
+from ..methods.catalog import RefusalAblationParams
+from ..modeling import lora_forward
 from .directions import ablation_factors, false_refusal_directions
-from .params import RefusalAblationParams
 from .residual import (
     embedding_names,
     num_layers,
@@ -97,16 +98,36 @@ def candidate_grid(layers: int, positions: int, params: RefusalAblationParams) -
     return [(layer, position) for layer in candidate_layers for position in candidate_positions]
 
 
+def effective_writer(module: nn.Module, update: LoraFactors | None) -> torch.Tensor:
+    """W_eff = W + ΔW of a residual writer, (d_model × d_in), in float64."""
+    weight = writer_weight(module).double()
+    return weight if update is None else weight + update.delta().double().to(weight.device)
+
+
 def refusal_ablation(
     model: nn.Module,
     tokenizer,
     data: RepairData,
     params: RefusalAblationParams,
     *,
+    merged: Mapping[str, LoraFactors] | None = None,
     progress: Progress | None = None,
 ) -> RepairOutcome:
-    """Fit v̂ per candidate on the fit halves, select one on the select halves, return its ablation factors."""
+    """Fit v̂ per candidate on the fit halves, select one on the select halves, and return its ablation factors for
+    the model with the merged update ΔW (`merged`, by module) added; the model's weights are not changed."""
     _check(data)
+    with lora_forward(model, merged or {}):
+        return _repair(model, tokenizer, data, params, merged or {}, progress)
+
+
+def _repair(
+    model: nn.Module,
+    tokenizer,
+    data: RepairData,
+    params: RefusalAblationParams,
+    merged: Mapping[str, LoraFactors],
+    progress: Progress | None,
+) -> RepairOutcome:
     started = time.perf_counter()
     halves = {
         name: fit_select_split(getattr(data, name), params.max_samples, params.seed + offset)
@@ -134,7 +155,8 @@ def refusal_ablation(
         params,
         on_candidate=(lambda done, total: progress(0.1 + 0.9 * done / total)) if progress else None,
     )
-    chosen = choose(candidates, baseline)
+    fixed = params.layer is not None and params.position is not None
+    chosen = candidates[0] if fixed else choose(candidates, baseline)  # a given direction is applied as given
     report = {
         "step": "refusal_ablation",
         "params": params.model_dump(),
@@ -145,6 +167,7 @@ def refusal_ablation(
         "baseline": baseline.__dict__,
         "candidates": [c.to_dict() for c in candidates],
         "chosen": chosen.to_dict() if chosen else None,
+        "chosen_by": "given layer and position" if fixed else "selection",
         "seconds": round(time.perf_counter() - started, 2),
     }
     if chosen is None:
@@ -156,7 +179,8 @@ def refusal_ablation(
         return RepairOutcome({}, frozenset(), report)
     direction = directions[(chosen.layer, chosen.position)]
     factors = {
-        name: ablation_factors(writer_weight(module), direction, params.strength) for name, module in writers.items()
+        name: ablation_factors(effective_writer(module, merged.get(name)), direction, params.strength)
+        for name, module in writers.items()
     }
     embeddings = frozenset(name for name in embedding_names(model) if name in factors)
     log.info(

@@ -7,8 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..methods.catalog import CommonParams, DensityParams, SSTParams, method_info, parse_params
-from ..repair.params import RefusalAblationParams
+from ..methods.catalog import CommonParams, DensityParams, RefusalAblationParams, SSTParams, method_info, parse_params
 
 
 class Recipe(BaseModel):

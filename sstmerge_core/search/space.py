@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..methods.catalog import CATALOG
-from ..repair.params import RefusalAblationParams
+from ..methods.catalog import CATALOG, RefusalAblationParams
 from ..schedules import ScheduleKind
 from .recipe import Recipe
 

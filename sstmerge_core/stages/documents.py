@@ -70,6 +70,12 @@ def known_hashes(loaded: LoadedInputs) -> dict[str, str]:
     return hashes
 
 
+def data_unread_by(spec) -> dict:
+    """The data inputs a re-run of one adapter of a method without data passes does not read (the repair step still
+    reads the safety data)."""
+    return {"utility_data": None} if spec.repair is not None else {"utility_data": None, "safety_data": None}
+
+
 def _model_dtype(loaded: LoadedInputs) -> str:
     return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
 
@@ -125,7 +131,7 @@ def write_documents(
                     "method": merged.name,
                     "params": {**merged.params.model_dump(), "alphas": [alpha]},
                     "compare_with": [],
-                    **({} if merged.method.needs_fisher else {"utility_data": None, "safety_data": None}),
+                    **({} if merged.method.needs_fisher else data_unread_by(spec)),
                 }
             )
             write_spec_file(root / folder / SPEC_FILE, one, folder=final_root / folder, **spec_options)

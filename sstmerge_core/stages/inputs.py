@@ -21,6 +21,7 @@ from ..methods.catalog import CommonParams, FisherParams
 from ..methods.registry import get_method
 from ..modeling import ModelRef, load_base_model, resolve_device
 from .merging import merge_plan
+from .repair import load_repair_inputs
 
 
 class ModelCache:
@@ -90,6 +91,7 @@ class LoadedInputs:
     modules: Mapping[str, ModuleInputs]  # by module name, sorted
     fisher_data: Mapping[str, FisherData]  # "utility", "safety"; empty when no method of the job reads data
     evaluation: EvaluationInputs | None
+    repair: Any = None  # stages.repair.RepairInputs when the job repairs its merges
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -166,14 +168,13 @@ def load_evaluation(spec: MergeSpec) -> EvaluationInputs:
 
     evaluation = spec.evaluation
     data = EvaluationData.load(evaluation)
-    merge_prompts = {
-        e.prompt.strip() for path in (spec.utility_data, spec.safety_data) if path for e in load_examples(path)
-    }
+    merge_files = (spec.utility_data, spec.safety_data, spec.harmless_data, spec.borderline_data)
+    merge_prompts = {e.prompt.strip() for path in merge_files if path for e in load_examples(path)}
     for name, examples in (("harmful", data.harmful), ("benign", data.benign), ("utility_eval", data.utility)):
         shared = sum(e.prompt.strip() in merge_prompts for e in examples)
         if shared:
             raise InputError(
-                f"evaluation set {name!r} shares {shared} prompt(s) with the merge data; "
+                f"evaluation set {name!r} shares {shared} prompt(s) with the merge or repair data; "
                 "evaluation prompts must be held out"
             )
     files = {name: file_sha256(Path(getattr(evaluation, name))) for name in ("harmful", "benign", "utility_eval")}
@@ -195,6 +196,7 @@ def load_inputs(spec: MergeSpec, *, model_cache: ModelCache | None = None) -> Lo
     pass_params = fisher_params(spec)
     fisher_data = load_fisher_data(spec, pass_params) if pass_params is not None else {}
     evaluation = load_evaluation(spec) if spec.evaluation is not None else None
+    repair = load_repair_inputs(spec)
     ref = ModelRef.parse(spec.base_model)
     cache = model_cache or ModelCache()
     cached = cache.holds(ref, spec.device, spec.dtype)
@@ -213,4 +215,5 @@ def load_inputs(spec: MergeSpec, *, model_cache: ModelCache | None = None) -> Lo
         modules=module_inputs(list(utility), list(safety), model),
         fisher_data=fisher_data,
         evaluation=evaluation,
+        repair=repair,
     )

@@ -7,7 +7,7 @@ scaling 1), so that evaluating them in memory scores the same ΔW as loading the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -31,6 +31,8 @@ class MergedUpdates:
     params: CommonParams
     by_alpha: Mapping[float, Mapping[str, ModuleResult]]
     role: Role = "merged"  # the job's own method, or a compare_with baseline
+    repairs: Mapping[float, Mapping] = field(default_factory=dict)  # the repair step's report per α, when repaired
+    embedding_modules: frozenset[str] = frozenset()  # modules whose update is an embedding LoRA (the repair's)
 
     @property
     def name(self) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cache import FisherCache
 from ..data import Example
-from ..progress import EvaluationSize, JobSizes, MergeRun, ModelSize, PassSize
+from ..progress import EvaluationSize, JobSizes, MergeRun, ModelSize, PassSize, RepairSize
 from ..prompting import chat_prompt, encode
 from .fisher import fisher_cache_keys
 from .inputs import LoadedInputs
@@ -102,6 +102,27 @@ def cached_passes(loaded: LoadedInputs) -> set[str]:
     return {role for role, key in fisher_cache_keys(loaded).items() if cache.path(key).is_file()}
 
 
+def repair_size(loaded: LoadedInputs, models: int) -> RepairSize | None:
+    """The repair step's passes: prompts per set, their length, and the (layer, position) candidates scored."""
+    repair = loaded.repair
+    if repair is None:
+        return None
+    from ..data import Example
+    from ..repair.residual import post_instruction_length
+    from ..repair.step import candidate_grid
+
+    params, data = repair.params, repair.data
+    prompts = [Example(p) for p in [*data.harmful, *data.harmless, *data.borderline]]
+    layers = model_size(loaded.model).layers
+    return RepairSize(
+        models=models,
+        prompts=min(params.max_samples, max(len(data.harmful), len(data.harmless), len(data.borderline))),
+        prompt_tokens=mean_tokens(loaded.tokenizer, prompts, 4096, responses=False),
+        candidates=len(candidate_grid(layers, post_instruction_length(loaded.tokenizer), params)),
+        batch_size=params.batch_size,
+    )
+
+
 def job_sizes(loaded: LoadedInputs) -> JobSizes:
     spec = loaded.spec
     runs = [MergeRun(len(params.alphas), method.info.dense) for method, params, _ in merge_plan(spec)]
@@ -119,4 +140,5 @@ def job_sizes(loaded: LoadedInputs) -> JobSizes:
             for role, data in loaded.fisher_data.items()
         },
         evaluation=evaluation_size(loaded, references + sum(run.alphas for run in runs)),
+        repair=repair_size(loaded, sum(run.alphas for run in runs)),
     )

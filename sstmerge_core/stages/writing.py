@@ -6,11 +6,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import save_adapter
+import torch
+
+from ..adapters import LoraFactors, save_adapter
 from ..errors import InputError
 from ..specfile import InputNames
 from .inputs import LoadedInputs
 from .merging import MergedUpdates
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_finite(modules: Mapping[str, LoraFactors], label: str) -> None:
+    """Refuse (`InputError`, code non_finite_result, naming the module) a merged update that is not finite where
+    it is used: every stored factor finite and |s|·‖B‖_F·‖A‖_F ≤ float32's largest value, which bounds every entry
+    of ΔW = s·B A (|(BA)_ij| ≤ ‖B_i,:‖·‖A_:,j‖, Cauchy–Schwarz), so that PEFT's float32 product cannot overflow."""
+    for name, f in modules.items():
+        finite = bool(torch.isfinite(f.A).all() and torch.isfinite(f.B).all())
+        norms = float(
+            torch.linalg.vector_norm(f.B, dtype=torch.float64) * torch.linalg.vector_norm(f.A, dtype=torch.float64)
+        )
+        if not (finite and abs(f.scale) * norms <= FLOAT32_MAX):
+            raise InputError(
+                f"{label}: the merged update of module {name} is not finite (inf or NaN, or beyond float32); "
+                "check the inputs' weights and α",
+                code="non_finite_result",
+            )
 
 
 def alpha_dirname(alpha: float) -> str:
@@ -55,12 +76,14 @@ def write_adapter_weights(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> WrittenAdapters:
-    """adapter_config.json + adapter_model.safetensors per α under `root`; refuses an all-zero merge."""
+    """adapter_config.json + adapter_model.safetensors per α under `root`; refuses an all-zero merge and a
+    non-finite one (`check_finite`)."""
     dirs = {}
     for done, alpha in enumerate(merged.alphas, start=1):
         modules = merged.updates(alpha)
         if not modules:
             raise InputError(f"the merge at α={alpha:g} is zero on every module; nothing to write")
+        check_finite(modules, merged.label(alpha))
         relative = adapter_subdir(merged) / alpha_dirname(alpha)
         save_adapter(
             root / relative,
@@ -68,6 +91,7 @@ def write_adapter_weights(
             base_model=target.base_model,
             revision=target.revision,
             fan_in_fan_out=target.fan_in_fan_out,
+            embedding_modules=merged.embedding_modules,
         )
         dirs[alpha] = relative
         if progress is not None:

@@ -1,0 +1,75 @@
+"""Repair: a post-merge step applied to every merged model of the job (docs/repair.md), from `MergedUpdates` to
+`MergedUpdates` whose factors carry the step's exact low-rank update, with the step's report per α."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..adapters import LoraFactors
+from ..data import load_examples
+from ..jobspec import MergeSpec
+from ..methods.base import ModuleResult
+from ..methods.catalog import RefusalAblationParams
+from ..repair.step import RepairData, refusal_ablation
+from .merging import MergedUpdates
+
+
+@dataclass(frozen=True)
+class RepairInputs:
+    """The step's parameters and prompt sets (H: the safety data, with its refusals; B: harmless; P: borderline)."""
+
+    params: RefusalAblationParams
+    data: RepairData
+
+
+def load_repair_inputs(spec: MergeSpec) -> RepairInputs | None:
+    """The repair's data, read at loading so that a bad file fails before any pass; None without a repair."""
+    if spec.repair is None:
+        return None
+    assert spec.safety_data and spec.harmless_data and spec.borderline_data  # MergeSpec checks it
+    safety = load_examples(spec.safety_data, require_response=True)
+    data = RepairData(
+        harmful=[e.prompt for e in safety],
+        harmless=[e.prompt for e in load_examples(spec.harmless_data)],
+        borderline=[e.prompt for e in load_examples(spec.borderline_data)],
+        refusals=[e.response for e in safety if e.response],
+    )
+    return RepairInputs(spec.repair.step_params(), data)
+
+
+def with_repair(results: Mapping[str, ModuleResult], factors: Mapping[str, LoraFactors]) -> dict[str, ModuleResult]:
+    """Each module's merged factors with the repair's factors concatenated (ΔW + ΔW_abl, exact)."""
+    combined = dict(results)
+    for name, extra in factors.items():
+        current = combined.get(name)
+        parts = [f for f in (current.factors if current is not None else None, extra) if f is not None]
+        diagnostics = dict(current.diagnostics) if current is not None else {}
+        combined[name] = ModuleResult(LoraFactors.concat(parts), {**diagnostics, "repair_rank": extra.rank})
+    return dict(sorted(combined.items()))
+
+
+def repair_updates(
+    model,
+    tokenizer,
+    merged: MergedUpdates,
+    repair: RepairInputs,
+    *,
+    progress: Callable[[float, float], None] | None = None,
+) -> MergedUpdates:
+    """The repair step on the model merged at every α of `merged`; the model's weights are unchanged on return."""
+    by_alpha, reports, embeddings = {}, {}, set()
+    for i, alpha in enumerate(merged.alphas):
+
+        def advance(fraction: float, i: int = i) -> None:
+            if progress is not None:
+                progress(i + fraction, len(merged.alphas))
+
+        outcome = refusal_ablation(
+            model, tokenizer, repair.data, repair.params, merged=merged.updates(alpha), progress=advance
+        )
+        by_alpha[alpha] = with_repair(merged.by_alpha[alpha], outcome.factors)
+        reports[alpha] = outcome.report
+        embeddings |= outcome.embedding_modules
+    return dataclasses.replace(merged, by_alpha=by_alpha, repairs=reports, embedding_modules=frozenset(embeddings))
