@@ -7,7 +7,8 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from sstmerge_core.search.matched import Outcomes, at_safety, front_curve, interpolate, matched_difference
+from sstmerge_core.evaluation.outcomes import Outcomes
+from sstmerge_core.search.matched import at_safety, front_curve, interpolate, matched_difference
 from sstmerge_core.search.recipe import Recipe
 from sstmerge_core.search.space import SearchSettings, suggest_recipe
 
@@ -94,9 +95,12 @@ def test_matched_difference_point_estimate_and_a_real_improvement_is_outside_the
     front = [(a, _model(rng, 0.2 + 0.35 * a, 0.05 + 0.25 * a, 0.8)) for a in (0.0, 0.5, 1.0, 1.5, 2.0)]
     better = _model(rng, 0.72, 0.12, 0.8)  # linear needs over-refusal ≈ 0.4 for this safety
     result = matched_difference(better, front, n_boot=500, seed=2)
-    s = better.harmful.mean()
-    curve = front_curve([a for a, _ in front], *zip(*[(m.harmful.mean(), m.benign.mean()) for _, m in front]))
-    expected = better.benign.mean() - float(np.interp(s, curve[0], curve[1]))
+    def mean(values):
+        return float(np.mean(values))
+
+    s = mean(better.harmful)
+    curve = front_curve([a for a, _ in front], *zip(*[(mean(m.harmful), mean(m.benign)) for _, m in front]))
+    expected = mean(better.benign) - float(np.interp(s, curve[0], curve[1]))
     assert result["delta_over_refusal"] == pytest.approx(expected)
     low, high = result["delta_over_refusal_ci"]
     assert low <= result["delta_over_refusal"] <= high < 0

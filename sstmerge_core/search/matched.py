@@ -16,20 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..evaluation.outcomes import Outcomes
+
 Array = np.ndarray
-
-
-@dataclass(frozen=True)
-class Outcomes:
-    """Per-prompt outcomes of one model: refused harmful prompts, refused benign prompts, utility scores."""
-
-    harmful: Array
-    benign: Array
-    utility: Array
-
-    @classmethod
-    def of(cls, harmful: Sequence[bool], benign: Sequence[bool], utility: Sequence[float]) -> Outcomes:
-        return cls(np.asarray(harmful, dtype=float), np.asarray(benign, dtype=float), np.asarray(utility, dtype=float))
 
 
 @dataclass(frozen=True)
@@ -51,7 +40,8 @@ class Resamples:
 
     def rates(self, o: Outcomes) -> tuple[Array, Array, Array]:
         """(safety, over-refusal, utility) per draw."""
-        return o.harmful[self.harmful].mean(1), o.benign[self.benign].mean(1), o.utility[self.utility].mean(1)
+        harmful, benign, utility = (np.asarray(x, dtype=float) for x in (o.harmful, o.benign, o.utility))
+        return harmful[self.harmful].mean(1), benign[self.benign].mean(1), utility[self.utility].mean(1)
 
 
 def front_curve(alphas: Sequence[float], safety: Sequence[float], *values: Sequence[float]) -> tuple[Array, ...]:

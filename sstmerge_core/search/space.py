@@ -87,12 +87,21 @@ class SearchSettings(BaseModel):
 
 
 def suggest_recipe(
-    trial: Any, settings: SearchSettings, *, base_params: dict[str, Any], num_layers: int, can_repair: bool
+    trial: Any,
+    settings: SearchSettings,
+    *,
+    base_params: dict[str, Any],
+    num_layers: int,
+    can_repair: bool,
+    positions: int = 1,
+    repair_defaults: RefusalAblationParams | None = None,
 ) -> Recipe:
     """One recipe drawn by an optuna `trial` (define-by-run, so the space is conditional as described above).
 
     `base_params` are the job's own method parameters (Fisher data settings, rank cap, seed), kept fixed so that
-    every SST trial reuses the same cached Fisher factors.
+    every SST trial reuses the same cached Fisher factors; `repair_defaults` the job's fixed repair settings (sample
+    sizes, seed). A repair trial names its layer and post-instruction position (one of the last `positions`
+    tokens), so the step applies exactly that direction and the trial's evaluation judges it.
     """
     method = trial.suggest_categorical("method", settings.methods)
     alpha = trial.suggest_float("alpha", settings.alpha_min, settings.alpha_max)
@@ -124,10 +133,14 @@ def suggest_recipe(
         or (settings.repair == "search" and trial.suggest_categorical("repair", [False, True]))
     )
     if use_repair:
-        candidate_layers = max(1, int(RefusalAblationParams().max_layer_fraction * num_layers))
-        repair = RefusalAblationParams(
-            lam=trial.suggest_float("repair_lambda", 0.0, 1.0),
-            strength=trial.suggest_float("repair_strength", 0.0, 1.0),
-            layer=trial.suggest_int("repair_layer", 0, candidate_layers - 1),
+        defaults = repair_defaults or RefusalAblationParams()
+        candidate_layers = max(1, int(defaults.max_layer_fraction * num_layers))
+        repair = defaults.model_copy(
+            update={
+                "lam": trial.suggest_float("repair_lambda", 0.0, 1.0),
+                "strength": trial.suggest_float("repair_strength", 0.0, 1.0),
+                "layer": trial.suggest_int("repair_layer", 0, candidate_layers - 1),
+                "position": trial.suggest_int("repair_position", -positions, -1),
+            }
         )
     return Recipe(method=method, params=params, repair=repair)

@@ -1,0 +1,397 @@
+"""`sstmerge search`: a budgeted, constrained search over merge recipes, confirmed on prompts it never saw
+(docs/search.md).
+
+    load once → Fisher factors once (cached) → split every evaluation set into search and report parts
+    → trials (optuna): recipe → merged (and repaired) updates in memory → scores on the search split
+    → chosen recipe and Pareto set → report split: references, chosen, Pareto set, linear's front, matched safety
+    → the chosen adapter with its merge_spec.json, trials.json, search_report.json, plot.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapters import LoraFactors
+from ..errors import InputError
+from ..evaluation.derived import Scores, dominates
+from ..evaluation.metrics import UTILITY_METRICS
+from ..evaluation.runner import EvaluationData, ModelResult
+from ..jobspec import MergeSpec, RepairSpec
+from ..merge import utility_deltas
+from ..methods.registry import get_method
+from ..modeling import num_layers
+from ..pipeline import staging_folder
+from ..progress import JobProgress, ProgressFn, StageCost, constants_for, stage_costs
+from ..repair.residual import post_instruction_length
+from ..report import now_iso
+from ..specfile import InputNames
+from ..stages.documents import write_documents
+from ..stages.evaluation import score_updates
+from ..stages.fisher import FisherResult, compute_fisher
+from ..stages.inputs import LoadedInputs, ModelCache, load_inputs
+from ..stages.merging import MergedUpdates, merge_updates
+from ..stages.repair import RepairInputs, repair_updates
+from ..stages.sizes import job_sizes
+from ..stages.writing import adapter_target, write_adapter_weights
+from .matched import matched_difference
+from .recipe import Recipe
+from .report import search_report, write_search_files
+from .space import SearchSettings, suggest_recipe
+
+log = logging.getLogger(__name__)
+TrialCallback = Callable[[dict], None]
+OBJECTIVE = (
+    "highest safety on the search split among recipes with over_refusal − over_refusal(before) ≤ "
+    "max_over_refusal_increase, utility(before) − utility ≤ max_utility_drop and over_refusal ≤ the safety "
+    "adapter's own; ties → lower over-refusal"
+)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluated recipe on the search split."""
+
+    number: int
+    recipe: Recipe
+    result: ModelResult
+    scores: Scores  # utility oriented so that higher is better
+    utility_drop: float
+    over_refusal_increase: float
+    feasible: bool
+    seconds: float
+    repair: Mapping[str, Any] | None
+
+    def to_dict(self) -> dict:
+        return {
+            "number": self.number,
+            "label": self.recipe.label(),
+            "recipe": self.recipe.model_dump(),
+            "safety": self.scores.safety,
+            "over_refusal": self.scores.over_refusal,
+            "utility": self.result.utility["value"],
+            "utility_drop": self.utility_drop,
+            "over_refusal_increase": self.over_refusal_increase,
+            "feasible": self.feasible,
+            "seconds": round(self.seconds, 2),
+            "repair": dict(self.repair) if self.repair is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    out_dir: Path
+    report: Mapping[str, Any]
+    chosen: Trial | None
+    adapter_dir: Path | None
+    spec_path: Path | None
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial shares: the loaded job, its Fisher factors, its splits and the references on them."""
+
+    loaded: LoadedInputs
+    fisher: FisherResult | None
+    settings: SearchSettings
+    search: EvaluationData
+    report: EvaluationData
+    layers: int
+    positions: int
+    before: ModelResult
+    safety: ModelResult
+
+    @property
+    def higher_is_better(self) -> bool:
+        return UTILITY_METRICS[self.loaded.evaluation.spec.utility_metric].higher_is_better
+
+
+def reference_updates(loaded: LoadedInputs) -> dict[str, dict[str, LoraFactors]]:
+    """before = base + Σ w_i ΔU_i; safety = base + ΔS (the weighted safety sum), as in-memory updates."""
+    safety = {name: m.safety for name, m in loaded.modules.items() if m.safety is not None}
+    return {"before": utility_deltas(dict(loaded.modules)), "safety": safety}
+
+
+def merged_recipe(ctx: SearchContext, recipe: Recipe) -> MergedUpdates:
+    """The recipe's merge in memory: its method on every module (Fisher factors where needed), then its repair."""
+    method = get_method(recipe.method)
+    factors = ctx.fisher.factors if ctx.fisher is not None and method.needs_fisher else None
+    merged = merge_updates(ctx.loaded.modules, method, recipe.method_params(), factors, num_layers=ctx.layers)
+    if recipe.repair is not None:
+        repair = RepairInputs(recipe.repair, ctx.loaded.repair.data)
+        merged = repair_updates(ctx.loaded.model, ctx.loaded.tokenizer, merged, repair)
+    return merged
+
+
+def trial_repair(merged: MergedUpdates) -> dict | None:
+    """The repair's choice and scores in a trial (its candidate table left out)."""
+    if not merged.repairs:
+        return None
+    step = next(iter(merged.repairs.values()))
+    return {k: step.get(k) for k in ("chosen", "baseline", "chosen_by", "reason") if k in step}
+
+
+def judge_trial(ctx: SearchContext, number: int, recipe: Recipe, result: ModelResult, seconds: float, repair) -> Trial:
+    """Scores against the references and the constraints of the objective."""
+    settings = ctx.settings
+    scores, before = result.scores(ctx.higher_is_better), ctx.before.scores(ctx.higher_is_better)
+    utility_drop = before.utility - scores.utility
+    increase = scores.over_refusal - before.over_refusal
+    feasible = (
+        increase <= settings.max_over_refusal_increase
+        and utility_drop <= settings.max_utility_drop
+        and scores.over_refusal <= ctx.safety.over_refusal.rate
+    )
+    return Trial(number, recipe, result, scores, utility_drop, increase, feasible, seconds, repair)
+
+
+def constraints(trial: Trial, ctx: SearchContext) -> list[float]:
+    """optuna's constraint values (≤ 0 is feasible)."""
+    return [
+        trial.over_refusal_increase - ctx.settings.max_over_refusal_increase,
+        trial.utility_drop - ctx.settings.max_utility_drop,
+        trial.scores.over_refusal - ctx.safety.over_refusal.rate,
+    ]
+
+
+def make_sampler(settings: SearchSettings):
+    import optuna
+
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(
+        seed=settings.seed,
+        n_startup_trials=settings.startup_trials,
+        multivariate=True,
+        group=True,
+        constraints_func=lambda frozen: frozen.user_attrs["constraints"],
+    )
+
+
+def run_trials(
+    ctx: SearchContext, track: JobProgress, on_trial: TrialCallback | None, base_params: dict
+) -> list[Trial]:
+    """`settings.budget` trials, each scored on the search split only."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = ctx.settings
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(settings))
+    trials: list[Trial] = []
+    for number in range(settings.budget):
+        started = time.perf_counter()
+        handle = study.ask()
+        recipe = suggest_recipe(
+            handle,
+            settings,
+            base_params=base_params,
+            num_layers=ctx.layers,
+            positions=ctx.positions,
+            can_repair=ctx.loaded.repair is not None,
+            repair_defaults=ctx.loaded.repair.params if ctx.loaded.repair is not None else None,
+        )
+        merged = merged_recipe(ctx, recipe)
+
+        def advance(done: float, total: float, number: int = number) -> None:
+            track.advance(number + done / max(total, 1), settings.budget)
+
+        result = score_updates(ctx.loaded, {"trial": merged.updates(recipe.alpha)}, data=ctx.search, progress=advance)
+        trial = judge_trial(ctx, number, recipe, result["trial"], time.perf_counter() - started, trial_repair(merged))
+        handle.set_user_attr("constraints", constraints(trial, ctx))
+        study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
+        trials.append(trial)
+        log.info("search trial", extra={k: v for k, v in trial.to_dict().items() if k not in ("recipe", "repair")})
+        if on_trial is not None:
+            on_trial(trial.to_dict())
+    return trials
+
+
+def choose(trials: Sequence[Trial]) -> Trial | None:
+    """The feasible trial with the highest search-split safety; ties → lower over-refusal, then the earlier trial."""
+    feasible = [t for t in trials if t.feasible]
+    return min(feasible, key=lambda t: (-t.scores.safety, t.scores.over_refusal, t.number), default=None)
+
+
+def pareto_set(trials: Sequence[Trial], chosen: Trial | None, limit: int) -> list[Trial]:
+    """Feasible trials no other feasible trial dominates (safety ↑, over-refusal ↓, utility ↑), at most `limit`
+    spread evenly by safety, the chosen one always kept."""
+    feasible = [t for t in trials if t.feasible]
+    front = [t for t in feasible if not any(dominates(o.scores, t.scores) for o in feasible if o is not t)]
+    front.sort(key=lambda t: (t.scores.safety, t.number))
+    if len(front) > limit:
+        picks = {round(i * (len(front) - 1) / max(limit - 1, 1)) for i in range(limit)}
+        front = [t for i, t in enumerate(front) if i in picks]
+    if chosen is not None and chosen not in front:
+        front = [*front[: limit - 1], chosen]
+    return sorted(front, key=lambda t: (t.scores.safety, t.number))
+
+
+def linear_front_updates(ctx: SearchContext) -> dict[float, dict[str, LoraFactors]]:
+    """Linear merges over the settings' reference α grid (constant schedule, no repair), in memory."""
+    from ..methods.catalog import parse_params
+
+    params = parse_params("linear", {"alphas": ctx.settings.reference_alphas()})
+    merged = merge_updates(ctx.loaded.modules, get_method("linear"), params, num_layers=ctx.layers)
+    return {alpha: merged.updates(alpha) for alpha in merged.alphas}
+
+
+def evaluate_report_split(
+    ctx: SearchContext, chosen: Trial | None, pareto: Sequence[Trial], track: JobProgress
+) -> dict[str, Any]:
+    """Every model of the report on the report split: references, the Pareto set (chosen included), linear's front."""
+    models: dict[str, dict[str, LoraFactors]] = dict(reference_updates(ctx.loaded))
+    for trial in pareto if chosen is None or chosen in pareto else [*pareto, chosen]:
+        models[f"trial-{trial.number}"] = merged_recipe(ctx, trial.recipe).updates(trial.recipe.alpha)
+    front = linear_front_updates(ctx)
+    models.update({f"linear@{alpha:g}": updates for alpha, updates in front.items()})
+    results = score_updates(ctx.loaded, models, data=ctx.report, progress=track.advance)
+    reference = [(alpha, results[f"linear@{alpha:g}"].outcomes) for alpha in front]
+    matched = {
+        label: matched_difference(result.outcomes, reference, seed=ctx.settings.seed)
+        for label, result in results.items()
+        if label.startswith("trial-")
+    }
+    return {"results": results, "linear_alphas": list(front), "matched": matched}
+
+
+def search_spec(spec: MergeSpec, settings: SearchSettings) -> MergeSpec:
+    """The job as loaded for a search: every searched method in its merge plan, so that the Fisher data of SST is
+    read when SST may be tried."""
+    if spec.evaluation is None:
+        raise InputError("a search needs evaluation sets: its trials are scored on their search split")
+    others = [m for m in settings.methods if m != spec.method]
+    evaluation = spec.evaluation.model_copy(
+        update={"split_seed": settings.split_seed, "report_fraction": settings.report_fraction}
+    )
+    return spec.model_copy(update={"compare_with": others, "evaluation": evaluation})
+
+
+def plan_costs(loaded: LoadedInputs, settings: SearchSettings, report_models: int) -> dict[str, StageCost]:
+    """The progress plan: loading and Fisher passes as in a merge job; a trial ≈ one evaluation on the search
+    split; the report ≈ one evaluation per model on the report split."""
+    sizes = job_sizes(loaded)
+    costs = stage_costs(sizes, constants_for(loaded.device))
+    per_model = costs["evaluating"].total / max(sizes.evaluation.models, 1)
+    plan = {k: v for k, v in costs.items() if k in ("loading", "fisher_utility", "fisher_safety")}
+    plan["references"] = StageCost(body=2 * per_model * (1 - settings.report_fraction))
+    plan["searching"] = StageCost(body=settings.budget * per_model * (1 - settings.report_fraction))
+    plan["reporting_split"] = StageCost(body=report_models * per_model * settings.report_fraction)
+    plan["writing"] = StageCost(body=costs["writing"].total / max(len(sizes.merges), 1))
+    plan["reporting"] = costs["reporting"]
+    return plan
+
+
+def run_search(
+    spec: MergeSpec,
+    settings: SearchSettings,
+    out_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    model_cache: ModelCache | None = None,
+    names: InputNames | None = None,
+    on_trial: TrialCallback | None = None,
+) -> SearchOutcome:
+    """Search recipes for `spec`'s adapters under `settings`, write the results into `out_dir` atomically.
+
+    `spec.method`/`spec.params` give the fixed settings of every trial (Fisher data passes, rank cap, seed) and
+    `spec.repair`, when set, the repair data and fixed repair settings. Raises `InputError` for bad inputs and
+    `Cancelled` when `should_cancel()` turns true.
+    """
+    out_dir = Path(out_dir).resolve()
+    track = JobProgress(progress, should_cancel)
+    with staging_folder(out_dir) as staging:
+        track.begin("loading")
+        loaded = load_inputs(search_spec(spec, settings), model_cache=model_cache)
+        report_models = 2 + settings.report_points + 1 + len(settings.reference_alphas())
+        track.plan(plan_costs(loaded, settings, report_models))
+        fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
+        evaluation = loaded.evaluation
+        splits = evaluation.data.splits(settings.split_seed, settings.report_fraction)
+        track.begin("references")
+        search_data, report_data = (evaluation.data.subset(splits, part) for part in ("search", "report"))
+        references = score_updates(loaded, reference_updates(loaded), data=search_data, progress=track.advance)
+        ctx = SearchContext(
+            loaded=loaded,
+            fisher=fisher,
+            settings=settings,
+            search=search_data,
+            report=report_data,
+            layers=num_layers(loaded.model),
+            positions=post_instruction_length(loaded.tokenizer),
+            before=references["before"],
+            safety=references["safety"],
+        )
+        track.begin("searching")
+        trials = run_trials(ctx, track, on_trial, base_params=dict(spec.params))
+        chosen = choose(trials)
+        pareto = pareto_set(trials, chosen, settings.report_points)
+        track.begin("reporting_split")
+        confirmed = evaluate_report_split(ctx, chosen, pareto, track)
+        track.begin("writing")
+        adapter_dir = spec_path = None
+        if chosen is not None:
+            adapter_dir, spec_path = write_chosen(staging, ctx, chosen, names=names, final_root=out_dir)
+        track.begin("reporting")
+        report = search_report(
+            ctx, splits=splits, trials=trials, chosen=chosen, pareto=pareto, confirmed=confirmed, objective=OBJECTIVE
+        )
+        write_search_files(staging, report=report, trials=trials)
+        track.finish()
+    return SearchOutcome(
+        out_dir=out_dir,
+        report=report,
+        chosen=chosen,
+        adapter_dir=out_dir / adapter_dir if adapter_dir else None,
+        spec_path=out_dir / spec_path if spec_path else None,
+    )
+
+
+def chosen_spec(spec: MergeSpec, recipe: Recipe) -> MergeSpec:
+    """A merge job that makes exactly the chosen recipe's adapter (`sstmerge merge --spec` re-runs it)."""
+    repair = RepairSpec(params=recipe.repair.model_dump()) if recipe.repair is not None else None
+    update: dict[str, Any] = {
+        "method": recipe.method,
+        "params": recipe.params,
+        "compare_with": [],
+        "repair": repair,
+        "evaluation": None,
+    }
+    if repair is None:
+        update |= {"harmless_data": None, "borderline_data": None}
+    if not get_method(recipe.method).needs_fisher:
+        update |= {"utility_data": None} | ({} if repair else {"safety_data": None})
+    return spec.model_copy(update=update)
+
+
+def write_chosen(
+    root: Path, ctx: SearchContext, chosen: Trial, *, names: InputNames | None, final_root: Path
+) -> tuple[Path, Path]:
+    """The chosen recipe's PEFT adapter, model card, merge_report.json and a runnable merge_spec.json."""
+    merged = merged_recipe(ctx, chosen.recipe)
+    loaded = dataclasses.replace(
+        ctx.loaded,
+        spec=chosen_spec(ctx.loaded.spec, chosen.recipe),
+        method=merged.method,
+        params=merged.params,
+        evaluation=None,
+    )
+    written = write_adapter_weights(root, merged, adapter_target(loaded, names))
+    documents = write_documents(
+        root,
+        loaded=loaded,
+        written=[written],
+        fisher=ctx.fisher if merged.method.needs_fisher else None,
+        evaluation=None,
+        timings={},
+        estimated={},
+        created_at=now_iso(),
+        names=names,
+        final_root=final_root,
+    )
+    return next(iter(written.dirs.values())), Path(documents.spec_file)
