@@ -117,14 +117,16 @@ def reference_updates(loaded: LoadedInputs) -> dict[str, dict[str, LoraFactors]]
     return {"before": utility_deltas(dict(loaded.modules)), "safety": safety}
 
 
-def merged_recipe(ctx: SearchContext, recipe: Recipe) -> MergedUpdates:
+def merged_recipe(loaded: LoadedInputs, fisher: FisherResult | None, recipe: Recipe) -> MergedUpdates:
     """The recipe's merge in memory: its method on every module (Fisher factors where needed), then its repair."""
     method = get_method(recipe.method)
-    factors = ctx.fisher.factors if ctx.fisher is not None and method.needs_fisher else None
-    merged = merge_updates(ctx.loaded.modules, method, recipe.method_params(), factors, num_layers=ctx.layers)
+    factors = fisher.factors if fisher is not None and method.needs_fisher else None
+    layers = num_layers(loaded.model)
+    merged = merge_updates(loaded.modules, method, recipe.method_params(), factors, num_layers=layers)
     if recipe.repair is not None:
-        repair = RepairInputs(recipe.repair, ctx.loaded.repair.data)
-        merged = repair_updates(ctx.loaded.model, ctx.loaded.tokenizer, merged, repair)
+        if loaded.repair is None:
+            raise InputError("a recipe with a repair needs the repair's data (harmless and borderline prompts)")
+        merged = repair_updates(loaded.model, loaded.tokenizer, merged, RepairInputs(recipe.repair, loaded.repair.data))
     return merged
 
 
@@ -195,7 +197,7 @@ def run_trials(
             can_repair=ctx.loaded.repair is not None,
             repair_defaults=ctx.loaded.repair.params if ctx.loaded.repair is not None else None,
         )
-        merged = merged_recipe(ctx, recipe)
+        merged = merged_recipe(ctx.loaded, ctx.fisher, recipe)
 
         def advance(done: float, total: float, number: int = number) -> None:
             track.advance(number + done / max(total, 1), settings.budget)
@@ -246,7 +248,9 @@ def evaluate_report_split(
     """Every model of the report on the report split: references, the Pareto set (chosen included), linear's front."""
     models: dict[str, dict[str, LoraFactors]] = dict(reference_updates(ctx.loaded))
     for trial in pareto if chosen is None or chosen in pareto else [*pareto, chosen]:
-        models[f"trial-{trial.number}"] = merged_recipe(ctx, trial.recipe).updates(trial.recipe.alpha)
+        models[f"trial-{trial.number}"] = merged_recipe(ctx.loaded, ctx.fisher, trial.recipe).updates(
+            trial.recipe.alpha
+        )
     front = linear_front_updates(ctx)
     models.update({f"linear@{alpha:g}": updates for alpha, updates in front.items()})
     results = score_updates(ctx.loaded, models, data=ctx.report, progress=track.advance)
@@ -373,7 +377,7 @@ def write_chosen(
     root: Path, ctx: SearchContext, chosen: Trial, *, names: InputNames | None, final_root: Path
 ) -> tuple[Path, Path]:
     """The chosen recipe's PEFT adapter, model card, merge_report.json and a runnable merge_spec.json."""
-    merged = merged_recipe(ctx, chosen.recipe)
+    merged = merged_recipe(ctx.loaded, ctx.fisher, chosen.recipe)
     loaded = dataclasses.replace(
         ctx.loaded,
         spec=chosen_spec(ctx.loaded.spec, chosen.recipe),
