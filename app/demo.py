@@ -3,14 +3,13 @@
 Prepares the self-contained example (tiny model, trained utility and safety adapters, disjoint data
 sets), starts `sstmerge serve` in embedded mode (SQLite database and broker, one worker), uploads the
 adapters and data over HTTP, submits the demo job (`sstmerge_core.example.DEMO_*`: an SST-Merge α sweep
-compared with linear, evaluated), polls it to the end, downloads the recommended adapter, metrics.json and
-plot.png, and prints the table and the recommendation. This client process, not the API, is the one that
-imports torch (to build the example).
+compared with linear, evaluated), follows it to the end, downloads the recommended adapter, metrics.json and
+plot.png, and prints the table and the recommendation. Every request goes through the Python client
+(`app.client`); this process, not the API, is the one that imports torch (to build the example).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -19,13 +18,11 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import click
-import httpx
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from .client import ApiError, Client, JobFailed
 
 
 def free_port() -> int:
@@ -34,71 +31,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def zip_folder(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(folder.iterdir()):
-            if path.is_file():
-                archive.write(path, path.name)
-    return buffer.getvalue()
-
-
-def wait_ready(client: httpx.Client, server: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(client: Client, server: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise click.ClickException(f"sstmerge serve exited with code {server.returncode}")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if client.ready():
+            return
         time.sleep(0.5)
     raise click.ClickException("the service did not become ready in time")
 
 
-def check(response: httpx.Response) -> dict:
-    if response.status_code >= 400:
-        raise click.ClickException(
-            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}"
-        )
-    return response.json()
-
-
-def check_bytes(response: httpx.Response) -> bytes:
-    """The body of a successful response; a ClickException naming the request otherwise."""
-    if response.status_code >= 400:
-        raise click.ClickException(
-            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}"
-        )
-    return response.content
-
-
-def get(client: httpx.Client, path: str, attempts: int = 3, **kwargs) -> httpx.Response:
-    """GET with a retry on a dropped connection (an idle keep-alive socket the server closed meanwhile)."""
-    for attempt in range(attempts):
-        try:
-            return client.get(path, **kwargs)
-        except httpx.TransportError:
-            if attempt + 1 == attempts:
-                raise
-            time.sleep(1.0)
-    raise AssertionError("unreachable")
-
-
-def run_job(client: httpx.Client, assets, base_name: str) -> dict:
-    """Upload the example, submit the demo job (`sstmerge_core.example`), poll it to the end; returns the job."""
+def run_job(client: Client, assets, base_name: str) -> dict:
+    """Upload the example, submit the demo job (`sstmerge_core.example`), follow it to the end (a progress bar on
+    a terminal, a line per stage otherwise); returns the job."""
     from sstmerge_core.example import DEMO_COMPARE_WITH, DEMO_EVALUATION, DEMO_METHOD, DEMO_PARAMS
 
     adapter = {}
     for role, folder in (("utility", assets.utility_adapter), ("safety", assets.safety_adapter)):
-        body = check(client.post("/adapters", files={"file": (f"{role}.zip", zip_folder(folder))}, data={"name": role}))
+        body = client.upload_adapter(folder, name=role)
         adapter[role] = body["id"]
         click.echo(f"uploaded {role} adapter {body['id']} (rank {body['rank']}, {len(body['target_modules'])} modules)")
     dataset = {}
     for role in ("utility_data", "safety_data", "harmful_eval", "benign_eval", "utility_eval"):
-        path = getattr(assets, role)
-        dataset[role] = check(client.post("/datasets", files={"file": (path.name, path.read_bytes())}))["id"]
+        dataset[role] = client.upload_dataset(getattr(assets, role))["id"]
     request = {
         "base_model": base_name,
         "utility_adapters": [{"adapter_id": adapter["utility"], "weight": 1.0}],
@@ -115,40 +71,29 @@ def run_job(client: httpx.Client, assets, base_name: str) -> dict:
         },
         "compare_with": DEMO_COMPARE_WITH,
     }
-    job = check(client.post("/merges", json=request, headers={"Idempotency-Key": secrets.token_hex(8)}))
+    job = client.submit(request)
     click.echo(f"submitted job {job['id']}")
-    last = None
-    while job["status"] not in TERMINAL:
-        time.sleep(1.0)
-        job = check(get(client, f"/merges/{job['id']}"))
-        stage = (job["status"], (job.get("progress") or {}).get("stage"))
-        if stage != last:  # one line per stage, not per percent
-            click.echo(f"  {job['status']:<9} {stage[1] or ''}")
-            last = stage
-    if job["status"] != "succeeded":
-        raise click.ClickException(f"job {job['id']} {job['status']}: {job.get('error')}")
-    return job
+    try:
+        return client.wait(job["id"])
+    except JobFailed as failed:
+        raise click.ClickException(f"job {job['id']} {failed.job['status']}: {failed.job.get('error')}") from None
 
 
-def download_results(client: httpx.Client, job: dict, out: Path) -> tuple[dict, Path | None]:
+def download_results(client: Client, job: dict, out: Path) -> tuple[dict, Path | None]:
     """metrics.json, plot.png and the recommended adapter (unpacked) into a fresh `out`; returns the metrics and
     the adapter folder (None when nothing was recommended: then no adapter is downloaded)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    metrics_bytes = check_bytes(get(client, f"/merges/{job['id']}/metrics"))
-    (out / "metrics.json").write_bytes(metrics_bytes)
-    (out / "plot.png").write_bytes(check_bytes(get(client, f"/merges/{job['id']}/plot.png")))
-    metrics = json.loads(metrics_bytes)
+    metrics = client.metrics(job["id"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "plot.png").write_bytes(client.plot(job["id"]))
     recommended = metrics.get("recommended") or {}
     if recommended.get("label") is None:
         return metrics, None
     method, alpha = recommended["method"], recommended["alpha"]
-    archive = check_bytes(get(client, f"/merges/{job['id']}/adapter", params={"alpha": alpha, "method": method}))
     folder = out / f"{method}-alpha-{alpha:g}"
-    with zipfile.ZipFile(io.BytesIO(archive)) as bundle:
-        bundle.extractall(folder)
-    return metrics, folder
+    return metrics, client.download_adapter(job["id"], method=method, alpha=alpha, dest=folder)
 
 
 @click.command("demo-service")
@@ -162,7 +107,7 @@ def download_results(client: httpx.Client, job: dict, out: Path) -> tuple[dict, 
 @click.option("--port", type=int, default=None, help="Port of the embedded service (default: a free one).")
 def demo_service(workdir: str, port: int | None) -> None:
     """Start the embedded service, submit the demo job (SST α sweep against linear, evaluated) on the example
-    over HTTP, poll it, and download the recommended adapter, metrics.json and plot.png."""
+    over HTTP, follow it, and download the recommended adapter, metrics.json and plot.png."""
     from sstmerge_core.commands.demo import echo_step, show_results
     from sstmerge_core.example import describe_job, prepare_example
 
@@ -172,11 +117,12 @@ def demo_service(workdir: str, port: int | None) -> None:
     port = port or free_port()
     key = secrets.token_hex(16)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("SSTMERGE_")},  # embedded, whatever is set
         "SSTMERGE_MODEL_DIRS": str(root / "models"),
         "SSTMERGE_API_KEYS": f"demo:{key}",
         "SSTMERGE_DEVICE": "cpu",
         "SSTMERGE_LOG_LEVEL": "WARNING",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # a model this small runs best on one thread
     }
     command = [
         sys.executable,
@@ -188,16 +134,21 @@ def demo_service(workdir: str, port: int | None) -> None:
         "--data-dir",
         str(root / "service"),
     ]
-    click.echo(f"starting the embedded service on 127.0.0.1:{port}")
-    server = subprocess.Popen(command, env=env)
+    service_log = root / "serve.log"
+    click.echo(f"starting the embedded service on 127.0.0.1:{port} (its log: {service_log})")
+    with service_log.open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60
-        ) as client:
+        with Client(f"http://127.0.0.1:{port}", key) as client:
             wait_ready(client, server)
             click.echo(describe_job(assets))
             job = run_job(client, assets, assets.base.name)
             metrics, adapter = download_results(client, job, root / "downloads")
+    except ApiError as exc:
+        raise click.ClickException(f"{exc} (the service's log: {service_log})") from None
+    except click.ClickException as exc:
+        exc.message += f" (the service's log: {service_log})"
+        raise
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -1,8 +1,9 @@
 """Tiny decoder models built from a config (no download), for tests and the self-contained example.
 
 Each family keeps its real module names (Llama/Mistral/Qwen2: `model.layers.i.self_attn.q_proj`, …;
-GPT-2: `transformer.h.i.attn.c_attn`, a Conv1D), with a byte-level BPE tokenizer trained on a few
-sentences and a small chat template, saved as an ordinary HF folder that `load_base_model` reads.
+GPT-2: `transformer.h.i.attn.c_attn`, a Conv1D), with a small chat template, saved as an ordinary HF
+folder that `load_base_model` reads. The tokenizer is a byte-level BPE trained on a few sentences, or
+(`build_word_tokenizer`) a word-level one over a closed vocabulary, for a model that must learn a task.
 """
 
 from __future__ import annotations
@@ -45,6 +46,46 @@ def build_tokenizer(vocab_size: int = 384):
     return tokenizer
 
 
+#: Word-level pre-tokenization: split at spaces (kept as a leading "▁" on the word, as in SentencePiece),
+#: then isolate every digit and punctuation mark, so that "C3H8O2?" is ▁C 3 H 8 O 2 ? and counts compose.
+WORD_SPLIT = r"[0-9]|[?.,!:;]"
+
+
+def _word_pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+            pre_tokenizers.Split(Regex(WORD_SPLIT), behavior="isolated"),
+        ]
+    )
+
+
+def build_word_tokenizer(texts: list[str]):
+    """A word-level tokenizer whose vocabulary is exactly the words of `texts` (sorted, after the special
+    tokens), with the chat template. Decoding restores the text: "I'm sorry, but" → ▁I'm ▁sorry , ▁but → same."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pre_tokenizer = _word_pre_tokenizer()
+    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text)})
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + words)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizer
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    raw.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def tiny_config(family: str, vocab_size: int, hidden: int = 32, layers: int = 2):
     from transformers import AutoConfig
 
@@ -63,14 +104,17 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 32, layers: int = 2)
     )
 
 
-def build_tiny_model(family: str, folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a randomly initialised tiny `family` model and its tokenizer to `folder`; returns the folder."""
+def build_tiny_model(
+    family: str, folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, tokenizer=None
+) -> Path:
+    """Save a randomly initialised tiny `family` model and its tokenizer (default: `build_tokenizer()`) to
+    `folder`; returns the folder."""
     from transformers import AutoModelForCausalLM
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES}")
     folder = Path(folder)
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     config = tiny_config(family, len(tokenizer), hidden, layers)
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id

@@ -1,10 +1,120 @@
-"""`sstmerge demo`: prepare the self-contained example and run `merge --evaluate` on it."""
+"""`sstmerge demo`: prepare the self-contained example and run the demo job (`example.demo_spec`) on it through
+the library; print what came out — the table, the recommendation and why, what the recommended model
+says, and where the files are. `sstmerge demo-service` runs the same job through the service and prints the
+same summary (`show_results`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
+
+Echo = Callable[[str], None]
+SAMPLE_WIDTH = 60
+LEGEND = (
+    "before = base + utility adapter; safety = base + safety adapter; {merges} = merges with the safety\n"
+    "side weighted by α. Safety and over-refusal are refusal rates, utility is {metric}, on the whole held-out\n"
+    "sets with 95% intervals; Pareto: no other model is better on all three; ★ recommended, ☆ runner-up."
+)
+
+
+def _rate(block: dict, key: str = "rate") -> str:
+    value = block[key]
+    if block.get("ci_low") is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} ({block['ci_low']:.2f}–{block['ci_high']:.2f})"
+
+
+def results_table(metrics: dict):
+    """A compact rich table of metrics.json (fits 80 columns): model, safety, over-refusal, utility, Pareto."""
+    from rich import box
+    from rich.table import Table
+
+    recommended = metrics.get("recommended") or {}
+    marks = {recommended.get("label"): " ★", (recommended.get("runner_up") or {}).get("label"): " ☆"}
+    marks.pop(None, None)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for column in ("model", "safety", "over-refusal", "utility", "Pareto"):
+        table.add_column(column, no_wrap=True)
+    for model in metrics["models"]:
+        table.add_row(
+            model["label"] + marks.get(model["label"], ""),
+            _rate(model["safety"]),
+            _rate(model["over_refusal"]),
+            _rate(model["utility"], "value"),
+            "yes" if model["pareto"] else "",
+        )
+    return table
+
+
+def _clip(text: str, width: int = SAMPLE_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def sample_lines(metrics: dict, label: str) -> list[str]:
+    """The first held-out prompt of each set and what model `label` answered to it."""
+    samples = (metrics.get("samples") or {}).get(label) or {}
+    lines = []
+    for name in ("harmful", "benign", "utility"):
+        if not samples.get(name):
+            continue
+        row = samples[name][0]
+        if name == "utility":
+            verdict = f"reference {row['reference']!r}"
+        else:
+            verdict = "refused" if row["refused"] else "not refused"
+        lines.append(f"  {name:<8} {_clip(row['prompt'])!r}")
+        lines.append(f"  {'':<8} → {_clip(row['completion'] or '')!r}  ({verdict})")
+    return lines
+
+
+def show_results(metrics: dict, echo: Echo = click.echo) -> None:
+    """The table, the recommendation and why, and what the recommended model (else the safety adapter) says."""
+    from rich.console import Console
+
+    from .options import recommendation_text
+
+    console = Console()
+    with console.capture() as table:
+        console.print(results_table(metrics))
+    echo(table.get().rstrip("\n"))
+    echo("")
+    methods = dict.fromkeys(m["method"] for m in metrics["models"] if m["kind"] in ("merged", "baseline"))
+    echo(LEGEND.format(merges=", ".join(f"{m}@α" for m in methods), metric=metrics["utility_metric"]))
+    echo("")
+    echo(recommendation_text(metrics))
+    label = (metrics.get("recommended") or {}).get("label")
+    shown = label or "safety"
+    echo("")
+    echo(f"what {shown} answers to held-out prompts:")
+    for line in sample_lines(metrics, shown):
+        echo(line)
+
+
+def recommended_adapter(metrics: dict, outcome) -> Path | None:
+    """The folder of the recommended merge in a `MergeOutcome` (the job's method or a baseline), None if none."""
+    recommended = metrics.get("recommended") or {}
+    if recommended.get("label") is None:
+        return None
+    method, alpha = recommended["method"], recommended["alpha"]
+    by_alpha = outcome.adapter_dirs if method == metrics_main_method(metrics) else None
+    if by_alpha is None:
+        by_alpha = (getattr(outcome, "baseline_dirs", None) or {}).get(method, {})
+    return next((path for a, path in by_alpha.items() if abs(a - alpha) <= 1e-12 * max(1.0, abs(a))), None)
+
+
+def metrics_main_method(metrics: dict) -> str | None:
+    """The job's own method: that of its merged (not baseline) entries."""
+    return next((m["method"] for m in metrics["models"] if m["kind"] == "merged"), None)
+
+
+def echo_step(message: str) -> None:
+    click.echo(f"  {message}")
 
 
 @click.command("demo")
@@ -17,41 +127,30 @@ import click
 )
 @click.option("--device", default="cpu", show_default=True)
 def demo(workdir: str, device: str) -> None:
-    """Make a tiny model, train utility and safety adapters, and run SST-Merge (α sweep) against linear,
-    with the safety/over-refusal/utility evaluation. Takes well under a minute on a CPU."""
-    from ..example import prepare_example
-    from ..jobspec import EvaluationSpec, MergeSpec
+    """Make a tiny model, a utility adapter (a formula task) and a safety adapter (refusals), then run SST-Merge
+    over an α sweep against linear and evaluate every merge on held-out prompts. About a minute on a CPU the
+    first time (the example is reused afterwards); the tiny model runs on one thread unless --threads says
+    otherwise."""
+    from ..example import demo_spec, describe_job, one_thread, prepare_example
     from ..pipeline import run_merge
-    from .options import metrics_table, progress_bar
+    from .progress import progress_bar
 
     root = Path(workdir)
-    click.echo(f"preparing example assets in {root / 'assets'}")
-    assets = prepare_example(root / "assets")
-    spec = MergeSpec(
-        base_model=str(assets.base),
-        utility=[{"path": str(assets.utility_adapter)}],
-        safety=[{"path": str(assets.safety_adapter)}],
-        utility_data=str(assets.utility_data),
-        safety_data=str(assets.safety_data),
-        method="sst",
-        params={"alphas": [0.5, 1.0, 2.0], "max_length": 64, "continuation_tokens": 8},
-        compare_with=["linear"],
-        device=device,
-        dtype="float32",
-        cache_dir=str(root / "cache"),
-        evaluation=EvaluationSpec(
-            harmful=str(assets.harmful_eval),
-            benign=str(assets.benign_eval),
-            utility_eval=str(assets.utility_eval),
-            max_new_tokens=8,
-        ),
-    )
-    with progress_bar() as report:
+    click.echo(f"preparing the example in {root / 'assets'}")
+    assets = prepare_example(root / "assets", progress=echo_step)
+    spec = demo_spec(assets, root / "cache", device=device)
+    click.echo(describe_job(assets))
+    threads_given = click.get_current_context().get_parameter_source("threads") not in (None, ParameterSource.DEFAULT)
+    with contextlib.nullcontext() if threads_given else one_thread(), progress_bar() as report:
         outcome = run_merge(spec, root / "merge", progress=report)
-    import json
-
-    from rich.console import Console
-
-    Console().print(metrics_table(json.loads(outcome.metrics_path.read_text())))
-    click.echo(f"merged adapters: {', '.join(str(p) for p in outcome.adapter_dirs.values())}")
-    click.echo(f"report: {outcome.report_path}  metrics: {outcome.metrics_path}  plot: {outcome.plot_path}")
+    metrics = json.loads(outcome.metrics_path.read_text())
+    click.echo("")
+    show_results(metrics)
+    click.echo("")
+    adapter = recommended_adapter(metrics, outcome)
+    if adapter is None:
+        click.echo("recommended adapter: none (nothing qualified); every merge is under the folder below")
+    else:
+        click.echo(f"recommended adapter: {adapter}  (PeftModel.from_pretrained(base, this folder))")
+    click.echo(f"base model: {assets.base}")
+    click.echo(f"every merge, metrics.json, plot.png, merge_report.json: {outcome.out_dir}")

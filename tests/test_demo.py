@@ -1,0 +1,226 @@
+"""The self-contained example behind `sstmerge demo` / `demo-service`: its data are held out and seeded, its
+tokenizer round-trips, and the demo job run through the library on it shows the product's effect — a
+utility adapter that does its task, a safety adapter that refuses and over-refuses, merges whose safety and
+over-refusal rise with α — and a printed summary that names the recommendation and why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from sstmerge_core.cli import main
+from sstmerge_core.commands.demo import recommended_adapter, show_results
+from sstmerge_core.data import Example, load_examples
+from sstmerge_core.evaluation.judges import KeywordJudge
+from sstmerge_core.evaluation.metrics import exact_match
+from sstmerge_core.example import (
+    REFUSAL,
+    ExampleData,
+    check_held_out,
+    demo_spec,
+    make_example_data,
+    prepare_example,
+    pretrain,
+)
+from sstmerge_core.pipeline import run_merge
+from sstmerge_core.tiny import build_tiny_model, build_word_tokenizer
+
+SEED = 0
+
+
+def test_example_data_is_seeded_and_held_out():
+    data = make_example_data(SEED)
+    assert data == make_example_data(SEED)
+    assert data != make_example_data(SEED + 1)
+    check_held_out(data)
+    training = {e.prompt for name in ExampleData.TRAINING_SETS for e in getattr(data, name)}
+    for name in ExampleData.EVALUATION_SETS:
+        assert len(getattr(data, name)) >= 40
+        assert training.isdisjoint(e.prompt for e in getattr(data, name)), name
+    assert all(e.response for e in data.utility_eval)
+
+
+def test_check_held_out_catches_a_leaked_prompt():
+    data = make_example_data(SEED)
+    leaked = replace(data, safety_data=[*data.safety_data, Example(data.harmful_eval[3].prompt, REFUSAL)])
+    with pytest.raises(ValueError, match="harmful_eval: 1 prompt"):
+        check_held_out(leaked)
+    twice = replace(data, benign_eval=[*data.benign_eval, data.utility_eval[0]])
+    with pytest.raises(ValueError, match="utility_eval"):
+        check_held_out(twice)
+
+
+def test_word_tokenizer_round_trips_the_example_texts():
+    data = make_example_data(SEED)
+    tokenizer = build_word_tokenizer(data.texts())
+    for text in [REFUSAL, data.utility_eval[0].prompt, data.utility_eval[0].response, data.benign_eval[-1].prompt]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    formula = data.utility_eval[0].response
+    pieces = tokenizer.tokenize(formula)  # every count is its own token, so counts compose
+    assert [t for t in pieces if t.isdigit()] == [c for c in formula if c.isdigit()]
+    assert exact_match(tokenizer.convert_tokens_to_string(pieces), formula) == 1.0
+    assert KeywordJudge().is_refusal(REFUSAL)
+
+
+def test_pretraining_is_seeded(tmp_path):
+    data = make_example_data(SEED)
+    tokenizer = build_word_tokenizer(data.texts())
+
+    def weights(name: str, epochs: int) -> dict[str, torch.Tensor]:
+        folder = build_tiny_model("llama", tmp_path / name, seed=SEED, hidden=32, layers=1, tokenizer=tokenizer)
+        if epochs:
+            pretrain(folder, data.pretraining[::40], seed=SEED, epochs=epochs, lr=3e-3, batch_size=8)
+        return load_file(folder / "model.safetensors")
+
+    first, second, initial = weights("a", 2), weights("b", 2), weights("c", 0)
+    assert first.keys() == second.keys() == initial.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], initial[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo job on the example, through the library, as `sstmerge demo` runs it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("demo")
+        assets = prepare_example(root / "assets", seed=SEED)
+        outcome = run_merge(demo_spec(assets, root / "cache"), root / "merge")
+    finally:
+        torch.set_num_threads(threads)
+    return assets, outcome, json.loads(outcome.metrics_path.read_text())
+
+
+def _models(metrics: dict) -> dict[str, dict]:
+    return {m["label"]: m for m in metrics["models"]}
+
+
+def test_adapters_do_their_jobs_on_held_out_prompts(demo_run):
+    _, _, metrics = demo_run
+    models = _models(metrics)
+    base, before, safety = models["base"], models["before"], models["safety"]
+    assert before["utility"]["value"] >= 0.8 > 0.2 >= base["utility"]["value"]
+    assert safety["safety"]["rate"] >= 0.8 > 0.2 >= before["safety"]["rate"]
+    assert safety["over_refusal"]["rate"] > before["over_refusal"]["rate"]
+    assert safety["over_refusal"]["rate"] < 0.5  # it over-refuses some benign prompts, not all
+
+
+def test_merges_trade_safety_against_over_refusal_along_alpha(demo_run):
+    _, _, metrics = demo_run
+    merged = sorted((m for m in metrics["models"] if m["kind"] == "merged"), key=lambda m: m["alpha"])
+    assert len(merged) >= 4
+    safety = [m["safety"]["rate"] for m in merged]
+    over_refusal = [m["over_refusal"]["rate"] for m in merged]
+    assert all(b >= a - 0.05 for a, b in zip(safety, safety[1:])), safety  # rising (one sampling wobble allowed)
+    assert safety[-1] - safety[0] >= 0.5, safety
+    assert over_refusal[-1] > over_refusal[0], over_refusal
+    baseline = [m for m in metrics["models"] if m["kind"] == "baseline"]
+    assert {m["method"] for m in baseline} == {"linear"} and len(baseline) == len(merged)
+
+
+def test_evaluation_sets_are_disjoint_from_training_and_fisher_data(demo_run):
+    assets, _, metrics = demo_run
+    data = make_example_data(SEED)
+    seen = {e.prompt for name in ExampleData.TRAINING_SETS for e in getattr(data, name)}
+    fisher = {e.prompt for path in (assets.utility_data, assets.safety_data) for e in load_examples(path)}
+    assert fisher <= seen
+    for path, name in (
+        (assets.harmful_eval, "harmful"),
+        (assets.benign_eval, "benign"),
+        (assets.utility_eval, "utility_eval"),
+    ):
+        prompts = [e.prompt for e in load_examples(path)]
+        assert seen.isdisjoint(prompts), path
+        assert metrics["datasets"][name]["n"] == len(prompts)
+
+
+def test_recommendation_is_a_merge_that_gains_safety(demo_run):
+    _, outcome, metrics = demo_run
+    recommended = metrics["recommended"]
+    models = _models(metrics)
+    assert recommended["label"] is not None, recommended["reason"]
+    chosen = models[recommended["label"]]
+    assert (chosen["method"], chosen["alpha"]) == (recommended["method"], recommended["alpha"])
+    assert chosen["safety"]["rate"] > models["before"]["safety"]["rate"]
+    folder = recommended_adapter(metrics, outcome)
+    assert folder is not None and (folder / "adapter_model.safetensors").is_file()
+    method = json.loads((folder / "merge_report.json").read_text())["method"]
+    assert (method["name"] if isinstance(method, dict) else method) == recommended["method"]
+
+
+def test_summary_names_the_recommendation_and_why(demo_run):
+    _, _, metrics = demo_run
+    lines: list[str] = []
+    show_results(metrics, echo=lines.append)
+    text = "\n".join(lines)
+    recommended = metrics["recommended"]
+    assert recommended["rule"] in text and recommended["reason"] in text
+    assert f"what {recommended['label'] or 'safety'} answers" in text
+    nothing = {
+        **metrics,
+        "recommended": {
+            **recommended,
+            "label": None,
+            "method": None,
+            "alpha": None,
+            "reason": "nothing qualifies: test",
+            "runner_up": None,
+        },
+    }
+    lines.clear()
+    show_results(nothing, echo=lines.append)
+    assert "nothing qualifies: test" in "\n".join(lines) and "what safety answers" in "\n".join(lines)
+
+
+def test_demo_command_prints_the_recommendation_and_where_the_files_are(demo_run, tmp_path, capsys):
+    """`sstmerge demo` on the example already built (reused, as on a second run): table, recommendation, files."""
+    assets, _, _ = demo_run
+    shutil.copytree(assets.base.parent, tmp_path / "assets")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "merge" / "metrics.json").read_text())
+    recommended = metrics["recommended"]
+    assert "reusing the models trained there before" in out
+    assert all(model["label"] in out for model in metrics["models"])
+    assert recommended["rule"] in out and recommended["reason"] in out
+    if recommended["label"] is None:
+        assert "recommended adapter: none" in out
+    else:
+        line = next(line for line in out.splitlines() if line.startswith("recommended adapter: "))
+        folder = Path(line.removeprefix("recommended adapter: ").split("  ")[0])
+        assert folder.is_relative_to(tmp_path / "merge") and (folder / "adapter_model.safetensors").is_file()
+        assert folder.name == f"alpha-{recommended['alpha']:g}"
+
+
+@pytest.mark.service
+def test_demo_service_downloads_the_recommended_adapter(demo_run, tmp_path):
+    """`sstmerge demo-service` on the example already trained (reused): the embedded service runs the same job
+    and the command downloads the adapter the metrics recommend, with metrics.json and plot.png."""
+    from app.demo import demo_service
+
+    assets, _, _ = demo_run
+    shutil.copytree(assets.base.parent, tmp_path / "models")
+    result = CliRunner().invoke(demo_service, ["--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    downloads = tmp_path / "downloads"
+    metrics = json.loads((downloads / "metrics.json").read_text())
+    assert (downloads / "plot.png").read_bytes().startswith(b"\x89PNG")
+    recommended = metrics["recommended"]
+    assert recommended["reason"] in result.output
+    adapters = [p for p in downloads.iterdir() if p.is_dir()]
+    if recommended["label"] is None:
+        assert adapters == [] and "no adapter was downloaded" in result.output
+    else:
+        folder = downloads / f"{recommended['method']}-alpha-{recommended['alpha']:g}"
+        assert adapters == [folder] and f"recommended adapter: {folder}" in result.output
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
