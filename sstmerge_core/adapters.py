@@ -8,26 +8,15 @@ and GPT-2's `Conv1D` (`fan_in_fan_out=True`, whose weight is stored transposed),
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .adapter_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    adapter_sha256,
-    check_config,
-    check_pair_shapes,
-    embedding_module,
-    pair_factors,
-    refuse_pickles,
-)
+from .adapter_format import WEIGHTS_NAME, adapter_sha256, lora_scale, read_layout
 from .errors import AdapterError
 
 
@@ -99,58 +88,35 @@ class LoraAdapter:
         return self.modules[module].delta()
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank/alpha pattern lookup: the first pattern whose regex matches the end of the name."""
-    from peft.utils.other import get_pattern_key
-
-    if not patterns:
-        return default
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
-
-
 def module_scale(config: dict, module: str, rank: int) -> float:
-    """s_m = α_m / r_m (or α_m / √r_m with rsLoRA), honouring rank_pattern and alpha_pattern."""
-    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
-    if r != rank:
-        raise AdapterError(f"module {module}: lora_A has rank {rank} but the config (r / rank_pattern) says {r}")
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r)))
-    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+    """s_m = α_m / r_m (or α_m / √r_m with rsLoRA), honouring rank_pattern and alpha_pattern
+    (`adapter_format.lora_scale`, PEFT's pattern lookup)."""
+    return lora_scale(config, module, rank)
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
-    """Load a PEFT LoRA folder; refuses pickles, DoRA, trained biases and unknown tensor names."""
+    """Load a PEFT LoRA folder; refuses whatever `adapter_format` refuses (pickles, DoRA, trained biases, unknown
+    tensor names, bad config values or safetensors offsets, …) and non-finite values. Errors name the adapter by
+    `name` when given (the service's id), else by its folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}")
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     try:
-        if not weights_path.is_file():
-            refuse_pickles(p.name for p in folder.iterdir())
-            raise AdapterError(f"missing {WEIGHTS_NAME}")
-        if not config_path.is_file():
-            raise AdapterError(f"missing {CONFIG_NAME}")
+        layout = read_layout(folder)
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterError(f"{CONFIG_NAME} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise AdapterError(f"{CONFIG_NAME} must be a JSON object")
-        check_config(config)
-        try:
-            tensors = load_file(str(weights_path))
+            tensors = load_file(str(folder / WEIGHTS_NAME))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterError(f"{WEIGHTS_NAME}: corrupt safetensors file ({exc})") from None
         modules: dict[str, LoraFactors] = {}
-        for module, (A, B) in pair_factors(tensors.items()).items():
-            check_pair_shapes(module, tuple(A.shape), tuple(B.shape))
+        for module, entry in layout.modules.items():
+            A, B = tensors[entry.a_key], tensors[entry.b_key]
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise AdapterError(f"module {module}: holds non-finite values")
-            modules[module] = LoraFactors(B=B, A=A, scale=module_scale(config, module, int(A.shape[0])))
+            modules[module] = LoraFactors(B=B, A=A, scale=entry.scale)
     except AdapterError as exc:
-        raise AdapterError(f"{folder}: {exc}", code=exc.code) from None
-    embeddings = frozenset(m for m in map(embedding_module, tensors) if m is not None)
-    return LoraAdapter(folder, config, modules, adapter_sha256(folder), name or folder.name, embeddings)
+        raise AdapterError(f"{f'adapter {name}' if name else folder}: {exc}", code=exc.code) from None
+    embeddings = frozenset(module for module, entry in layout.modules.items() if entry.embedding)
+    return LoraAdapter(folder, layout.config, modules, adapter_sha256(folder), name or folder.name, embeddings)
 
 
 def save_adapter(
@@ -204,4 +170,6 @@ def save_adapter(
         )
         tensors[f"base_model.model.{name}.{a_key}"] = f.A.to(dtype).contiguous()
         tensors[f"base_model.model.{name}.{b_key}"] = (f.scale * f.B.to(torch.float64)).to(dtype).contiguous()
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # safetensors' save_file creates the file 0600; written through open() it gets 0666 less the umask like the
+    # config and every other file of the folder
+    (folder / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))

@@ -1,4 +1,6 @@
-"""Request-body size limit enforced while the body streams in (Content-Length or chunked), before parsing."""
+"""Request-body size limits enforced while the body streams in (Content-Length or chunked), before parsing: a
+multipart upload may be up to `limit` bytes, any other body (JSON) up to `json_limit`, so that a request is never
+held in memory (nor parsed into objects) beyond what its kind needs."""
 
 from __future__ import annotations
 
@@ -6,26 +8,30 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sstmerge_core.untrusted import control_free
+
 from .errors import error_body
 
 _SLACK = 1 << 16  # multipart framing around the file
+DEFAULT_JSON_LIMIT = 1 << 20
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit + _SLACK
+def _is_multipart(scope: Scope) -> bool:
+    content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+    return content_type.lower().startswith(b"multipart/form-data")
 
-    async def _reject(self, send: Send) -> None:
+
+class BodySizeLimitMiddleware:
+    def __init__(self, app: ASGIApp, limit: int, json_limit: int = DEFAULT_JSON_LIMIT) -> None:
+        self.app, self.upload_limit, self.json_limit = app, limit, json_limit
+
+    async def _reject(self, send: Send, limit: int) -> None:
         body = json.dumps(
-            error_body(
-                "payload_too_large",
-                f"the request body exceeds the limit of {self.limit - _SLACK} bytes",
-                {"limit": self.limit - _SLACK},
-            )
+            error_body("payload_too_large", f"the request body exceeds the limit of {limit} bytes", {"limit": limit})
         ).encode()
         await send(
             {
@@ -44,9 +50,12 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        multipart = _is_multipart(scope)
+        limit = self.upload_limit if multipart else self.json_limit
+        allowed = limit + _SLACK if multipart else limit
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._reject(send)
+        if length is not None and length.isdigit() and int(length) > allowed:
+            await self._reject(send, limit)
             return
         received, started = 0, False
 
@@ -55,7 +64,7 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > allowed:
                     raise BodyTooLarge
             return message
 
@@ -68,4 +77,27 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit)
+
+
+class PrintablePathMiddleware:
+    """A request path with control characters (NUL included) or over `max_chars` names no resource: 404 before
+    routing, so that such ids never reach a database query."""
+
+    def __init__(self, app: ASGIApp, max_chars: int = 2048) -> None:
+        self.app, self.max_chars = app, max_chars
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if len(path) <= self.max_chars and control_free(path):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(error_body("not_found", "no such resource (the path has control characters)")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 404,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -16,6 +16,18 @@ from ..domain.requests import JobStatus
 T = TypeVar("T")
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable (README, Errors)")
+    message: str = Field(description="for people; quotes at most a short prefix of an offending value")
+    details: Any = Field(default=None, description="structured context (validation errors: loc, msg, type)")
+
+
+class ErrorOut(BaseModel):
+    """Every error response: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorDetail
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(default=None, description="pass as `cursor` to get the next page")

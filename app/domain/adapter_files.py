@@ -1,32 +1,31 @@
-"""Inspect a PEFT LoRA folder without torch: `adapter_config.json` and the safetensors header (JSON).
+"""Inspect a PEFT LoRA folder without torch: `adapter_config.json`, the safetensors header and the values.
 
-The rules are `sstmerge_core.adapter_format`'s, the same that `sstmerge_core.adapters.load_adapter`
-applies, checked here on metadata (config flags, tensor names, shapes) so that a bad adapter is refused at
-upload time; the worker re-validates the values on load.
+The rules are `sstmerge_core.adapter_format`'s, the ones `sstmerge_core.adapters.load_adapter` applies in the worker
+(`read_layout`), plus its finite-values check done on the raw bytes (`check_finite_values`): an upload the worker
+would refuse is refused here, with the worker's message.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sstmerge_core.adapter_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_sha256,
-    check_config,
-    check_pair_shapes,
-    pair_factors,
+    check_finite_values,
+    read_layout,
     refuse_pickles,
 )
+from sstmerge_core.adapter_format import read_safetensors_header as read_header
 from sstmerge_core.errors import AdapterError
+from sstmerge_core.untrusted import quote
 
 from .errors import InvalidInput
 
 KEPT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
-_MAX_HEADER = 100 << 20
 
 
 def invalid(message: str, code: str = "invalid_adapter") -> InvalidInput:
@@ -37,39 +36,29 @@ def invalid(message: str, code: str = "invalid_adapter") -> InvalidInput:
 class AdapterInfo:
     rank: int
     target_modules: list[str]
-    modules: dict[str, list[int]]  # name -> [d_out, d_in, r]
+    modules: dict[str, list[int]]  # name -> [rows, columns, r] of the base weight the update lands on
     fan_in_fan_out: bool
     base_model_hint: str | None
     sha256: str
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file (name -> {dtype, shape, data_offsets}), checked against its size."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise invalid(f"{path.name}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(_MAX_HEADER, size - 8):
-            raise invalid(f"{path.name}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise invalid(f"{path.name}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise invalid(f"{path.name}: not a safetensors file (header is not an object)")
-    header.pop("__metadata__", None)
-    data = size - 8 - length
-    for name, entry in header.items():
-        try:
-            start, end = entry["data_offsets"]
-            shape = [int(d) for d in entry["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise invalid(f"{path.name}: tensor {name!r} has a malformed header entry") from None
-        if not 0 <= start <= end <= data or any(d < 0 for d in shape):
-            raise invalid(f"{path.name}: tensor {name!r} lies outside the file (truncated upload?)")
-    return header
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor table of a (base model's) safetensors file, name -> {dtype, shape, data_offsets}: integral shapes
+    and offsets inside the file; any dtype (base models may be quantized)."""
+    try:
+        table, data_size = read_header(path)
+    except AdapterError as exc:
+        raise invalid(str(exc)) from None
+    for name, entry in table.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2) or not all(
+            type(v) is int and v >= 0 for v in [*shape, *offsets]
+        ):
+            raise invalid(f"{path.name}: tensor {quote(name)} has a malformed header entry")
+        if not offsets[0] <= offsets[1] <= data_size:
+            raise invalid(f"{path.name}: tensor {quote(name)} lies outside the file (truncated upload?)")
+    return table
 
 
 def find_adapter_folder(root: Path, files: list[PurePosixPath]) -> Path:
@@ -90,33 +79,25 @@ def find_adapter_folder(root: Path, files: list[PurePosixPath]) -> Path:
 
 
 def inspect_adapter(folder: Path) -> AdapterInfo:
-    """Validate a PEFT LoRA folder's metadata; raises `InvalidInput` naming the problem."""
+    """Validate a PEFT LoRA folder (metadata and values); raises `InvalidInput` naming the problem."""
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"{CONFIG_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise invalid(f"{CONFIG_NAME} must be a JSON object")
-    header = read_safetensors_header(folder / WEIGHTS_NAME)
-    try:
-        check_config(config)
-        pairs = pair_factors((key, [int(d) for d in entry["shape"]]) for key, entry in header.items())
-        for module, (A, B) in pairs.items():
-            check_pair_shapes(module, tuple(A), tuple(B))
+        layout = read_layout(folder)
+        check_finite_values(folder, layout)
     except AdapterError as exc:
         raise invalid(str(exc), exc.code) from None
-    modules = {module: [B[0], A[1], A[0]] for module, (A, B) in pairs.items()}
-    try:
-        rank = int(config.get("r", 8))
-    except (TypeError, ValueError):
-        raise invalid(f"{CONFIG_NAME}: r must be an integer") from None
-    targets = config.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in modules})
+    config = layout.config
+    # an embedding's update B A (d × V) is added transposed to its (V × d) table: record the table's shape
+    modules = {
+        name: [m.d_in, m.d_out, m.rank] if m.embedding else [m.d_out, m.d_in, m.rank]
+        for name, m in layout.modules.items()
+    }
+    targets = config.get("target_modules") or sorted({name.rsplit(".", 1)[-1] for name in modules})
     hint = config.get("base_model_name_or_path")
     return AdapterInfo(
-        rank=rank,
+        rank=config.get("r", 8),
         target_modules=[targets] if isinstance(targets, str) else sorted(targets),
         modules=modules,
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        base_model_hint=str(hint) if hint else None,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+        base_model_hint=hint or None,
         sha256=adapter_sha256(folder),
     )

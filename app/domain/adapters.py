@@ -17,20 +17,23 @@ from . import archives
 from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
 from .db.models import Adapter, new_id
 from .errors import Conflict, InvalidInput, TooLarge, UpstreamFailed, not_found
-from .jobs_index import active_references
+from .jobs_index import active_references, lock_for_delete
 from .pagination import page_of, paginate
+from .requests import well_formed_id
 from .settings import Settings
 from .storage import Storage
-from .uploads import clean_name, save_stream, staging_dir, stored_with_row
+from .uploads import display_name, recorded_size, save_stream, staging_dir, stored_with_row, upload_source
 
 log = logging.getLogger(__name__)
 
 
 def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, name: str, source: str) -> Adapter:
+    """Validate the folder completely, then store its files and row together (nothing before validation ends)."""
     info = inspect_adapter(folder)
     adapter_id = new_id("ad")
     prefix = f"tenants/{tenant}/adapters/{adapter_id}"
     files = [folder / f for f in KEPT_FILES if (folder / f).is_file()]
+    size = recorded_size(sum(p.stat().st_size for p in files))
     with stored_with_row(session, storage, prefix):
         for path in files:
             storage.put_file(f"{prefix}/{path.name}", path)
@@ -44,8 +47,8 @@ def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, nam
             fan_in_fan_out=info.fan_in_fan_out,
             sha256=info.sha256,
             base_model_hint=info.base_model_hint,
-            source=source[:500],
-            size_bytes=sum(p.stat().st_size for p in files),
+            source=source,
+            size_bytes=size,
             storage_prefix=prefix,
         )
         session.add(adapter)
@@ -63,6 +66,7 @@ def create_from_archive(
     name: str | None,
 ) -> Adapter:
     """Store the PEFT folder inside an uploaded .zip / .tar.gz."""
+    name = display_name(name, filename, "adapter")
     with staging_dir(settings.resolved_work_dir) as staging:
         archive = staging / "upload"
         save_stream(upload, archive, settings.max_upload_bytes)
@@ -70,7 +74,11 @@ def create_from_archive(
         root.mkdir()
         try:
             files = archives.extract(
-                archive, root, max_members=settings.max_archive_members, max_bytes=settings.max_extracted_bytes
+                archive,
+                root,
+                max_members=settings.max_archive_members,
+                max_bytes=settings.max_extracted_bytes,
+                max_header_bytes=settings.max_archive_header_bytes,
             )
         except archives.ArchiveError as exc:
             kind = TooLarge if exc.code == "archive_too_large" else InvalidInput
@@ -81,8 +89,8 @@ def create_from_archive(
             storage,
             tenant,
             folder,
-            name=name or clean_name(filename, "adapter"),
-            source=f"upload:{Path(filename or 'archive').name}",
+            name=name,
+            source=upload_source(filename, "archive"),
         )
 
 
@@ -123,10 +131,11 @@ def create_from_hub(
         raise InvalidInput(
             "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)", code="hub_disabled"
         )
+    repo_name = source.removeprefix("hf://").partition("@")[0].rsplit("/", 1)[-1]
+    name = display_name(name, None, repo_name)
     with staging_dir(settings.resolved_work_dir) as staging:
         _fetch_from_hub(source, staging)
-        repo_name = source.removeprefix("hf://").partition("@")[0].rsplit("/", 1)[-1]
-        return _store(session, storage, tenant, staging, name=name or repo_name, source=source)
+        return _store(session, storage, tenant, staging, name=name, source=source)
 
 
 def list_adapters(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Adapter], str | None]:
@@ -135,14 +144,14 @@ def list_adapters(session: Session, tenant: str, limit: int, cursor: str | None)
 
 
 def get_adapter(session: Session, tenant: str, adapter_id: str) -> Adapter:
-    adapter = session.get(Adapter, adapter_id)
+    adapter = session.get(Adapter, adapter_id) if well_formed_id(adapter_id) else None
     if adapter is None or adapter.tenant_id != tenant:
         raise not_found("adapter", adapter_id)
     return adapter
 
 
 def delete_adapter(session: Session, storage: Storage, tenant: str, adapter_id: str) -> None:
-    adapter = get_adapter(session, tenant, adapter_id)
+    adapter = lock_for_delete(session, Adapter, tenant, adapter_id)
     jobs = active_references(session, tenant, adapter_id=adapter_id)
     if jobs:
         raise Conflict(f"adapter {adapter_id} is used by unfinished jobs", code="in_use", details={"jobs": jobs})

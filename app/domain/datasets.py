@@ -10,35 +10,31 @@ from typing import IO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sstmerge_core.data import file_sha256, load_hub_examples, read_rows, to_examples
+from sstmerge_core.data import file_sha256, load_hub_examples, scan_rows
 from sstmerge_core.errors import DatasetError
 
 from .db.models import Dataset, new_id
 from .errors import Conflict, InvalidInput, not_found
-from .jobs_index import active_references
+from .jobs_index import active_references, lock_for_delete
 from .pagination import page_of, paginate
-from .requests import DatasetSource
+from .requests import DatasetSource, well_formed_id
 from .settings import Settings
 from .storage import Storage
-from .uploads import clean_name, save_stream, staging_dir, stored_with_row
+from .uploads import display_name, recorded_size, save_stream, staging_dir, stored_with_row, upload_source
 
 log = logging.getLogger(__name__)
 SUFFIXES = {".jsonl": ".jsonl", ".json": ".jsonl", ".csv": ".csv"}
 
 
-def _columns(rows: list[dict]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
-
-
-def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name: str, source: str) -> Dataset:
+def _store(
+    session: Session, storage: Storage, settings: Settings, tenant: str, path: Path, *, name: str, source: str
+) -> Dataset:
+    """Check every row (streamed: one row in memory), then store the file and its row together."""
+    size = recorded_size(path.stat().st_size)
     try:
-        rows = read_rows(path)
-        to_examples(rows, name)
+        summary = scan_rows(path, name, max_row_bytes=settings.max_row_bytes)
     except DatasetError as exc:
-        raise InvalidInput(str(exc).replace(str(path), name), code=exc.code) from None
+        raise InvalidInput(str(exc), code=exc.code) from None
     dataset_id = new_id("ds")
     prefix = f"tenants/{tenant}/datasets/{dataset_id}"
     key = f"{prefix}/data{path.suffix}"
@@ -48,15 +44,15 @@ def _store(session: Session, storage: Storage, tenant: str, path: Path, *, name:
             id=dataset_id,
             tenant_id=tenant,
             name=name,
-            rows=len(rows),
-            columns=_columns(rows),
+            rows=summary.rows,
+            columns=summary.columns,
             sha256=file_sha256(path),
             source=source[:500],
-            size_bytes=path.stat().st_size,
+            size_bytes=size,
             storage_key=key,
         )
         session.add(dataset)
-    log.info("dataset stored", extra={"tenant": tenant, "dataset_id": dataset_id, "rows": len(rows)})
+    log.info("dataset stored", extra={"tenant": tenant, "dataset_id": dataset_id, "rows": summary.rows})
     return dataset
 
 
@@ -74,17 +70,11 @@ def create_from_upload(
         raise InvalidInput(
             "upload a .jsonl or .csv file (the file name's suffix tells the format)", code="invalid_dataset"
         )
+    name = display_name(name, filename, "dataset")
     with staging_dir(settings.resolved_work_dir) as staging:
         path = staging / f"data{suffix}"
         save_stream(upload, path, settings.max_upload_bytes)
-        return _store(
-            session,
-            storage,
-            tenant,
-            path,
-            name=name or clean_name(filename, "dataset"),
-            source=f"upload:{Path(filename or '').name}",
-        )
+        return _store(session, storage, settings, tenant, path, name=name, source=upload_source(filename, "dataset"))
 
 
 def create_from_hub(
@@ -96,6 +86,7 @@ def create_from_hub(
             "Hugging Face Hub access is disabled on this server (SSTMERGE_HUB_ENABLED)", code="hub_disabled"
         )
     dataset_id, _, revision = body.source.removeprefix("hf://").removeprefix("datasets/").partition("@")
+    name = display_name(body.name, None, dataset_id.rsplit("/", 1)[-1])
     try:
         examples = load_hub_examples(
             dataset_id,
@@ -115,9 +106,7 @@ def create_from_hub(
                 if example.response is not None:
                     row["response"] = example.response
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return _store(
-            session, storage, tenant, path, name=body.name or dataset_id.rsplit("/", 1)[-1], source=body.source
-        )
+        return _store(session, storage, settings, tenant, path, name=name, source=body.source)
 
 
 def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
@@ -126,14 +115,14 @@ def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None)
 
 
 def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
+    dataset = session.get(Dataset, dataset_id) if well_formed_id(dataset_id) else None
     if dataset is None or dataset.tenant_id != tenant:
         raise not_found("dataset", dataset_id)
     return dataset
 
 
 def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: str) -> None:
-    dataset = get_dataset(session, tenant, dataset_id)
+    dataset = lock_for_delete(session, Dataset, tenant, dataset_id)
     jobs = active_references(session, tenant, dataset_id=dataset_id)
     if jobs:
         raise Conflict(f"dataset {dataset_id} is used by unfinished jobs", code="in_use", details={"jobs": jobs})

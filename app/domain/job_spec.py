@@ -4,7 +4,9 @@ checks), the worker with the job's fetched inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
 
@@ -47,3 +49,14 @@ def build_spec(
         evaluation=evaluation,
         **overrides,
     )
+
+
+def public_message(message: str, names: Mapping[str, str], server_dirs: Iterable[Path] = (), limit: int = 2000) -> str:
+    """A job's error message as its client may read it: each input path replaced by the name the client knows it by
+    (`names`: path -> adapter/dataset id or base model as requested), any other path under `server_dirs` cut to its
+    last component, at most `limit` characters."""
+    for path in sorted(names, key=len, reverse=True):
+        message = message.replace(path, names[path])
+    for root in sorted({str(d) for d in server_dirs if str(d) not in ("", "/", ".")}, key=len, reverse=True):
+        message = re.sub(re.escape(root) + r"[^\s'\",:;)\]]*", lambda m: f"…/{Path(m.group(0)).name}", message)
+    return message[:limit]

@@ -1,14 +1,27 @@
-"""Keyset pagination on (created_at, id), newest first, with an opaque cursor."""
+"""Keyset pagination on (created_at, id), newest first, with an opaque cursor.
+
+A cursor is base64url of the JSON pair `["<ISO-8601 time with offset>", "<id>"]`; anything else — not base64,
+not JSON, another shape, a naive or out-of-range time, an id that no row can have — is `invalid_cursor`, before
+the database sees it.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import Select, and_, or_
 
 from .errors import InvalidInput
+from .requests import well_formed_id
+
+MAX_CURSOR_CHARS = 256
+
+
+def invalid_cursor() -> InvalidInput:
+    return InvalidInput("the cursor is not valid; start again without it", code="invalid_cursor")
 
 
 def encode_cursor(created_at: datetime, ident: str) -> str:
@@ -17,12 +30,20 @@ def encode_cursor(created_at: datetime, ident: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """(created_at, id) of a cursor made by `encode_cursor`; `InvalidInput` (invalid_cursor) for anything else."""
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise invalid_cursor()
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, ident = json.loads(raw)
-        return datetime.fromisoformat(created), str(ident)
-    except (ValueError, TypeError):
-        raise InvalidInput("the cursor is not valid; start again without it", code="invalid_cursor") from None
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii") + b"=" * (-len(cursor) % 4))
+        pair = json.loads(raw)
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise ValueError("not a pair of strings")
+        created = datetime.fromisoformat(pair[0])
+    except (ValueError, TypeError, UnicodeError, binascii.Error, RecursionError):
+        raise invalid_cursor() from None
+    if created.tzinfo is None or not well_formed_id(pair[1]) or not 1970 <= created.year <= 9998:
+        raise invalid_cursor()
+    return created.astimezone(timezone.utc), pair[1]
 
 
 def paginate(query: Select, model, limit: int, cursor: str | None) -> Select:

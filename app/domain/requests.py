@@ -8,6 +8,7 @@ without a change to this package. The stored request keeps `params` as the clien
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    StringConstraints,
     ValidationInfo,
     field_validator,
 )
@@ -25,11 +27,22 @@ from pydantic_core import CoreSchema, PydanticCustomError
 
 from sstmerge_core.jobspec import EvaluationSettings
 from sstmerge_core.methods.catalog import CATALOG, parse_params
+from sstmerge_core.schedules import SCALE_BOUND
+from sstmerge_core.untrusted import quote
 
 from .errors import InvalidInput
 
 HF_ADAPTER = r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$"
 HF_DATASET = r"^hf://(datasets/)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$"
+# ids of adapters, datasets and jobs as clients may send them (the server makes `ad_<32 hex>` and the like)
+RESOURCE_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+_RESOURCE_ID = re.compile(RESOURCE_ID)
+# names: printable, no control characters (NUL included)
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+ResourceId = Annotated[str, StringConstraints(pattern=RESOURCE_ID)]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=PRINTABLE)]
+ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=PRINTABLE)]
+MAX_ADAPTERS = 16
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 DEFAULT_METHOD = "sst"
 UNKNOWN_METHOD = "unknown_method"
@@ -38,8 +51,8 @@ UNKNOWN_METHOD = "unknown_method"
 class AdapterSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(pattern=HF_ADAPTER, examples=["hf://org/my-lora@main"])
-    name: str | None = Field(default=None, max_length=200)
+    source: str = Field(pattern=HF_ADAPTER, max_length=300, examples=["hf://org/my-lora@main"])
+    name: DisplayName | None = None
 
 
 class DatasetSource(BaseModel):
@@ -47,33 +60,41 @@ class DatasetSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(pattern=HF_DATASET, examples=["hf://datasets/org/prompts@main"])
-    split: str = "train"
-    prompt_column: str = "prompt"
-    response_column: str | None = "response"
-    limit: int | None = Field(default=None, ge=1)
-    name: str | None = Field(default=None, max_length=200)
+    source: str = Field(pattern=HF_DATASET, max_length=300, examples=["hf://datasets/org/prompts@main"])
+    split: str = Field(default="train", pattern=r"^[\w.\[\]:%+-]{1,100}$")
+    prompt_column: ColumnName = "prompt"
+    response_column: ColumnName | None = "response"
+    limit: int | None = Field(default=None, ge=1, le=1_000_000)
+    name: DisplayName | None = None
 
 
 class AdapterRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter_id: str
-    weight: float = Field(default=1.0, allow_inf_nan=False)
+    adapter_id: ResourceId
+    weight: float = Field(
+        default=1.0, ge=-SCALE_BOUND, le=SCALE_BOUND, allow_inf_nan=False, description="w of w·ΔW, within ±100"
+    )
 
 
 class EvaluationRequest(EvaluationSettings):
     """Held-out evaluation sets (dataset ids) and generation/judging settings (§5)."""
 
-    harmful_dataset_id: str
-    benign_dataset_id: str
-    utility_eval_dataset_id: str
+    harmful_dataset_id: ResourceId
+    benign_dataset_id: ResourceId
+    utility_eval_dataset_id: ResourceId
 
 
 def _known_method(name: str) -> str:
     if name not in CATALOG:
-        raise PydanticCustomError(UNKNOWN_METHOD, "unknown method {name}", {"name": repr(name)})
+        raise PydanticCustomError(UNKNOWN_METHOD, "unknown method {name}", {"name": quote(name)})
     return name
+
+
+def well_formed_id(ident: str) -> bool:
+    """Whether `ident` could be the id of a stored adapter, dataset or job (bounded, no NUL or other odd
+    characters): a malformed id is simply not found, without asking the database."""
+    return _RESOURCE_ID.match(ident) is not None
 
 
 MethodName = Annotated[str, AfterValidator(_known_method)]
@@ -84,18 +105,25 @@ class MergeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(description="a name from GET /models or a Hub id `org/name[@revision]`")
-    utility_adapters: list[AdapterRef] = Field(default_factory=list)
+    base_model: str = Field(
+        min_length=1,
+        max_length=300,
+        pattern=PRINTABLE,
+        description="a name from GET /models or a Hub id `org/name[@revision]`",
+    )
+    utility_adapters: list[AdapterRef] = Field(default_factory=list, max_length=MAX_ADAPTERS)
     safety_adapter: AdapterRef
-    utility_dataset_id: str | None = None
-    safety_dataset_id: str | None = None
+    utility_dataset_id: ResourceId | None = None
+    safety_dataset_id: ResourceId | None = None
     method: MethodName = Field(default=DEFAULT_METHOD, description="a method of GET /methods")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="the parameters of `method` (its JSON Schema is in GET /methods); unknown keys are an error",
     )
     evaluation: EvaluationRequest | None = None
-    compare_with: list[MethodName] = Field(default_factory=list, description="baseline methods, run with defaults")
+    compare_with: list[MethodName] = Field(
+        default_factory=list, max_length=len(CATALOG), description="baseline methods, run with defaults"
+    )
 
     @field_validator("params")
     @classmethod

@@ -1,7 +1,9 @@
-"""Staging of uploaded files: copied into a private temporary folder, size-limited, removed afterwards."""
+"""Staging of uploaded files: copied into a private temporary folder, size-limited, removed afterwards; display
+names checked before anything is stored."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,8 +13,16 @@ from typing import IO
 
 from sqlalchemy.orm import Session
 
-from .errors import TooLarge
+from sstmerge_core.untrusted import control_free, encodable, quote
+
+from . import scratch
+from .errors import InvalidInput, TooLarge
 from .storage import Storage
+
+MAX_NAME_CHARS = 200  # the `name` column of adapters and datasets
+MAX_SOURCE_CHARS = 500  # the `source` column
+MAX_RECORDED_BYTES = 2**31 - 1  # the `size_bytes` columns are 32-bit integers
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def too_large(limit: int) -> TooLarge:
@@ -26,7 +36,8 @@ def staging_dir(work_dir: Path) -> Iterator[Path]:
     root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=root))
     try:
-        yield folder
+        with scratch.owned(folder):  # the start-up sweep removes a staging folder only if its process died
+            yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -43,14 +54,52 @@ def save_stream(source: IO[bytes], destination: Path, limit: int) -> int:
     return written
 
 
-def clean_name(filename: str | None, fallback: str) -> str:
-    """A display name from an uploaded file name (no folders, no archive suffix)."""
+def recorded_size(size: int) -> int:
+    """`size` if the catalogue can record it, else `TooLarge` (413): never an out-of-range database write."""
+    if size > MAX_RECORDED_BYTES:
+        raise TooLarge(
+            f"the stored files would take {size} bytes; at most {MAX_RECORDED_BYTES} are accepted",
+            details={"limit": MAX_RECORDED_BYTES},
+        )
+    return size
+
+
+def check_name(name: str) -> str:
+    """A display name given by the client: 1 to 200 printable characters (leading/trailing spaces dropped);
+    `InvalidInput` (code invalid_name) otherwise."""
+    stripped = name.strip()
+    if not stripped or len(stripped) > MAX_NAME_CHARS or not control_free(stripped):
+        raise InvalidInput(
+            f"name {quote(name)} must be 1 to {MAX_NAME_CHARS} printable characters", code="invalid_name"
+        )
+    return stripped
+
+
+def file_label(filename: str | None) -> str:
+    """An uploaded file's base name, made printable (control characters and lone surrogates dropped)."""
     name = Path(filename or "").name
+    name = _UNPRINTABLE.sub("", name)
+    return name if encodable(name) else name.encode("utf-8", "ignore").decode("utf-8")
+
+
+def clean_name(filename: str | None, fallback: str) -> str:
+    """A display name from an uploaded file name (no folders, no archive suffix, printable, at most 200 characters)."""
+    name = file_label(filename)
     for suffix in (".tar.gz", ".tgz", ".zip", ".jsonl", ".json", ".csv"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return name[:200] or fallback
+    return name.strip()[:MAX_NAME_CHARS].strip() or fallback
+
+
+def display_name(name: str | None, filename: str | None, fallback: str) -> str:
+    """The name to store: the client's `name` (checked) when given, else one made from the file name."""
+    return check_name(name) if name is not None else clean_name(filename, fallback)
+
+
+def upload_source(filename: str | None, fallback: str) -> str:
+    """The `source` recorded for an upload: `upload:<file name>`, at most 500 characters."""
+    return f"upload:{file_label(filename) or fallback}"[:MAX_SOURCE_CHARS]
 
 
 @contextmanager

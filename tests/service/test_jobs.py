@@ -100,12 +100,15 @@ def test_merge_and_evaluate(api, worker, inputs, assets, tmp_path):
     assert len(page["items"]) == 2 and page["next_cursor"] == str(page["items"][-1]["id"])
 
 
-def test_input_error_fails_job_with_its_code(api, worker, inputs):
-    """NaNs pass the upload's metadata checks; the worker's loader refuses them: failed / invalid_adapter."""
-    body = merge_body(inputs, safety_adapter={"adapter_id": inputs["nan"]})
+def test_input_error_fails_job_with_its_code(api, worker, inputs, settings):
+    """Prompts without responses pass the upload (a response column is optional there), but the empirical safety
+    Fisher needs them: the worker fails the job with invalid_dataset, naming the dataset by id, not by a path."""
+    body = merge_body(inputs, safety_dataset_id=inputs["data:utility"])
     job = wait_for(api, "acme", api.post("/merges", headers=auth("acme"), json=body).json()["id"])
-    assert job["status"] == "failed" and job["error"]["code"] == "invalid_adapter", job
-    assert "non-finite" in job["error"]["message"]
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_dataset", job
+    message = job["error"]["message"]
+    assert inputs["data:utility"] in message and "response" in message, message
+    assert str(settings.data_dir) not in message and "/inputs/" not in message, message
     response = api.get(f"/merges/{job['id']}/adapter", headers=auth("acme"))
     assert response.status_code == 409 and response.json()["error"]["code"] == "not_ready"
 
