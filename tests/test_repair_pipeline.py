@@ -48,7 +48,7 @@ def test_repaired_merge_is_written_exactly_reported_and_reruns_identically(repai
     report = json.loads((out / "merge_report.json").read_text())
     assert set(report["repair"]) == {"1", "2"}
     step = report["repair"]["1"]
-    assert step["chosen_by"] == "given layer and position" and len(step["candidates"]) == 1
+    assert step["chosen_by"] == "given layer and position" and step["prompts"]["borderline"] == {"fit": 10, "select": 0}
     assert step["chosen"]["layer"] == 1 and step["chosen"]["position"] == -1
 
     folder = out / "alpha-1"

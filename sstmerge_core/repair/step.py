@@ -129,55 +129,65 @@ def _repair(
     progress: Progress | None,
 ) -> RepairOutcome:
     started = time.perf_counter()
+    fixed = params.layer is not None and params.position is not None  # nothing to select: fit on every prompt
     halves = {
         name: fit_select_split(getattr(data, name), params.max_samples, params.seed + offset)
         for offset, name in enumerate(("harmful", "harmless", "borderline"))
     }
+    fits = {name: fit + select if fixed else fit for name, (fit, select) in halves.items()}
     layers, positions = num_layers(model), post_instruction_length(tokenizer)
-    means = {
-        name: residual_means(model, tokenizer, fit, positions, params.batch_size) for name, (fit, _) in halves.items()
-    }
-    all_directions = false_refusal_directions(means["harmful"], means["harmless"], means["borderline"], params.lam)
     grid = candidate_grid(layers, positions, params)
+    means = {name: residual_means(model, tokenizer, fit, positions, params.batch_size) for name, fit in fits.items()}
+    all_directions = false_refusal_directions(means["harmful"], means["harmless"], means["borderline"], params.lam)
     directions = {(layer, position): all_directions[layer, position].float() for layer, position in grid}
     if progress is not None:
         progress(0.1)
     writers = residual_writers(model, include_embedding=params.include_embedding)
-    refusal_ids = refusal_token_ids(tokenizer, data.refusals)
-    selection = PromptSets(*(halves[name][1] for name in ("harmful", "harmless", "borderline")))
-    baseline, candidates = score_candidates(
-        model,
-        tokenizer,
-        writers,
-        directions,
-        selection,
-        refusal_ids,
-        params,
-        on_candidate=(lambda done, total: progress(0.1 + 0.9 * done / total)) if progress else None,
-    )
-    fixed = params.layer is not None and params.position is not None
-    chosen = candidates[0] if fixed else choose(candidates, baseline)  # a given direction is applied as given
     report = {
         "step": "refusal_ablation",
         "params": params.model_dump(),
         "layers": layers,
         "post_instruction_tokens": positions,
-        "prompts": {name: {"fit": len(fit), "select": len(select)} for name, (fit, select) in halves.items()},
-        "refusal_tokens": [tokenizer.decode([int(i)]) for i in refusal_ids],
-        "baseline": baseline.__dict__,
-        "candidates": [c.to_dict() for c in candidates],
-        "chosen": chosen.to_dict() if chosen else None,
-        "chosen_by": "given layer and position" if fixed else "selection",
-        "seconds": round(time.perf_counter() - started, 2),
+        "prompts": {
+            name: {"fit": len(fit), "select": 0 if fixed else len(halves[name][1])} for name, fit in fits.items()
+        },
     }
+    if fixed:
+        chosen = {"layer": params.layer, "position": params.position}
+        report |= {"chosen": chosen, "chosen_by": "given layer and position"}
+    else:
+        refusal_ids = refusal_token_ids(tokenizer, data.refusals)
+        selection = PromptSets(*(halves[name][1] for name in ("harmful", "harmless", "borderline")))
+        baseline, candidates = score_candidates(
+            model,
+            tokenizer,
+            writers,
+            directions,
+            selection,
+            refusal_ids,
+            params,
+            on_candidate=(lambda done, total: progress(0.1 + 0.9 * done / total)) if progress else None,
+        )
+        best = choose(candidates, baseline)
+        chosen = best.to_dict() if best else None
+        report |= {
+            "refusal_tokens": [tokenizer.decode([int(i)]) for i in refusal_ids],
+            "baseline": baseline.__dict__,
+            "candidates": [c.to_dict() for c in candidates],
+            "chosen": chosen,
+            "chosen_by": "selection",
+        }
+    report["seconds"] = round(time.perf_counter() - started, 2)
     if chosen is None:
         report["reason"] = (
             "no candidate direction kept the harmless KL and the harmful refusals within bounds "
             "while lowering the borderline refusals"
         )
-        log.info("refusal ablation skipped", extra={"reason": report["reason"], "candidates": len(candidates)})
+        log.info(
+            "refusal ablation skipped", extra={"reason": report["reason"], "candidates": len(report["candidates"])}
+        )
         return RepairOutcome({}, frozenset(), report)
-    direction = directions[(chosen.layer, chosen.position)]
+    direction = directions[(chosen["layer"], chosen["position"])]
     factors = {
         name: ablation_factors(effective_writer(module, merged.get(name)), direction, params.strength)
         for name, module in writers.items()
@@ -185,6 +195,6 @@ def _repair(
     embeddings = frozenset(name for name in embedding_names(model) if name in factors)
     log.info(
         "refusal ablation selected",
-        extra={"layer": chosen.layer, "position": chosen.position, **chosen.scores.__dict__, "modules": len(factors)},
+        extra={**chosen, "modules": len(factors), "seconds": report["seconds"]},
     )
     return RepairOutcome(factors, embeddings, report)

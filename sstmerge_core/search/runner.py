@@ -152,27 +152,28 @@ def judge_trial(ctx: SearchContext, number: int, recipe: Recipe, result: ModelRe
     return Trial(number, recipe, result, scores, utility_drop, increase, feasible, seconds, repair)
 
 
-def constraints(trial: Trial, ctx: SearchContext) -> list[float]:
+def constraints(trial: Trial, ctx: SearchContext) -> dict[str, float]:
     """optuna's constraint values (≤ 0 is feasible)."""
-    return [
-        trial.over_refusal_increase - ctx.settings.max_over_refusal_increase,
-        trial.utility_drop - ctx.settings.max_utility_drop,
-        trial.scores.over_refusal - ctx.safety.over_refusal.rate,
-    ]
+    return {
+        "over_refusal_increase": trial.over_refusal_increase - ctx.settings.max_over_refusal_increase,
+        "utility_drop": trial.utility_drop - ctx.settings.max_utility_drop,
+        "over_refusal_above_safety_adapter": trial.scores.over_refusal - ctx.safety.over_refusal.rate,
+    }
 
 
 def make_sampler(settings: SearchSettings):
+    """TPE (multivariate and grouped, for the conditional space; it reads the trials' constraints) or random."""
+    import warnings
+
     import optuna
 
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(
-        seed=settings.seed,
-        n_startup_trials=settings.startup_trials,
-        multivariate=True,
-        group=True,
-        constraints_func=lambda frozen: frozen.user_attrs["constraints"],
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=settings.seed, n_startup_trials=settings.startup_trials, multivariate=True, group=True
+        )
 
 
 def run_trials(
@@ -204,7 +205,8 @@ def run_trials(
 
         result = score_updates(ctx.loaded, {"trial": merged.updates(recipe.alpha)}, data=ctx.search, progress=advance)
         trial = judge_trial(ctx, number, recipe, result["trial"], time.perf_counter() - started, trial_repair(merged))
-        handle.set_user_attr("constraints", constraints(trial, ctx))
+        for key, value in constraints(trial, ctx).items():
+            handle.set_constraint(key, value)
         study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
         trials.append(trial)
         log.info("search trial", extra={k: v for k, v in trial.to_dict().items() if k not in ("recipe", "repair")})
