@@ -4,17 +4,25 @@ worker's own plugin, `workers.cli`)."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .domain.settings import TENANT_PATTERN, get_settings
+from .domain.settings import TENANT_PATTERN, Settings, get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +99,15 @@ class WorkerProcess:
     show_default=True,
     help="Also run one job worker (embedded mode); --no-worker runs the API only (workers elsewhere).",
 )
-def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    envvar="SSTMERGE_API_WORKERS",
+    help="API processes (SSTMERGE_API_WORKERS). Default: 1 in embedded mode (a SQLite database, or with the "
+    "embedded worker); otherwise the number of CPUs, at most 4.",
+)
+def serve(host: str, port: int, data_dir: Path | None, worker: bool, workers: int | None) -> None:
     """Run the HTTP API, and by default one worker: with no configuration this is the embedded mode (SQLite
     database, SQLite-backed Celery broker, local artifact folder) on this machine."""
     import uvicorn
@@ -106,14 +122,74 @@ def serve(host: str, port: int, data_dir: Path | None, worker: bool) -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     prepare(settings)
+    processes = workers or api_processes(settings, embedded_worker=worker)
     supervisor = WorkerProcess().start() if worker else None
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    run = functools.partial(uvicorn.run, host=host, port=port, log_config=None, access_log=False)
+    metrics_dir = None
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+        if processes == 1:
+            run(frozen(create_app(settings)))
+        else:  # each process builds the app from the environment; Prometheus counters are summed over them
+            metrics_dir = multiprocess_metrics_dir()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            log.info("starting API processes", extra={"processes": processes})
+            run("app.cli:process_app", factory=True, workers=processes)
     finally:
         if supervisor is not None:
             supervisor.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def multiprocess_metrics_dir() -> str:
+    """A fresh folder for the Prometheus counters of several API processes, named after this process; folders
+    left by `serve` processes that no longer exist (killed before their clean-up) are removed first."""
+    prefix = "sstmerge-metrics-"
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = stale.name.removeprefix(prefix).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def api_processes(settings: Settings, embedded_worker: bool) -> int:
+    """1 in embedded mode (SQLite serialises writers; the embedded worker wants the CPU), else one process per
+    CPU up to 4 (each keeps its own database pool: see app.domain.db.session)."""
+    if embedded_worker or settings.resolved_database_url.startswith("sqlite"):
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def process_app() -> FastAPI:
+    """The app of one of several API processes (`serve --workers N`): settings and logging from the environment
+    that `serve` prepared."""
+    from .api.factory import create_app
+    from .domain.logging_setup import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return frozen(create_app(settings))
+
+
+def frozen(app: FastAPI) -> FastAPI:
+    """`app`, with everything allocated so far moved out of the garbage collector's sight (`gc.freeze`): the
+    ~150k long-lived objects of the application and its libraries otherwise make every full collection a pause
+    of tens of milliseconds in the middle of requests."""
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 @click.group()

@@ -2,7 +2,8 @@
 
 Key: sha256 of everything the factors depend on (base model fingerprint, adapter hashes and weights,
 data hash, estimator and sample/length settings, code version). Entries are safetensors files written
-atomically (temp file + rename).
+atomically (temp file + rename). A hit refreshes the entry's modification time, so `trim(max_bytes)` evicts the
+least recently used entries first; an entry evicted by another process between lookup and read is a miss.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ class FisherCache:
 
     def load(self, key: str) -> dict[str, KFACFactors] | None:
         path = self.path(key)
-        if not path.is_file():
+        try:
+            tensors = load_file(str(path))
+            os.utime(path)  # most recently used
+        except FileNotFoundError:
             return None
-        tensors = load_file(str(path))
         names = {k.rsplit(".", 1)[0] for k in tensors}
         return {n: KFACFactors(tensors[f"{n}.A"], tensors[f"{n}.G"], 1, 1) for n in names}
 
@@ -82,6 +85,37 @@ class FisherCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def entries(self) -> list[Path]:
+        """Cached entries, least recently used first."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.glob("*.safetensors"):
+            try:
+                found.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
+        return [path for _, path in sorted(found)]
+
+    def trim(self, max_bytes: int) -> list[str]:
+        """Delete least recently used entries until the cache holds at most `max_bytes`; returns the evicted keys."""
+        sizes = []
+        for path in self.entries():
+            try:
+                sizes.append((path, path.stat().st_size))
+            except FileNotFoundError:
+                continue
+        total, evicted = sum(size for _, size in sizes), []
+        for path, size in sizes:
+            if total <= max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            evicted.append(path.stem)
+        if evicted:
+            log.info("fisher cache trimmed", extra={"evicted": len(evicted), "bytes": total})
+        return evicted
 
     def get_or_compute(self, key: str, compute: Callable[[], dict[str, KFACFactors]]) -> dict[str, KFACFactors]:
         factors = self.load(key)

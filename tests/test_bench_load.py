@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,39 +34,60 @@ def test_factor_grid_varies_one_factor_at_a_time():
             assert len(fields) == 1, (factor, fields)
 
 
-def test_percentile_and_loopback_guard():
-    values = [float(v) for v in range(1, 101)]
-    assert load_service.percentile(values, 0.5) in (50.0, 51.0)
-    assert load_service.percentile(values, 0.99) == 99.0
+def test_loopback_guard():
     assert load_service.loopback("redis://127.0.0.1:6379/0")
     assert load_service.loopback("postgresql+psycopg://postgres@localhost:5432/postgres")
     with pytest.raises(SystemExit):
         load_service.loopback("redis://10.0.0.5:6379/0")
 
 
+def test_wrk_results_are_parsed_and_its_absence_is_a_clear_error(monkeypatch):
+    cell = load_service.parse_wrk("Running 3s test\nRESULT 3000 3000000 0 1 0 2 0 1500 25000\n")
+    assert cell.requests == 3000 and cell.rate == pytest.approx(1000.0)
+    assert (cell.p50_ms, cell.p99_ms) == (1.5, 25.0) and cell.errors == {"read": 1, "non-2xx": 2}
+    with pytest.raises(SystemExit):
+        load_service.parse_wrk("no result line")
+    monkeypatch.setattr(load_service.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="apt-get install -y wrk"):
+        load_service.require_wrk()
+
+
+def test_post_script_sends_the_body(tmp_path):
+    body = {"method": "sst", "params": {"alphas": [1.0]}}
+    target = load_service.Target("embedded", "POST /merges", None, "/merges", body)
+    script = load_service.lua_script(target, tmp_path).read_text()
+    assert 'wrk.method = "POST"' in script and json.dumps(body) in script and "RESULT" in script
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason=load_service.WRK_HINT)
 def test_load_service_embedded_smoke():
-    """A few requests against the embedded API only: no errors, every accepted job queued once."""
+    """A second of load per cell against the embedded API: no errors, every queued job has its broker message."""
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / "load_service.py"),
-            "--embedded-only",
-            "--requests",
-            "4",
+            "--seconds",
+            "1",
             "--repeats",
             "1",
             "--concurrency",
             "1",
-            "2",
+            "4",
+            "--post-concurrency",
+            "1",
             "--log-level",
             "WARNING",
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("embedded ")]
-    assert len(rows) == 4 and all(row[5] == "0" for row in rows), result.stdout  # the errors column
-    assert "— ok" in result.stdout, result.stdout
+    rows = [
+        line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["static"], ["bare"], ["embedded"])
+    ]
+    # target, method, path, concurrency, requests, errors, …: 2 static, 2 bare, 2 GET /merges/{id}, 1 POST /merges
+    assert len(rows) == 7, result.stdout
+    assert all(int(row[4]) > 0 and row[5] == "0" for row in rows), result.stdout
+    assert "embedded: " in result.stdout and "— ok" in result.stdout, result.stdout

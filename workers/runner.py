@@ -1,22 +1,33 @@
 """Run one delivery of a job: claim it, resolve its inputs, call `run_merge`, store the artifacts, record the
 outcome. Each attempt works in a fresh folder and writes under its own storage prefix; the job row points at
-a prefix only once all its files are stored, so a re-run never exposes a partial or mixed set."""
+a prefix only once all its files are stored, so a re-run never exposes a partial or mixed set.
+
+A job stops (between batches of every pass) when it is cancelled, when another delivery took it over, or when its
+time limit passes (failed: `time_limit_exceeded`); a full disk fails it with `insufficient_storage`. A database
+that is briefly unreachable does not fail the job: progress is best effort, and the outcome is recorded once the
+database answers again (else the delivery gives up and the job is re-run after its lease)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
+import time
 import zipfile
 from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
 
 from app.domain import artifacts, base_models
 from app.domain.db.session import session_scope
 from app.domain.errors import DomainError
-from app.domain.job_spec import build_spec
-from app.domain.job_state import Claim, Heartbeat, JobStore, ProgressWriter
+from app.domain.health import space_shortfall
+from app.domain.job_spec import build_spec, public_message
+from app.domain.job_state import TIME_LIMIT, Claim, Heartbeat, JobStore, ProgressWriter
 from app.domain.requests import MergeRequest
 from app.domain.settings import Settings
-from app.domain.storage import Storage
+from app.domain.storage import Storage, StorageFull
+from sstmerge_core.cache import FisherCache
 from sstmerge_core.errors import Cancelled, InputError
 from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.pipeline import MergeOutcome, ModelCache, run_merge
@@ -68,11 +79,16 @@ def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix
     return {"adapters": adapters, "files": files, "recommended_alpha": recommended.get("alpha")}
 
 
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
 class JobRunner:
     def __init__(self, settings: Settings, storage: Storage, model_cache: ModelCache) -> None:
         self.settings, self.storage, self.model_cache = settings, storage, model_cache
-        self.store = JobStore(settings.resolved_database_url, settings.job_lease_seconds, settings.max_attempts)
-        self.inputs = InputCache(storage, settings.resolved_work_dir / "inputs")
+        self.store = JobStore.from_settings(settings)
+        self.inputs = InputCache(storage, settings.resolved_work_dir / "inputs", settings.input_cache_max_bytes)
+        self.fisher_cache = FisherCache(settings.resolved_cache_dir / "fisher")
 
     def _spec(self, claim: Claim) -> tuple[MergeSpec, dict[str, str]]:
         """The job's `MergeSpec` on its fetched inputs, and the names the written documents use for them (the
@@ -106,15 +122,54 @@ class JobRunner:
             shutil.rmtree(old, ignore_errors=True)
         work = jobs_dir / f"{job_id}-{claim.token}"
         work.mkdir(parents=True)
-        prefix = f"tenants/{claim.tenant}/jobs/{job_id}/{claim.token}"
+        prefix = f"{artifacts.job_root(claim.tenant, job_id)}/{claim.token}"
         log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
         try:
-            with Heartbeat(self.store, claim, self.settings.heartbeat_seconds) as heartbeat:
+            with self.inputs.in_use(), Heartbeat(self.store, claim, self.settings.heartbeat_seconds) as heartbeat:
                 self._execute(claim, heartbeat, work, prefix)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            self.trim_caches()
+
+    def trim_caches(self) -> None:
+        """Keep the input and Fisher caches under their caps, and drop inputs deleted since they were fetched."""
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                self.inputs.prune_deleted(session)
+            self.inputs.trim()
+            self.fisher_cache.trim(self.settings.fisher_cache_max_bytes)
+        except Exception:  # noqa: BLE001 - housekeeping never fails a job
+            log.warning("cache trim failed", exc_info=True)
+
+    def _finish(self, claim: Claim, status: str, **outcome) -> bool:
+        """`JobStore.finish`, retried while the database is unreachable (for up to a lease or 30 s)."""
+        deadline = time.monotonic() + max(self.settings.job_lease_seconds, 30.0)
+        delay = 0.5
+        while True:
+            try:
+                return self.store.finish(claim, status, **outcome)
+            except OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("outcome not recorded yet: database unreachable", extra={"job_id": claim.job_id})
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    def _fail(self, claim: Claim, prefix: str, code: str, message: str) -> None:
+        self.storage.delete_prefix(prefix)
+        self._finish(claim, "failed", error_code=code, error_message=message[:2000])
+
+    def _public(self, message: str, names: dict[str, str]) -> str:
+        """An error message without server paths: inputs named by their ids, other paths cut to their file name."""
+        s = self.settings
+        dirs = [s.data_dir, s.resolved_work_dir, s.resolved_storage_dir, s.resolved_cache_dir, *s.model_dirs]
+        return public_message(message, names, dirs)
 
     def _execute(self, claim: Claim, heartbeat: Heartbeat, work: Path, prefix: str) -> None:
+        names: dict[str, str] = {}
+        if (reason := space_shortfall(self.settings, self.storage)) is not None:
+            self._fail(claim, prefix, "insufficient_storage", f"the job was not started: {reason}")
+            return
         try:
             spec, names = self._spec(claim)
             outcome = run_merge(
@@ -128,24 +183,27 @@ class JobRunner:
             if heartbeat.should_cancel():
                 raise Cancelled("cancelled after the last stage")
             manifest = store_artifacts(self.storage, outcome, spec.method, prefix, work)
-        except Cancelled:
+        except Cancelled as exc:
+            if heartbeat.timed_out:
+                self._fail(claim, prefix, TIME_LIMIT, f"{self.store.time_limit_message()} ({exc})")
+                return
             self.storage.delete_prefix(prefix)
-            self.store.finish(claim, "cancelled")
+            self._finish(claim, "cancelled", reason=str(exc))
             return
         except (InputError, DomainError) as exc:  # the job's inputs are wrong (a base model no longer offered, …)
-            self.storage.delete_prefix(prefix)
-            self.store.finish(claim, "failed", error_code=exc.code, error_message=str(exc))
+            self._fail(claim, prefix, exc.code, self._public(str(exc), names))
             return
+        except OperationalError:  # the database, not the job: the delivery is retried, or the job re-run
+            self.storage.delete_prefix(prefix)
+            raise
         except Exception as exc:
+            if disk_full(exc):
+                self._fail(claim, prefix, "insufficient_storage", self._public(f"the disk is full: {exc}", names))
+                return
             log.exception("job crashed", extra={"job_id": claim.job_id})
-            self.storage.delete_prefix(prefix)
-            self.store.finish(
-                claim, "failed", error_code="internal_error", error_message=f"{type(exc).__name__}: {exc}"[:2000]
-            )
+            self._fail(claim, prefix, "internal_error", self._public(f"{type(exc).__name__}: {exc}", names))
             return
-        if self.store.finish(
-            claim, "succeeded", summary={**outcome.summary, "artifacts": manifest}, artifact_prefix=prefix
-        ):
+        if self._finish(claim, "succeeded", summary={**outcome.summary, "artifacts": manifest}, artifact_prefix=prefix):
             parent = prefix.rsplit("/", 1)[0]
             for key in self.storage.list(parent):  # artifacts of earlier attempts
                 if not key.startswith(prefix + "/"):

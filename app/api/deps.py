@@ -1,17 +1,24 @@
-"""FastAPI dependencies: settings, database session, storage, queue and the authenticated tenant."""
+"""FastAPI dependencies: settings, database session, storage, queue and the authenticated tenant.
+
+Dependencies that only read the application's state are `async def`, so that FastAPI calls them on the event
+loop instead of sending each one to the thread pool; the tenant is found without I/O when its key was checked
+in the last few seconds (`KeyCache`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..domain.auth import authenticate
+from ..domain.auth import KeyCache
 from ..domain.queue import JobQueue
+from ..domain.rate_limits import RateLimits
 from ..domain.settings import Settings
 from ..domain.storage import Storage
 from .metrics import Metrics
@@ -19,7 +26,7 @@ from .metrics import Metrics
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -28,34 +35,67 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_storage(request: Request) -> Storage:
+async def get_engine(request: Request) -> Engine:
+    """The database engine, for endpoints that take a pooled connection per read (the job reads of
+    `app.api.watch`) instead of a session for the whole request."""
+    return request.app.state.engine
+
+
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[Session, Depends(get_db)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def get_tenant(
-    db: DbDep, settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _limit(limits: RateLimits, check: Callable[[str], None], key: str) -> None:
+    """Run a rate-limit check: inline with in-memory counters, in the thread pool when they live in Redis."""
+    if limits.blocking:
+        await run_in_threadpool(check, key)
+    else:
+        check(key)
+
+
+async def get_tenant(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
-    """The tenant owning the bearer key, or 401."""
-    tenant = authenticate(db, settings, credentials.credentials) if credentials else None
+    """The tenant owning the bearer key, or 401. A key seen in the last `auth_cache_seconds` costs no I/O;
+    otherwise it is checked in a short session of its own, so no request holds a database connection while it
+    waits for a thread. An address that sent too many wrong keys gets 429 before its key is looked at, and each
+    tenant has a request budget (429 past it; `Retry-After` says when to retry)."""
+    limits: RateLimits = request.app.state.rate_limits
+    client = client_address(request)
+    await _limit(limits, limits.check_client, client)
+    tenant = None
+    if credentials:
+        keys: KeyCache = request.app.state.keys
+        tenant = keys.cached(credentials.credentials) or await run_in_threadpool(
+            keys.authenticate, credentials.credentials
+        )
     if tenant is None:
+        if credentials:
+            await _limit(limits, limits.count_failure, client)
         raise HTTPException(
             401, "a valid API key is required (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
         )
+    await _limit(limits, limits.hit_tenant, tenant)
     return tenant
 
 

@@ -3,26 +3,26 @@ the routes, error handlers and middleware. The database is migrated on start-up 
 
 from __future__ import annotations
 
-import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI
 
+from ..domain.auth import KeyCache
 from ..domain.bootstrap import prepare
-from ..domain.db.session import session_factory
+from ..domain.db.session import get_engine, session_factory
 from ..domain.merges import status_counts
 from ..domain.queue import JobQueue
+from ..domain.rate_limits import RateLimits
+from ..domain.retention import sweep_leftovers
 from ..domain.settings import Settings, get_settings
 from ..domain.storage import get_storage
+from .access_log import AccessLogMiddleware
 from .errors import install_error_handlers
-from .limits import BodySizeLimitMiddleware
+from .limits import BodySizeLimitMiddleware, PrintablePathMiddleware
 from .metrics import Metrics, MetricsMiddleware
+from .outages import install_outage_handlers, upload_space
 from .routes import adapters, datasets, health, merges, methods, models
-
-log = logging.getLogger("app.access")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         prepare(settings)
+        sweep_leftovers(settings, app.state.storage)  # staging and stored leftovers of processes that died
         yield
 
     app = FastAPI(
@@ -49,32 +50,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.state.settings = settings
     app.state.sessions = sessions
+    app.state.engine = get_engine(settings.resolved_database_url)
+    app.state.keys = KeyCache(sessions, settings, settings.auth_cache_seconds)
     app.state.storage = get_storage(settings)
     app.state.queue = JobQueue(settings)
     app.state.metrics = Metrics(job_counts)
+    app.state.rate_limits = RateLimits(settings)
 
     install_error_handlers(app)
-    for router in (models.router, methods.router, adapters.router, datasets.router, merges.router, health.router):
-        app.include_router(router)
-    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_upload_bytes)
+    install_outage_handlers(app)
+    # the polled routes first: a request is matched against the routes in order
+    for router in (merges.router, models.router, methods.router, adapters.router, datasets.router, health.router):
+        uploads = router in (adapters.router, datasets.router)
+        app.include_router(router, dependencies=[Depends(upload_space)] if uploads else None)
+    app.add_middleware(
+        BodySizeLimitMiddleware, limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes
+    )
+    app.add_middleware(PrintablePathMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        start = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request_id
-        log.info(
-            "request",
-            extra={
-                "request_id": request_id,
-                "method": request.method,
-                "path": request.url.path,
-                "status": response.status_code,
-                "duration_ms": round(1000 * (time.perf_counter() - start), 1),
-            },
-        )
-        return response
+    app.add_middleware(AccessLogMiddleware)
 
     return app

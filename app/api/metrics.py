@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,7 +44,18 @@ class Metrics:
         )
         self.uploads = Counter("sstmerge_uploads", "stored uploads", ["kind"], registry=self.registry)
         self.jobs_submitted = Counter("sstmerge_jobs_submitted", "jobs created", registry=self.registry)
-        self.registry.register(JobsCollector(job_counts))
+        self.jobs = JobsCollector(job_counts)
+        self.registry.register(self.jobs)
+
+    def exposition(self) -> bytes:
+        """The text exposition of every metric. When the API runs as several processes (`sstmerge serve
+        --workers N` sets PROMETHEUS_MULTIPROC_DIR) the counters are the sums over all of them."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.jobs)
+        return generate_latest(registry)
 
 
 class MetricsMiddleware:

@@ -8,7 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sstmerge_core.methods.catalog import MethodInfo
+from sstmerge_core.methods.catalog import MethodInfo, RepairInfo
 
 from ..domain.db.models import Job
 from ..domain.requests import JobStatus
@@ -64,8 +64,22 @@ class MethodOut(BaseModel):
         )
 
 
+class RepairOut(BaseModel):
+    name: str = Field(description="the value to put in a job's `repair.method`")
+    description: str
+    reference: str
+    params_schema: dict[str, Any] = Field(description="JSON Schema of the job's `repair.params` for this step")
+
+    @classmethod
+    def from_info(cls, info: RepairInfo) -> RepairOut:
+        return cls(
+            name=info.name, description=info.description, reference=info.reference, params_schema=info.params_schema()
+        )
+
+
 class MethodList(BaseModel):
     items: list[MethodOut]
+    repairs: list[RepairOut] = Field(description="post-merge repair steps a job's `repair` may name")
 
 
 class AdapterOut(BaseModel):

@@ -17,6 +17,11 @@ PLOT = "plot.png"
 REPORT = "merge_report.json"
 
 
+def job_root(tenant: str, job_id: str) -> str:
+    """The storage prefix of everything a job stores: one folder per attempt below it."""
+    return f"tenants/{tenant}/jobs/{job_id}"
+
+
 def adapter_zip(method: str, alpha: float) -> str:
     return f"adapter-{method}-alpha-{alpha:g}.zip"
 

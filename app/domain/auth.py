@@ -5,6 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -45,6 +50,8 @@ def revoke_key(session: Session, key_id: str) -> bool:
     if key is None or key.revoked_at is not None:
         return False
     key.revoked_at = utcnow()
+    for cache in list(_CACHES):
+        cache.forget(key.key_sha256)
     return True
 
 
@@ -63,3 +70,41 @@ def authenticate(session: Session, settings: Settings, presented: str) -> str | 
             return entry.tenant
     key = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
     return key.tenant_id if key else None
+
+
+_CACHES: weakref.WeakSet[KeyCache] = weakref.WeakSet()
+
+
+class KeyCache:
+    """`authenticate` behind a short time-to-live cache of key digest → tenant, so that a request whose key was
+    seen in the last `ttl` seconds needs no database read. Only valid keys are cached. `revoke_key` drops a
+    revoked key from every cache of its process at once; an API process that did not revoke it (the key was
+    revoked with `sstmerge keys revoke`, or by another API process) stops accepting it within `ttl` seconds.
+    `ttl=0` disables the cache."""
+
+    def __init__(self, sessions: Callable[[], AbstractContextManager[Session]], settings: Settings, ttl: float) -> None:
+        self.sessions, self.settings, self.ttl = sessions, settings, ttl
+        self._entries: dict[str, tuple[str, float]] = {}  # digest -> (tenant, expiry on time.monotonic())
+        self._lock = threading.Lock()
+        _CACHES.add(self)
+
+    def cached(self, presented: str) -> str | None:
+        """The tenant of `presented` if it was authenticated less than `ttl` seconds ago (no I/O)."""
+        entry = self._entries.get(hash_key(presented))
+        return entry[0] if entry is not None and entry[1] > time.monotonic() else None
+
+    def authenticate(self, presented: str) -> str | None:
+        """The tenant owning `presented`, read from the settings and the database (blocking); cached if valid."""
+        with self.sessions() as session:
+            tenant = authenticate(session, self.settings, presented)
+        if tenant is not None and self.ttl > 0:
+            with self._lock:
+                now = time.monotonic()
+                if len(self._entries) > 10_000:  # keys come and go; drop the expired ones now and then
+                    self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+                self._entries[hash_key(presented)] = (tenant, now + self.ttl)
+        return tenant
+
+    def forget(self, digest: str) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)

@@ -14,6 +14,8 @@ class DomainError(Exception):
     """A request or operation the service refuses; `code` is stable, `message` is for people."""
 
     code = "invalid_request"
+    retry_after: int | None = None
+    """Seconds after which a retry may succeed (sent as `Retry-After`); None: retrying will not help."""
 
     def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
@@ -51,9 +53,27 @@ class UpstreamFailed(DomainError):
 
 
 class Unavailable(DomainError):
-    """A part of this service (the job queue) is down; retrying later may succeed."""
+    """A part of this service (the database, the job queue, the storage) is down; retrying later may succeed."""
 
     code = "unavailable"
+    retry_after = 5
+
+
+class InsufficientStorage(DomainError):
+    """The storage or scratch space is (nearly) full: nothing is written below the configured free space."""
+
+    code = "insufficient_storage"
+    retry_after = 60
+
+
+class RateLimited(DomainError):
+    """Too many requests (or failed authentications) in the current window; `retry_after` says when to retry."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message, code=code, details=details)
+        self.retry_after = max(int(retry_after), 1)
 
 
 def not_found(kind: str, ident: str) -> NotFound:

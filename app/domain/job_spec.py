@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
+from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec, RepairSpec
 
 from .requests import AdapterRef, MergeRequest
 
@@ -20,7 +20,8 @@ def build_spec(
     dataset_path: Callable[[str], str],
     **overrides,
 ) -> MergeSpec:
-    """The core `MergeSpec` for a request, with ids turned into local paths by the given functions."""
+    """The core `MergeSpec` for a request, with ids turned into local paths by the given functions. A search with
+    repair data gets the repair's default settings (the search draws λ, c, layer and position per trial)."""
 
     def adapter(ref: AdapterRef) -> AdapterInput:
         return AdapterInput(path=adapter_path(ref.adapter_id), weight=ref.weight, name=ref.adapter_id)
@@ -46,6 +47,9 @@ def build_spec(
         method=body.method,
         params=body.params,
         compare_with=body.compare_with,
+        repair=body.repair or (RepairSpec() if body.search and body.harmless_dataset_id else None),
+        harmless_data=data(body.harmless_dataset_id),
+        borderline_data=data(body.borderline_dataset_id),
         evaluation=evaluation,
         **overrides,
     )

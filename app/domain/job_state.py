@@ -4,6 +4,15 @@ A delivery *claims* a job with one conditional UPDATE (queued, or running with a
 fresh `attempt_token`; every later write names that token, so a delivery that lost its lease (its worker
 stalled and another took over) can no longer change the job. This makes duplicate deliveries (Redis
 visibility timeout, re-queue after worker loss) harmless.
+
+A job is never lost: the database, not the broker, says what is to be done. `recover` (run by every worker's
+recovery loop) re-queues running jobs whose worker stopped beating, fails jobs past their time limit, and sends
+again every queued job that no worker claimed within a lease of its last send (the broker lost the message: a
+Redis crash, a delivery whose retries ran out while the database was down, an API that died before sending).
+Sends are taken with a conditional UPDATE of `publish_count`, so that one process sends each due job once however
+many loops run; the wait between two sends of a job still queued doubles, from a lease up to
+`republish_max_seconds`, so that a job waiting behind long ones gathers few duplicate messages (a duplicate is
+dropped by `claim`).
 """
 
 from __future__ import annotations
@@ -14,14 +23,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from typing_extensions import Self
 
 from .db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
 from .db.session import session_scope
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +50,47 @@ class Claim:
     tenant: str
     request: dict
     attempt: int
+    started_at: datetime  # of the first attempt: the time limit counts from here
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What one pass of `JobStore.recover` did (job ids)."""
+
+    requeued: list[str]
+    timed_out: list[str]
+    sent: list[str]
+
+
+TIME_LIMIT = "time_limit_exceeded"
 
 
 class JobStore:
-    def __init__(self, database_url: str, lease_seconds: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        lease_seconds: float,
+        max_attempts: int,
+        *,
+        time_limit_seconds: float = 6 * 3600.0,
+        republish_max_seconds: float = 900.0,
+    ) -> None:
         self.url, self.lease, self.max_attempts = database_url, timedelta(seconds=lease_seconds), max_attempts
+        self.time_limit = timedelta(seconds=time_limit_seconds)
+        self.republish_max = timedelta(seconds=republish_max_seconds)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        return cls(
+            settings.resolved_database_url,
+            settings.job_lease_seconds,
+            settings.max_attempts,
+            time_limit_seconds=settings.job_time_limit_seconds,
+            republish_max_seconds=settings.republish_max_seconds,
+        )
+
+    def time_limit_message(self) -> str:
+        return f"the job ran longer than its time limit of {self.time_limit.total_seconds():g} s"
 
     def _claimable(self, now):
         stale = now - self.lease
@@ -58,6 +106,10 @@ class JobStore:
             job = session.get(Job, job_id)
             if job is None or job.status in TERMINAL_STATUSES:
                 log.info("delivery dropped", extra={"job_id": job_id, "status": job and job.status})
+                return None
+            if job.started_at is not None and now - job.started_at > self.time_limit:
+                if self._fail_where(session, job_id, self._claimable(now), TIME_LIMIT, self.time_limit_message()):
+                    log.warning("job past its time limit failed", extra={"job_id": job_id})
                 return None
             if job.attempts >= self.max_attempts:
                 failed = session.execute(
@@ -97,7 +149,19 @@ class JobStore:
             session.add(
                 JobEvent(job_id=job_id, kind="status", message=f"running (attempt {job.attempts}, worker {job.worker})")
             )
-            return Claim(job_id, token, job.tenant_id, dict(job.request), job.attempts)
+            return Claim(job_id, token, job.tenant_id, dict(job.request), job.attempts, job.started_at or now)
+
+    @staticmethod
+    def _fail_where(session, job_id: str, condition, code: str, message: str) -> bool:
+        """Fail the job if `condition` still holds (one conditional UPDATE); returns whether it did."""
+        failed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, condition)
+            .values(status="failed", error_code=code, error_message=message, finished_at=utcnow())
+        ).rowcount
+        if failed:
+            session.add(JobEvent(job_id=job_id, kind="status", message=f"failed: {code}: {message}"[:2000]))
+        return bool(failed)
 
     def beat(self, claim: Claim) -> tuple[bool, bool]:
         """Refresh the heartbeat; returns (still owned, cancel requested)."""
@@ -131,8 +195,10 @@ class JobStore:
         error_message: str | None = None,
         summary: dict | None = None,
         artifact_prefix: str | None = None,
+        reason: str | None = None,
     ) -> bool:
-        """Record the outcome if this delivery still owns the job; returns whether it did."""
+        """Record the outcome if this delivery still owns the job; returns whether it did. `reason` goes into the
+        status event only (why a job was cancelled: where it stopped)."""
         values = {
             "status": status,
             "finished_at": utcnow(),
@@ -149,7 +215,7 @@ class JobStore:
                 .values(**values)
             ).rowcount
             if owned:
-                message = status if error_code is None else f"{status}: {error_code}: {error_message}"
+                message = ": ".join(part for part in (status, error_code, error_message or reason) if part)
                 session.add(JobEvent(job_id=claim.job_id, kind="status", message=message[:2000]))
         log.info(
             "job finished" if owned else "outcome discarded: lease lost",
@@ -157,32 +223,119 @@ class JobStore:
         )
         return bool(owned)
 
-    def requeue_stale(self) -> list[tuple[str, str]]:
-        """Running jobs whose worker stopped beating go back to `queued`; returns (id, queue) pairs to re-send."""
+    def requeue_stale(self) -> list[str]:
+        """Running jobs whose worker stopped beating go back to `queued`, to be sent now (`enqueued_at` NULL)."""
         now = utcnow()
         requeued = []
         with session_scope(self.url) as session:
-            stale = session.execute(
-                select(Job.id, Job.queue).where(Job.status == "running", Job.heartbeat_at < now - self.lease)
+            stale = session.scalars(
+                select(Job.id).where(Job.status == "running", Job.heartbeat_at < now - self.lease)
             ).all()
-            for job_id, queue in stale:
+            for job_id in stale:
                 done = session.execute(
                     update(Job)
                     .where(Job.id == job_id, self._claimable(now), Job.status == "running")
-                    .values(status="queued", attempt_token=None, worker=None)
+                    .values(status="queued", attempt_token=None, worker=None, enqueued_at=None)
                 ).rowcount
                 if done:
                     session.add(JobEvent(job_id=job_id, kind="status", message="worker lost; re-queued"))
-                    requeued.append((job_id, queue))
+                    requeued.append(job_id)
         return requeued
+
+    def running_attempts(self, job_ids: list[str]) -> set[str]:
+        """`<job id>-<attempt token>` of those of `job_ids` that are running (their work folders are in use)."""
+        if not job_ids:
+            return set()
+        with session_scope(self.url) as session:
+            rows = session.execute(
+                select(Job.id, Job.attempt_token).where(Job.id.in_(job_ids), Job.status == "running")
+            ).all()
+        return {f"{job_id}-{token}" for job_id, token in rows}
+
+    def fail_overdue(self) -> list[str]:
+        """Jobs past their time limit (plus a lease, for the worker's own check to act first) fail: this catches a
+        worker stuck inside one call, whose heartbeat thread still beats."""
+        cutoff = utcnow() - self.time_limit - self.lease
+        overdue = Job.status.in_(("queued", "running")) & (Job.started_at < cutoff)
+        failed = []
+        with session_scope(self.url) as session:
+            for job_id in session.scalars(select(Job.id).where(overdue)).all():
+                if self._fail_where(session, job_id, overdue, TIME_LIMIT, self.time_limit_message()):
+                    failed.append(job_id)
+        return failed
+
+    def send_interval(self, publish_count: int) -> timedelta:
+        """Wait after the `publish_count`-th send before the next: a lease, doubling, at most `republish_max`."""
+        return min(self.lease * 2 ** min(max(publish_count - 1, 0), 30), self.republish_max)
+
+    def due_to_send(self) -> list[tuple[str, str, int]]:
+        """(id, queue, publish_count) of the queued jobs to send now: re-queued ones, and those that no worker
+        claimed within `send_interval` of their last send."""
+        now = utcnow()
+        with session_scope(self.url) as session:
+            rows = session.execute(
+                select(Job.id, Job.queue, Job.publish_count, Job.enqueued_at).where(
+                    Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - self.lease)
+                )
+            ).all()
+        return [
+            (job_id, queue, count)
+            for job_id, queue, count, sent in rows
+            if sent is None or sent < now - self.send_interval(count)
+        ]
+
+    def take_send(self, job_id: str, publish_count: int) -> bool:
+        """Record a send of a queued job seen with `publish_count`; False when another process took it first or the
+        job is no longer queued (a compare-and-set on `publish_count`)."""
+        with session_scope(self.url) as session:
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "queued", Job.publish_count == publish_count)
+                .values(enqueued_at=utcnow(), publish_count=publish_count + 1)
+            ).rowcount
+        return bool(taken)
+
+    def undo_send(self, job_id: str, publish_count: int) -> None:
+        """The send recorded by `take_send(job_id, publish_count)` failed: make the job due again."""
+        with session_scope(self.url) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "queued", Job.publish_count == publish_count + 1)
+                .values(enqueued_at=None, publish_count=publish_count)
+            )
+
+    def send_due(self, send: Callable[[str, str], None]) -> list[str]:
+        """Send every due job once (`send(job_id, queue)`); a failed send leaves the job due and ends the pass (the
+        broker is down: the next pass tries again). Returns the sent ids."""
+        sent = []
+        for job_id, queue, count in self.due_to_send():
+            if not self.take_send(job_id, count):
+                continue
+            try:
+                send(job_id, queue)
+            except Exception:
+                log.warning("send failed; the job stays due", exc_info=True, extra={"job_id": job_id})
+                self.undo_send(job_id, count)
+                break
+            sent.append(job_id)
+        return sent
+
+    def recover(self, send: Callable[[str, str], None]) -> Recovery:
+        """One pass of the recovery loop: time limits, lost workers, lost messages."""
+        timed_out = self.fail_overdue()
+        requeued = self.requeue_stale()
+        return Recovery(requeued=requeued, timed_out=timed_out, sent=self.send_due(send))
 
 
 class Heartbeat:
-    """Background thread that keeps a claim's lease alive and mirrors its cancel flag."""
+    """Background thread that keeps a claim's lease alive and mirrors its cancel flag; `should_cancel` is also true
+    once the job's time limit has passed (`timed_out`)."""
 
     def __init__(self, store: JobStore, claim: Claim, interval: float) -> None:
         self.store, self.claim, self.interval = store, claim, interval
-        self.cancel_requested = self.lost = False
+        self.cancel_requested = self.lost = self.timed_out = False
+        remaining = (claim.started_at + store.time_limit - utcnow()).total_seconds()
+        self._deadline = time.monotonic() + remaining
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}", daemon=True)
 
@@ -196,8 +349,11 @@ class Heartbeat:
             self.cancel_requested, self.lost = cancel, not owned
 
     def should_cancel(self) -> bool:
-        """True once the user cancelled or another delivery took the job over (read fresh: called only at
-        stage boundaries)."""
+        """True once the user cancelled, another delivery took the job over, or the time limit passed (read fresh;
+        the core calls this between stages and every few seconds within one)."""
+        if time.monotonic() >= self._deadline:
+            self.timed_out = True
+            return True
         try:
             owned, cancel = self.store.beat(self.claim)
             self.cancel_requested, self.lost = cancel, not owned
@@ -215,7 +371,8 @@ class Heartbeat:
 
 
 class ProgressWriter:
-    """The `progress(stage, fraction)` callback of `run_merge`: throttled writes, an event per new stage."""
+    """The `progress(stage, fraction)` callback of `run_merge`: throttled writes, an event per new stage. Progress
+    is best effort: a database that is briefly unreachable does not stop the job."""
 
     def __init__(self, store: JobStore, claim: Claim, min_interval: float = 1.0) -> None:
         self.store, self.claim, self.min_interval = store, claim, min_interval
@@ -227,5 +384,9 @@ class ProgressWriter:
         now = time.monotonic()
         if not new_stage and now - self._last < self.min_interval:
             return
+        try:
+            self.store.progress(self.claim, stage, round(100.0 * fraction, 1), new_stage)
+        except SQLAlchemyError:
+            log.warning("progress not recorded", exc_info=True, extra={"job_id": self.claim.job_id, "stage": stage})
+            return
         self._stage, self._last = stage, now
-        self.store.progress(self.claim, stage, round(100.0 * fraction, 1), new_stage)

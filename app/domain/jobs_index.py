@@ -1,11 +1,14 @@
-"""Which unfinished jobs refer to an adapter or dataset (deleting those inputs is refused)."""
+"""Which unfinished jobs refer to an adapter or dataset (deleting those inputs is refused), and the lock that
+makes that check hold until the delete commits (`db.locking`)."""
 
 from __future__ import annotations
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .db.models import TERMINAL_STATUSES, Job
+from .db.locking import begin_write, locked
+from .db.models import TERMINAL_STATUSES, Adapter, Dataset, Job
+from .errors import not_found
 
 
 def request_adapter_ids(request: dict) -> set[str]:
@@ -33,3 +36,13 @@ def active_references(
         if (adapter_id and adapter_id in request_adapter_ids(request))
         or (dataset_id and dataset_id in request_dataset_ids(request))
     ]
+
+
+def lock_for_delete(session: Session, model: type[Adapter] | type[Dataset], tenant: str, ident: str):
+    """The tenant's adapter or dataset `ident`, locked until commit against a concurrent submit naming it (which
+    then fails with `*_not_found`, or commits first and makes `active_references` see its job); 404 if absent."""
+    begin_write(session)
+    row = session.scalar(locked(select(model).where(model.id == ident, model.tenant_id == tenant), shared=False))
+    if row is None:
+        raise not_found("adapter" if model is Adapter else "dataset", ident)
+    return row

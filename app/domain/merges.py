@@ -1,4 +1,4 @@
-"""Merge jobs: submit-time validation, idempotency, listing, cancellation and events."""
+"""Merge jobs: submit-time validation, idempotency, listing, cancellation, deletion and events."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import logging
 from collections.abc import Callable
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sstmerge_core.methods.catalog import CATALOG
 
-from . import base_models
-from .db.models import Adapter, Dataset, Job, JobEvent, utcnow
-from .errors import Conflict, InvalidInput, Unavailable, not_found
+from . import artifacts, base_models
+from .db.locking import begin_write, locked
+from .db.models import TERMINAL_STATUSES, Adapter, Dataset, Job, JobEvent, utcnow
+from .errors import Conflict, InvalidInput, not_found
 from .job_spec import build_spec
 from .pagination import page_of, paginate
 from .requests import MergeRequest
 from .settings import Settings
+from .storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 Enqueue = Callable[[str], None]
@@ -42,9 +44,27 @@ def _check_data(body: MergeRequest) -> None:
         )
 
 
-def _owned(session: Session, model, tenant: str, ids: set[str]) -> dict[str, object]:
-    rows = session.scalars(select(model).where(model.tenant_id == tenant, model.id.in_(ids))).all()
+def _owned(session: Session, model, tenant: str, ids: set[str], *, lock: bool = False) -> dict[str, object]:
+    """The tenant's rows of `model` among `ids`; with `lock`, share-locked until commit (`db.locking`)."""
+    query = select(model).where(model.tenant_id == tenant, model.id.in_(ids))
+    rows = session.scalars(locked(query, shared=True) if lock else query).all()
     return {row.id: row for row in rows}
+
+
+def _require_inputs(session: Session, tenant: str, body: MergeRequest, *, lock: bool = False) -> dict[str, Adapter]:
+    """The job's adapters by id; `InvalidInput` naming the adapters or datasets the tenant does not have."""
+    adapter_ids = {ref.adapter_id for ref in body.adapter_refs()}
+    adapters = _owned(session, Adapter, tenant, adapter_ids, lock=lock)
+    if missing := sorted(adapter_ids - adapters.keys()):
+        raise InvalidInput(
+            f"adapter(s) not found: {', '.join(missing)}", code="adapter_not_found", details={"ids": missing}
+        )
+    dataset_ids = set(body.dataset_ids())
+    if missing := sorted(dataset_ids - _owned(session, Dataset, tenant, dataset_ids, lock=lock).keys()):
+        raise InvalidInput(
+            f"dataset(s) not found: {', '.join(missing)}", code="dataset_not_found", details={"ids": missing}
+        )
+    return adapters  # type: ignore[return-value]
 
 
 def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -> None:
@@ -95,17 +115,7 @@ def validate(session: Session, settings: Settings, tenant: str, body: MergeReque
     """Everything that can be checked without a model; `InvalidInput` with a code naming the first problem."""
     _check_data(body)
     base = base_models.resolve(settings, body.base_model)
-    adapter_ids = {ref.adapter_id for ref in body.adapter_refs()}
-    adapters = _owned(session, Adapter, tenant, adapter_ids)
-    if missing := sorted(adapter_ids - adapters.keys()):
-        raise InvalidInput(
-            f"adapter(s) not found: {', '.join(missing)}", code="adapter_not_found", details={"ids": missing}
-        )
-    dataset_ids = set(body.dataset_ids())
-    if missing := sorted(dataset_ids - _owned(session, Dataset, tenant, dataset_ids).keys()):
-        raise InvalidInput(
-            f"dataset(s) not found: {', '.join(missing)}", code="dataset_not_found", details={"ids": missing}
-        )
+    adapters = _require_inputs(session, tenant, body)
     _check_base_model(base, [adapters[ref.adapter_id] for ref in body.adapter_refs()])
     try:  # the core's own checks, on placeholder paths
         build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident)
@@ -130,14 +140,30 @@ def _replay(job: Job, digest: str) -> Job:
 def submit(
     session: Session, settings: Settings, enqueue: Enqueue, tenant: str, body: MergeRequest, idempotency_key: str | None
 ) -> tuple[Job, bool]:
-    """Create and enqueue a job; returns (job, created). Same key + same body returns the first job."""
+    """Create and send a job; returns (job, created). Same key + same body returns the first job.
+
+    The job is accepted once its row is committed: if the broker cannot take it now, it stays queued and the
+    workers' recovery loop sends it when the broker is back (`job_state`), so a client never has to retry a
+    submit that was answered. The inputs it names are locked from the final check to the commit, so that a
+    concurrent delete of one of them either fails with `in_use` or makes this submit fail with `*_not_found`.
+    """
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise InvalidInput("the Idempotency-Key header is empty", code="invalid_idempotency_key")
     request = body.model_dump(mode="json")
     digest = request_sha256(request)
     if idempotency_key and (existing := _by_key(session, tenant, idempotency_key)):
         return _replay(existing, digest), False
     validate(session, settings, tenant, body)
+    begin_write(session)
+    _require_inputs(session, tenant, body, lock=True)
     job = Job(
-        tenant_id=tenant, queue=settings.queue, request=request, request_sha256=digest, idempotency_key=idempotency_key
+        tenant_id=tenant,
+        queue=settings.queue,
+        request=request,
+        request_sha256=digest,
+        idempotency_key=idempotency_key,
+        enqueued_at=utcnow(),
+        publish_count=1,
     )
     job.events.append(JobEvent(kind="status", message="queued"))
     session.add(job)
@@ -151,11 +177,12 @@ def submit(
         return _replay(existing, digest), False
     try:
         enqueue(job.id)
-    except Exception as exc:
-        log.exception("enqueue failed", extra={"job_id": job.id})
-        session.delete(job)
+    except Exception:
+        log.warning("job not sent: the queue is unavailable; it stays queued", exc_info=True, extra={"job_id": job.id})
+        session.execute(update(Job).where(Job.id == job.id, Job.publish_count == 1).values(enqueued_at=None))
+        session.add(JobEvent(job_id=job.id, kind="log", message="the job queue is unavailable; sent when it is back"))
         session.commit()
-        raise Unavailable("the job queue is unavailable; try again", code="broker_unavailable") from exc
+        session.refresh(job)
     log.info("job queued", extra={"tenant": tenant, "job_id": job.id, "method": body.method})
     return job, True
 
@@ -177,7 +204,7 @@ def list_jobs(
 
 
 def cancel(session: Session, tenant: str, job_id: str) -> Job:
-    """A queued job is cancelled now; a running one at its next stage boundary."""
+    """A queued job is cancelled now; a running one by its worker, between two batches of its current pass."""
     job = get_job(session, tenant, job_id)
     now = utcnow()
     queued = session.execute(
@@ -201,6 +228,37 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
         raise Conflict(f"merge {job.id} already {job.status}", code="job_finished")
     log.info("job cancel", extra={"tenant": tenant, "job_id": job.id, "status": job.status})
     return job
+
+
+def delete_job(session: Session, storage: Storage, tenant: str, job_id: str) -> None:
+    """Delete a finished job: its row, its events and every artifact of every attempt. A queued or running job is
+    refused (`job_active`): cancel it first, so that no worker is writing what this removes."""
+    job = get_job(session, tenant, job_id)
+    deleted = session.execute(
+        delete(Job)
+        .where(Job.id == job.id, Job.status.in_(TERMINAL_STATUSES))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not deleted:
+        session.rollback()
+        session.refresh(job)
+        raise Conflict(
+            f"merge {job.id} is {job.status}; cancel it and wait until it stops",
+            code="job_active",
+            details={"status": job.status},
+        )
+    session.commit()
+    session.expunge(job)
+    remove_job_files(storage, tenant, job_id)
+    log.info("job deleted", extra={"tenant": tenant, "job_id": job_id})
+
+
+def remove_job_files(storage: Storage, tenant: str, job_id: str) -> None:
+    """Every stored file of the job (a failure is logged: the start-up sweep removes files whose job is gone)."""
+    try:
+        storage.delete_prefix(artifacts.job_root(tenant, job_id))
+    except StorageError:
+        log.warning("job files not removed; left to the next sweep", exc_info=True, extra={"job_id": job_id})
 
 
 def list_events(session: Session, job: Job, after: int, limit: int) -> tuple[list[JobEvent], str | None]:

@@ -11,6 +11,7 @@ from celery import Celery
 from .settings import Settings
 
 RUN_MERGE_TASK = "sstmerge.run_merge"
+CONNECT_TIMEOUT = 3.0  # seconds to open a broker connection (a blackholed host must not hang a request)
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -18,7 +19,11 @@ def create_celery(settings: Settings) -> Celery:
     celery = Celery("sstmerge", broker=settings.resolved_broker_url, set_as_current=False)
     # kombu's SQL transport hands its options to create_engine; the SQLite file's folder is made by
     # `app.domain.bootstrap.prepare`. Redis re-delivers unacknowledged jobs after the visibility timeout.
-    transport_options = {} if settings.embedded_broker else {"visibility_timeout": settings.broker_visibility_timeout}
+    transport_options = (
+        {}
+        if settings.embedded_broker
+        else {"visibility_timeout": settings.broker_visibility_timeout, "socket_connect_timeout": CONNECT_TIMEOUT}
+    )
     celery.conf.update(
         task_default_queue=settings.queue,
         task_acks_late=True,
@@ -28,6 +33,10 @@ def create_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=CONNECT_TIMEOUT,
+        # a send to a broker that is down fails within about a second; the job stays queued in the database and
+        # the workers' recovery loop sends it again (`JobStore.recover`)
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1},
         worker_hijack_root_logger=False,
         worker_enable_remote_control=not settings.embedded_broker,
         task_serializer="json",

@@ -21,13 +21,15 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from sstmerge_core.jobspec import EvaluationSettings
+from sstmerge_core.jobspec import EvaluationSettings, RepairSpec
 from sstmerge_core.methods.catalog import CATALOG, parse_params
 from sstmerge_core.schedules import SCALE_BOUND
+from sstmerge_core.search.space import SearchSettings
 from sstmerge_core.untrusted import quote
 
 from .errors import InvalidInput
@@ -124,6 +126,31 @@ class MergeRequest(BaseModel):
     compare_with: list[MethodName] = Field(
         default_factory=list, max_length=len(CATALOG), description="baseline methods, run with defaults"
     )
+    repair: RepairSpec | None = Field(
+        default=None,
+        description="a post-merge repair step applied to every merged model (docs/repair.md); it reads the safety "
+        "dataset and the harmless and borderline datasets",
+    )
+    harmless_dataset_id: ResourceId | None = Field(default=None, description="repair: harmless prompts B")
+    borderline_dataset_id: ResourceId | None = Field(default=None, description="repair: borderline-benign prompts P")
+    search: SearchSettings | None = Field(
+        default=None,
+        description="search merge recipes within the tolerances instead of merging `method` at its α sweep "
+        "(docs/search.md); needs `evaluation`, whose search split scores the trials",
+    )
+
+    @model_validator(mode="after")
+    def _inputs_fit_the_job(self) -> MergeRequest:
+        repair_data = self.harmless_dataset_id and self.borderline_dataset_id
+        if self.repair is not None and not (repair_data and self.safety_dataset_id):
+            raise ValueError("a repair needs safety_dataset_id, harmless_dataset_id and borderline_dataset_id")
+        if (self.harmless_dataset_id or self.borderline_dataset_id) and not repair_data:
+            raise ValueError("harmless_dataset_id and borderline_dataset_id go together")
+        if repair_data and self.repair is None and self.search is None:
+            raise ValueError("harmless_dataset_id and borderline_dataset_id are inputs of a repair or a search")
+        if self.search is not None and self.evaluation is None:
+            raise ValueError("a search needs `evaluation`: its trials are scored on the search split")
+        return self
 
     @field_validator("params")
     @classmethod
@@ -163,7 +190,7 @@ class MergeRequest(BaseModel):
         return [*self.utility_adapters, self.safety_adapter]
 
     def dataset_ids(self) -> list[str]:
-        ids = [self.utility_dataset_id, self.safety_dataset_id]
+        ids = [self.utility_dataset_id, self.safety_dataset_id, self.harmless_dataset_id, self.borderline_dataset_id]
         if self.evaluation:
             ev = self.evaluation
             ids += [ev.harmful_dataset_id, ev.benign_dataset_id, ev.utility_eval_dataset_id]

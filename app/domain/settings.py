@@ -68,10 +68,23 @@ class Settings(BaseSettings):
         default_factory=list,
         description='"tenant:key,tenant2:key2"; more keys can be created with `sstmerge keys create`',
     )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="an API process trusts a key it checked for this long (0: check every request); a key revoked "
+        "elsewhere stops working within this time",
+    )
 
     max_upload_bytes: int = Field(default=2 << 30, ge=1, description="largest accepted upload (413 beyond)")
     max_extracted_bytes: int = Field(default=4 << 30, ge=1, description="largest total uncompressed size of an archive")
     max_archive_members: int = Field(default=256, ge=1, description="most entries an uploaded archive may hold")
+    max_archive_header_bytes: int = Field(
+        default=1 << 16, ge=512, description="largest tar extended header (pax record, GNU long name) of an archive"
+    )
+    max_row_bytes: int = Field(default=1 << 20, ge=1024, description="longest line (row) of an uploaded dataset")
+    max_json_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="largest request body that is not a multipart upload (413 beyond)"
+    )
 
     device: str = Field(default="auto", description="torch device for jobs (auto, cpu, cuda, cuda:1)")
     dtype: str = Field(default="auto", description="model dtype for jobs (auto, float32, bfloat16, float16)")
@@ -83,6 +96,60 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="how often a worker refreshes a running job's heartbeat"
     )
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one job before it fails as worker_lost")
+    job_time_limit_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="running time of a job, from its first start, after which it fails with time_limit_exceeded",
+    )
+    republish_max_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="longest wait between two sends of a job still queued (the first re-send comes after a lease, "
+        "then the wait doubles up to this)",
+    )
+    task_max_retries: int = Field(
+        default=5, ge=0, description="in-task retries of a delivery whose database or storage is briefly unreachable"
+    )
+    job_retention_seconds: float | None = Field(
+        default=None, gt=0, description="finished jobs older than this are deleted with their artifacts (unset: kept)"
+    )
+
+    min_free_bytes: int = Field(
+        default=1 << 30,
+        ge=0,
+        description="free space the storage and work folders must keep: uploads get 507 and jobs fail with "
+        "insufficient_storage below it, and /readyz reports it",
+    )
+    input_cache_max_bytes: int = Field(
+        default=20 << 30, ge=0, description="size cap of a worker's cache of fetched adapters and datasets (LRU)"
+    )
+    fisher_cache_max_bytes: int = Field(
+        default=10 << 30, ge=0, description="size cap of a worker's Fisher factor cache (LRU)"
+    )
+    leftover_grace_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="age after which unowned scratch files and stored objects without a database row are removed "
+        "at start-up (files a live process holds are never removed)",
+    )
+
+    ops_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token for GET /metrics and the details of GET /readyz (unset: /metrics is refused and "
+        "/readyz tells only which check fails)",
+    )
+    rate_limit_failed_auth: str = Field(
+        default="30/minute",
+        description="failed authentications allowed per client address (`limits` notation; empty: no limit)",
+    )
+    rate_limit_tenant: str = Field(
+        default="6000/minute", description="requests allowed per tenant (`limits` notation; empty: no limit)"
+    )
+    rate_limit_storage_url: str | None = Field(
+        default=None,
+        description="where rate-limit counters live: default the Redis broker when there is one (shared by every "
+        "API process), else memory://",
+    )
 
     log_level: str = "INFO"
     log_json: bool = Field(default=True, description="one JSON object per log line")
@@ -109,6 +176,22 @@ class Settings(BaseSettings):
                 raise ValueError("SSTMERGE_API_KEYS must look like 'tenant:key,tenant2:key2'")
             pairs.append({"tenant": tenant, "key": key})
         return pairs
+
+    @field_validator("rate_limit_failed_auth", "rate_limit_tenant")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many
+
+            parse_many(value)
+        return value.strip()
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else "memory://"
 
     @property
     def resolved_database_url(self) -> str:

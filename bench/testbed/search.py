@@ -25,12 +25,13 @@ from pathlib import Path
 import click
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+FRONT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 TARGETS = (0.80, 0.90)
 SELECTION_LAYER_STRIDE = 3  # the repair's selection for the families: every 3rd layer, every position
 SST_FIXED = {"max_samples": 200, "max_length": 256, "batch_size": 8}  # the Fisher passes of every SST merge
 
 
-def testbed_spec(assets: Path, *, max_new_tokens: int, report_fraction: float, cache_dir: Path):
+def testbed_spec(assets: Path, *, max_new_tokens: int, report_fraction: float, cache_dir: Path, limit=None):
     from sstmerge_core.jobspec import EvaluationSpec, MergeSpec, RepairSpec
 
     manifest = json.loads((assets / "testbed.json").read_text())
@@ -43,7 +44,7 @@ def testbed_spec(assets: Path, *, max_new_tokens: int, report_fraction: float, c
         safety_data=data["safety_fisher"],
         method="sst",
         params=dict(SST_FIXED),
-        repair=RepairSpec(params={"max_samples": 128, "batch_size": 32}),
+        repair=RepairSpec(params={"max_samples": 64, "batch_size": 32}),
         harmless_data=data["harmless_direction"],
         borderline_data=data["borderline_direction"],
         evaluation=EvaluationSpec(
@@ -52,6 +53,7 @@ def testbed_spec(assets: Path, *, max_new_tokens: int, report_fraction: float, c
             utility_eval=data["utility_pool"],
             max_new_tokens=max_new_tokens,
             report_fraction=report_fraction,
+            limit=limit,
         ),
         device="cpu",
         dtype="float32",
@@ -59,12 +61,12 @@ def testbed_spec(assets: Path, *, max_new_tokens: int, report_fraction: float, c
     )
 
 
-def family_recipes(chosen: dict | None, linear_repair, sst_repair) -> dict[str, list]:
+def family_recipes(chosen: dict | None, linear_repair, sst_repair, alphas=ALPHAS) -> dict[str, list]:
     """The three families of the table as recipes over ALPHAS."""
     from sstmerge_core.search.recipe import Recipe
 
     def sweep(method: str, params: dict, repair) -> list:
-        return [Recipe(method=method, params={**params, "alphas": [a]}, repair=repair) for a in ALPHAS]
+        return [Recipe(method=method, params={**params, "alphas": [a]}, repair=repair) for a in alphas]
 
     families = {}
     if linear_repair is not None:
@@ -79,30 +81,24 @@ def family_recipes(chosen: dict | None, linear_repair, sst_repair) -> dict[str, 
 
 
 def selected_repair(loaded, fisher, method: str):
-    """The repair's own selection (every SELECTION_LAYER_STRIDE-th candidate layer, every position) on the α = 1 merge
-    of `method`; returns the repair params with that layer and position, and the selection report."""
+    """The repair's own selection on the α = 1 merge of `method` (every SELECTION_LAYER_STRIDE-th candidate layer,
+    the last prompt token: a cheaper grid than the default, for 2 CPU cores); returns the repair params with the
+    chosen layer and position (None when no candidate qualified) and the selection report."""
     from sstmerge_core.repair.step import refusal_ablation
     from sstmerge_core.search.recipe import Recipe
     from sstmerge_core.search.runner import merged_recipe
 
-    base = loaded.repair.params
     merged = merged_recipe(loaded, fisher, Recipe(method=method, params={"alphas": [1.0]}))
-    layers = loaded.model.config.num_hidden_layers
-    best = None
-    for layer in range(0, int(base.max_layer_fraction * layers), SELECTION_LAYER_STRIDE):
-        outcome = refusal_ablation(
-            loaded.model, loaded.tokenizer, loaded.repair.data, base.model_copy(update={"layer": layer}),
-            merged=merged.updates(1.0),
-        )  # fmt: skip
-        chosen = outcome.report["chosen"]
-        if chosen is not None and (best is None or chosen["borderline"] < best["borderline"]):
-            best = chosen
-    if best is None:
-        return None, None
-    return base.model_copy(update={"layer": best["layer"], "position": best["position"]}), best
+    params = loaded.repair.params.model_copy(update={"layer_stride": SELECTION_LAYER_STRIDE, "position": -1})
+    outcome = refusal_ablation(loaded.model, loaded.tokenizer, loaded.repair.data, params, merged=merged.updates(1.0))
+    chosen = outcome.report["chosen"]
+    summary = {k: outcome.report[k] for k in ("baseline", "candidates", "chosen", "seconds")}
+    if chosen is None:
+        return None, summary
+    return loaded.repair.params.model_copy(update={"layer": chosen["layer"], "position": -1}), summary
 
 
-def main_table(out: Path, assets: Path, spec, settings, search_report: dict, threads: int | None) -> dict:
+def main_table(out: Path, assets: Path, spec, settings, search_report: dict, threads: int | None, alphas) -> dict:
     """Steps 2 and 3 of the module docstring; returns the table dict."""
     from sstmerge_core.evaluation.metrics import UTILITY_METRICS
     from sstmerge_core.evaluation.outcomes import Outcomes
@@ -126,7 +122,7 @@ def main_table(out: Path, assets: Path, spec, settings, search_report: dict, thr
 
     linear_repair, linear_selection = selected_repair(loaded, fisher, "linear")
     sst_repair, sst_selection = selected_repair(loaded, fisher, "sst")
-    families = family_recipes(search_report["chosen"], linear_repair, sst_repair)
+    families = family_recipes(search_report["chosen"], linear_repair, sst_repair, alphas)
 
     if linear_repair is not None:
         from sstmerge_core.repair.step import refusal_ablation
@@ -285,10 +281,29 @@ def render(search_report: dict, table: dict) -> str:
 @click.option("--report-fraction", default=0.62, show_default=True)
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads (1 on a busy machine).")
+@click.option("--limit", default=None, type=int, help="At most this many prompts per pool (a quick run).")
+@click.option(
+    "--alpha",
+    "alphas",
+    multiple=True,
+    type=float,
+    default=ALPHAS,
+    show_default=True,
+    help="α of the families' sweeps on the report split.",
+)
+@click.option(
+    "--front-alpha",
+    "front_alphas",
+    multiple=True,
+    type=float,
+    default=FRONT_ALPHAS,
+    show_default=True,
+    help="α of linear's front on the report split.",
+)
 @click.option("--skip-search", is_flag=True, help="Reuse OUT/search_report.json; run only the table.")
 @click.option("--render-only", is_flag=True, help="Only re-render OUT/table.md from OUT/*.json.")
 def main(assets, out, budget, seed, max_over_refusal_increase, max_utility_drop, report_fraction, max_new_tokens,
-         threads, skip_search, render_only) -> None:  # fmt: skip
+         threads, limit, alphas, front_alphas, skip_search, render_only) -> None:  # fmt: skip
     """Run the recipe search and the matched-safety table on the SmolLM2 testbed."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     search_dir = out / "search"
@@ -307,18 +322,18 @@ def main(assets, out, budget, seed, max_over_refusal_increase, max_utility_drop,
     if threads:
         torch.set_num_threads(threads)
     spec = testbed_spec(assets, max_new_tokens=max_new_tokens, report_fraction=report_fraction,
-                        cache_dir=out / "cache")  # fmt: skip
+                        cache_dir=out / "cache", limit=limit)  # fmt: skip
     settings = SearchSettings(
         budget=budget, seed=seed, max_over_refusal_increase=max_over_refusal_increase,
         max_utility_drop=max_utility_drop, report_fraction=report_fraction,
-        front_alphas=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0],
+        front_alphas=list(front_alphas), report_points=4 if limit else 6,
     )  # fmt: skip
     started = time.perf_counter()
     if not skip_search:
         run_search(spec, settings, search_dir, model_cache=ModelCache())
     search_seconds = time.perf_counter() - started
     report = json.loads((search_dir / "search_report.json").read_text())
-    table = main_table(out, assets, spec, settings, report, threads)
+    table = main_table(out, assets, spec, settings, report, threads, alphas)
     table["search_seconds"] = round(search_seconds, 1)
     trials = json.loads((search_dir / "trials.json").read_text())
     table["trial_seconds"] = {"median": statistics.median(t["seconds"] for t in trials)}

@@ -254,6 +254,9 @@ class RefusalAblationParams(BaseModel):
         le=-1,
         description="take v̂ at this post-instruction token, counted from the end (-1: last; default: selected)",
     )
+    layer_stride: int = Field(
+        default=1, ge=1, le=64, description="candidate layers are every this-many-th layer (cheaper selection)"
+    )
     max_layer_fraction: float = Field(
         default=0.8, gt=0, le=1, description="candidate layers ℓ < this fraction of L (the last layers are skipped)"
     )

@@ -84,16 +84,16 @@ def _check(data: RepairData) -> None:
 
 
 def candidate_grid(layers: int, positions: int, params: RefusalAblationParams) -> list[tuple[int, int]]:
-    """(layer, position) pairs to score: the given layer/position, else ℓ < fraction·L and every position."""
+    """(layer, position) pairs to score: the given layer/position, else every `layer_stride`-th ℓ < fraction·L and
+    every post-instruction position."""
     if params.layer is not None and params.layer >= layers:
         raise InputError(f"refusal_ablation layer {params.layer} does not exist (the model has {layers} layers)")
     if params.position is not None and -params.position > positions:
         raise InputError(
             f"refusal_ablation position {params.position}: the chat template ends with only {positions} tokens"
         )
-    candidate_layers = (
-        [params.layer] if params.layer is not None else list(range(max(1, int(params.max_layer_fraction * layers))))
-    )
+    last = max(1, int(params.max_layer_fraction * layers))
+    candidate_layers = [params.layer] if params.layer is not None else list(range(0, last, params.layer_stride))
     candidate_positions = [params.position] if params.position is not None else list(range(-positions, 0))
     return [(layer, position) for layer in candidate_layers for position in candidate_positions]
 

@@ -22,6 +22,8 @@ class PassProgress(Protocol):
 
     def advance(self, done: float, total: float) -> None: ...
 
+    def check_cancel(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class FisherResult:
@@ -77,5 +79,6 @@ def compute_fisher(loaded: LoadedInputs, *, progress: PassProgress | None = None
         s.config,
         cached=cached,
         progress=report,
+        between_batches=progress.check_cancel if progress is not None else None,
     )
     return FisherResult(factors, keys, {kind: keys[kind] in cache.hits for kind in keys})

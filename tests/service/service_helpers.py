@@ -17,6 +17,7 @@ from pathlib import Path
 from app.domain.settings import Settings
 
 API_KEYS = {"acme": "key-acme-7c1f0d2b9e", "globex": "key-globex-4a8e6f3d1c"}
+OPS_TOKEN = "ops-token-5b2e9a0c7d"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -89,6 +90,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "OMP_NUM_THREADS": "1",
         }
     )
+    for name in (  # the knobs the fault tests turn (defaults elsewhere)
+        "job_time_limit_seconds",
+        "republish_max_seconds",
+        "task_max_retries",
+        "min_free_bytes",
+        "leftover_grace_seconds",
+        "input_cache_max_bytes",
+        "fisher_cache_max_bytes",
+    ):
+        if name in settings.model_fields_set:
+            env[f"SSTMERGE_{name.upper()}"] = str(getattr(settings, name))
     for name in (
         "database_url",
         "broker_url",

@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
 from service_helpers import (
+    OPS_TOKEN,
     auth,
     merge_body,
     settings_env,
@@ -100,7 +102,11 @@ def test_auth_required_and_cli_keys(api, settings):
     subprocess.run(
         [sys.executable, "-m", "sstmerge_core.cli", "keys", "revoke", key_id], env=env, check=True, capture_output=True
     )
-    assert api.get("/adapters", headers=headers).status_code == 401
+    # revoked in another process: the API stops trusting its cached check within SSTMERGE_AUTH_CACHE_SECONDS
+    deadline = time.monotonic() + settings.auth_cache_seconds + 10
+    while api.get("/adapters", headers=headers).status_code != 401:
+        assert time.monotonic() < deadline, "the revoked key is still accepted"
+        time.sleep(0.2)
 
 
 def test_bad_adapter_uploads_store_nothing(api, settings, assets, inputs, tmp_path):
@@ -357,7 +363,7 @@ def test_health_ready_metrics_docs(api, settings):
     ready = api.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "storage": "ok"}}
-    metrics = api.get("/metrics").text
+    metrics = api.get("/metrics", headers={"Authorization": f"Bearer {OPS_TOKEN}"}).text
     assert "sstmerge_http_requests_total" in metrics and 'sstmerge_jobs{status="queued"}' in metrics
     assert 'route="/healthz"' in metrics
     spec = api.get("/openapi.json").json()
@@ -366,7 +372,7 @@ def test_health_ready_metrics_docs(api, settings):
     assert api.get("/docs").status_code == 200
     broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(broken)) as client:
-        response = client.get("/readyz")
+        response = client.get("/readyz", headers={"Authorization": f"Bearer {OPS_TOKEN}"})
         assert response.status_code == 503
         assert response.json()["checks"]["broker"].startswith("error") and response.json()["checks"]["database"] == "ok"
 

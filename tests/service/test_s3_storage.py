@@ -91,6 +91,10 @@ def test_s3_backend_operations(s3_endpoint, bucket, tmp_path):
     storage.put_file("a/c", source)
     assert storage.size("a/b/blob") == 1000 and storage.size("a/missing") is None
     assert storage.list("a") == ["a/b/blob", "a/c"]
+    assert storage.children("a") == ["b", "c"] and storage.children("nothing") == []
+    newest = storage.newest("a")
+    assert newest is not None and newest.tzinfo is not None and storage.newest("nothing") is None
+    assert storage.free_bytes() is None  # no free-space limit on S3
     assert b"".join(storage.iter_bytes("a/b/blob", chunk_size=100)) == b"x" * 1000
     storage.get_file("a/c", tmp_path / "copy")
     assert (tmp_path / "copy").read_bytes() == b"x" * 1000

@@ -3,16 +3,20 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from ...domain import artifacts
 from ...domain import merges as service
 from ...domain.requests import JobStatus, MergeRequest, method_error
 from ...domain.storage import Storage
-from ..deps import DbDep, MetricsDep, QueueDep, SettingsDep, StorageDep, TenantDep
+from .. import watch
+from ..deps import DbDep, EngineDep, MetricsDep, QueueDep, SettingsDep, StorageDep, TenantDep
 from ..schemas import EventOut, JobOut, Page
 
 
@@ -62,7 +66,7 @@ def create_merge(
     settings: SettingsDep,
     queue: QueueDep,
     metrics: MetricsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x20-\x7e]*$")] = None,
 ) -> JobOut:
     job, created = service.submit(db, settings, queue.enqueue, tenant, body, idempotency_key)
     response.status_code = 202 if created else 200
@@ -84,17 +88,42 @@ def list_merges(
     return Page(items=[JobOut.from_job(j) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_merge(job_id: str, tenant: TenantDep, db: DbDep) -> JobOut:
-    return JobOut.from_job(service.get_job(db, tenant, job_id))
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    summary="A job: status, progress, outcome (long-poll with `wait`)",
+    description="Every answer carries the job's version as `ETag`. With `wait=SECONDS` (at most 60) the request "
+    "is held until the job differs from the version named in `If-None-Match` (without that header: from the job "
+    "as it was when the request arrived), the job is finished, or the time is up, whichever comes first: one "
+    "request per change instead of a polling loop. When `If-None-Match` names the current version the answer is "
+    "304 without a body (also without `wait`).",
+    responses={304: {"description": "the job is still at the version named in `If-None-Match`"}},
+)
+async def get_merge(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    engine: EngineDep,
+    wait: Annotated[
+        float | None,
+        Query(ge=0, le=watch.MAX_WAIT_SECONDS, allow_inf_nan=False, description="seconds to wait for a change"),
+    ] = None,
+    if_none_match: Annotated[
+        str | None, Header(max_length=1000, description="the `ETag` of the version the client has")
+    ] = None,
+) -> Response:
+    state = await run_in_threadpool(watch.read_job, engine, tenant, job_id)
+    if wait:
+        state = await watch.wait_for_change(engine, tenant, job_id, state, if_none_match or state.etag, wait, request)
+    return watch.job_response(state, if_none_match)
 
 
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
     summary="Cancel a job",
-    description="A queued job is cancelled at once (200); a running one stops at its next stage "
-    "boundary (202, `cancel_requested` is true until the worker stops it).",
+    description="A queued job is cancelled at once (200); a running one stops within seconds, between two "
+    "batches of its current pass (202, `cancel_requested` is true until the worker stops it).",
     responses={202: {"model": JobOut}},
 )
 def cancel_merge(job_id: str, response: Response, tenant: TenantDep, db: DbDep) -> JobOut:
@@ -103,12 +132,65 @@ def cancel_merge(job_id: str, response: Response, tenant: TenantDep, db: DbDep) 
     return JobOut.from_job(job)
 
 
-@router.get("/{job_id}/events", response_model=Page[EventOut], summary="Status and progress events, oldest first")
-def list_events(
-    job_id: str, tenant: TenantDep, db: DbDep, cursor: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)
-) -> Page[EventOut]:
-    events, next_cursor = service.list_events(db, service.get_job(db, tenant, job_id), cursor, limit)
-    return Page(items=[EventOut.model_validate(e) for e in events], next_cursor=next_cursor)
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a finished job",
+    description="Removes the job, its events and every artifact. A queued or running job is refused with 409 "
+    "`job_active`: cancel it first and delete it once it is `cancelled`.",
+    responses={409: {"description": "the job is queued or running (`job_active`)"}},
+)
+def delete_merge(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> Response:
+    service.delete_job(db, storage, tenant, job_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=Page[EventOut],
+    summary="Status and stage events, oldest first (a live stream with `follow=true`)",
+    description="A page of the events after `cursor`. With `follow=true` the answer is a stream of server-sent "
+    "events (`text/event-stream`) instead: every recorded event after `cursor` (or after the `Last-Event-ID` "
+    "header, which a reconnecting EventSource sends) once, as it is recorded, with `id:` its id and `event:` its "
+    "kind (`status`, `stage`, `log`) and the event as JSON; an `event: progress` with `{status, stage, percent}` "
+    "whenever those change; a `: ping` comment every 15 s without events; and, once the job is finished and its "
+    "last event sent, an `event: end` with the job as JSON, after which the stream closes.",
+    responses={
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'id: 7\nevent: stage\ndata: {"id": 7, "kind": "stage", "stage": "fisher", ...}\n\n',
+                }
+            }
+        }
+    },
+)
+async def list_events(
+    job_id: str,
+    tenant: TenantDep,
+    engine: EngineDep,
+    cursor: int = Query(0, ge=0, le=2**31 - 1),
+    limit: int = Query(200, ge=1, le=1000, description="page size (not used with `follow`)"),
+    follow: bool = Query(False, description="stream events as server-sent events until the job is finished"),
+    last_event_id: Annotated[
+        int | None,
+        Header(ge=0, le=2**31 - 1, description="with `follow`: resume after this event id (overrides `cursor`)"),
+    ] = None,
+) -> Page[EventOut] | Response:
+    if not follow:
+        _, events, next_cursor = await run_in_threadpool(watch.read_events, engine, tenant, job_id, cursor, limit)
+        return Page(items=[EventOut.model_validate(e) for e in events], next_cursor=next_cursor)
+    await run_in_threadpool(watch.read_job, engine, tenant, job_id)  # 404 before the stream starts
+    after = cursor if last_event_id is None else last_event_id
+    stopping = anyio.Event()  # set by sse-starlette when the server shuts down; the stream then ends cleanly
+    return EventSourceResponse(
+        watch.event_stream(engine, tenant, job_id, after, stopping),
+        ping=watch.HEARTBEAT_SECONDS,
+        shutdown_event=stopping,
+        shutdown_grace_period=2 * watch.POLL_SECONDS,
+    )
 
 
 @router.get(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -130,6 +131,12 @@ class Job(Base):
     attempt_token: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="last send to the broker; NULL: to be sent now (a job re-queued after its worker was lost)"
+    )
+    publish_count: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), doc="sends to the broker so far (the re-send interval doubles)"
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

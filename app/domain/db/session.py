@@ -7,12 +7,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: dict[tuple[str, int], Engine] = {}
 POOL_SIZE, POOL_OVERFLOW = 10, 30
 """Server databases: 10 kept connections plus 30 on demand = 40, the size of the thread pool that runs
-FastAPI's sync endpoints, so a request thread never waits for a connection (SQLAlchemy's default is 5 + 10)."""
+FastAPI's sync endpoints, so a request thread never waits for a connection (SQLAlchemy's default is 5 + 10).
+SQLite keeps all 40 and may open 30 more (the threads of waiting endpoints, see app.api.watch)."""
+
+
+POOL_TIMEOUT = 10.0
+"""Seconds a request waits for a free connection before it fails (503, `database_unavailable`)."""
+CONNECT_ARGS = {"postgresql": {"connect_timeout": 5}}
+"""A database host that does not answer fails a connection in seconds (503) instead of hanging the request."""
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -37,11 +45,23 @@ def get_engine(url: str) -> Engine:
     key = (url, os.getpid())
     engine = _ENGINES.get(key)
     if engine is None:
-        if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        if url.startswith("sqlite"):  # connections are cheap: keep them (a new one costs a file open and pragmas)
+            engine = create_engine(
+                url,
+                connect_args={"check_same_thread": False, "timeout": 30},
+                pool_size=POOL_SIZE + POOL_OVERFLOW,
+                max_overflow=POOL_OVERFLOW,
+            )
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+            engine = create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=POOL_SIZE,
+                max_overflow=POOL_OVERFLOW,
+                pool_timeout=POOL_TIMEOUT,
+                connect_args=CONNECT_ARGS.get(make_url(url).get_backend_name(), {}),
+            )
         _ENGINES[key] = engine
     return engine
 

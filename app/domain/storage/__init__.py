@@ -6,7 +6,7 @@ atomic: a reader sees the old object or the new one, never a partial file.
 
 from __future__ import annotations
 
-from .base import Storage, StorageError
+from .base import Storage, StorageError, StorageFull
 from .factory import get_storage
 
-__all__ = ["Storage", "StorageError", "get_storage"]
+__all__ = ["Storage", "StorageError", "StorageFull", "get_storage"]

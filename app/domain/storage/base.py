@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 
 class StorageError(Exception):
     """A backend failure (unreachable, permission, missing object)."""
+
+
+class StorageFull(StorageError):
+    """Writing would leave less than the configured free space (or the device is full)."""
 
 
 def check_key(key: str) -> str:
@@ -49,6 +55,22 @@ class Storage(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise `StorageError` unless the backend is usable (readiness probe)."""
+
+    @abstractmethod
+    def children(self, prefix: str) -> builtins.list[str]:
+        """The names directly under the folder-like `prefix` (`tenants` → `["acme", "globex"]`)."""
+
+    @abstractmethod
+    def newest(self, prefix: str) -> datetime | None:
+        """When the most recently written object under `prefix` was written (UTC), or None if there is none."""
+
+    def free_bytes(self) -> int | None:
+        """Free space where objects are written, or None where the backend has no such limit (S3)."""
+        return None
+
+    def remove_stale_temp(self, grace: float) -> int:
+        """Remove temporary files of writes that died (nobody holds them, older than `grace` s); returns how many."""
+        return 0
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None

@@ -15,4 +15,4 @@ def get_storage(settings: Settings) -> Storage:
         return S3Storage(settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region)
     from .local import LocalStorage
 
-    return LocalStorage(settings.resolved_storage_dir)
+    return LocalStorage(settings.resolved_storage_dir, settings.min_free_bytes)

@@ -8,9 +8,11 @@ object only when every part is in, so they are atomic too.
 
 from __future__ import annotations
 
+import builtins
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from .base import Storage, StorageError, check_key
@@ -90,11 +92,40 @@ class S3Storage(Storage):
             raise StorageError(str(exc)) from exc
         return sorted(keys)
 
+    def children(self, prefix: str) -> builtins.list[str]:
+        full = self._key(prefix) + "/"
+        names: set[str] = set()
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for page in pages:
+                names.update(item["Prefix"][len(full) :].rstrip("/") for item in page.get("CommonPrefixes", []))
+                names.update(item["Key"][len(full) :] for item in page.get("Contents", []))
+        except self._errors() as exc:
+            raise StorageError(str(exc)) from exc
+        return sorted(names)
+
+    def newest(self, prefix: str) -> datetime | None:
+        newest = None
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix) + "/"
+            ):
+                for item in page.get("Contents", []):
+                    newest = item["LastModified"] if newest is None else max(newest, item["LastModified"])
+        except self._errors() as exc:
+            raise StorageError(str(exc)) from exc
+        return newest
+
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list(prefix)
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except self._errors() as exc:
+                raise StorageError(f"cannot delete under s3://{self.bucket}/{self._key(prefix)}: {exc}") from exc
 
     def check(self) -> None:
         try:
