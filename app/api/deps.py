@@ -6,7 +6,7 @@ in the last few seconds (`KeyCache`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -65,14 +65,6 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def _limit(limits: RateLimits, check: Callable[[str], None], key: str) -> None:
-    """Run a rate-limit check: inline with in-memory counters, in the thread pool when they live in Redis."""
-    if limits.blocking:
-        await run_in_threadpool(check, key)
-    else:
-        check(key)
-
-
 async def get_tenant(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
@@ -82,7 +74,7 @@ async def get_tenant(
     tenant has a request budget (429 past it; `Retry-After` says when to retry)."""
     limits: RateLimits = request.app.state.rate_limits
     client = client_address(request)
-    await _limit(limits, limits.check_client, client)
+    await limits.check_client(client)
     tenant = None
     if credentials:
         keys: KeyCache = request.app.state.keys
@@ -91,11 +83,11 @@ async def get_tenant(
         )
     if tenant is None:
         if credentials:
-            await _limit(limits, limits.count_failure, client)
+            await limits.count_failure(client)
         raise HTTPException(
             401, "a valid API key is required (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
         )
-    await _limit(limits, limits.hit_tenant, tenant)
+    await limits.hit_tenant(tenant)
     return tenant
 
 
