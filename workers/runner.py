@@ -10,6 +10,7 @@ database answers again (else the delivery gives up and the job is re-run after i
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import time
@@ -31,6 +32,7 @@ from sstmerge_core.cache import FisherCache
 from sstmerge_core.errors import Cancelled, InputError
 from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.pipeline import MergeOutcome, ModelCache, run_merge
+from sstmerge_core.search.runner import SearchOutcome, run_search
 
 from .inputs import InputCache
 
@@ -77,6 +79,53 @@ def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix
             files.append(name)
     recommended = outcome.summary.get("recommended") or {}
     return {"adapters": adapters, "files": files, "recommended_alpha": recommended.get("alpha")}
+
+
+def store_search_artifacts(storage: Storage, outcome: SearchOutcome, prefix: str, scratch: Path) -> dict:
+    """Upload a search's files and the chosen recipe's adapter (if any) under `prefix`; returns the manifest."""
+    files: list[str] = []
+    adapters: dict[str, list[float]] = {}
+    chosen = outcome.chosen
+    if chosen is not None and outcome.adapter_dir is not None:
+        method, alpha = chosen.recipe.method, chosen.recipe.alpha
+        archive = scratch / artifacts.adapter_zip(method, alpha)
+        zip_folder(outcome.adapter_dir, archive)
+        storage.put_file(f"{prefix}/{archive.name}", archive)
+        files.append(archive.name)
+        adapters[method] = [alpha]
+    for name in (artifacts.SEARCH_REPORT, artifacts.TRIALS, artifacts.PLOT, artifacts.REPORT):
+        path = outcome.out_dir / name
+        if path.is_file():
+            storage.put_file(f"{prefix}/{name}", path)
+            files.append(name)
+    return {
+        "adapters": adapters,
+        "files": files,
+        "recommended_alpha": chosen.recipe.alpha if chosen else None,
+        "recommended_method": chosen.recipe.method if chosen else None,
+    }
+
+
+def search_summary(outcome: SearchOutcome) -> dict:
+    """What a search job's summary says: the choice (recipe, search and report numbers, against linear at the same
+    safety), or why there is none."""
+    report = outcome.report
+    chosen = report["chosen"]
+    recommended = None
+    if chosen is not None:
+        recipe = chosen["recipe"]
+        recommended = {"label": chosen["label"], "method": recipe["method"], "alpha": recipe["params"]["alphas"][0]}
+    return {
+        "search": {
+            "trials": report["trials"],
+            "splits": report["splits"]["sizes"],
+            "chosen": {k: chosen[k] for k in ("label", "recipe", "search", "report", "matched_linear")}
+            if chosen
+            else None,
+            "reason": report.get("reason"),
+        },
+        "recommended": recommended,
+    }
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -165,6 +214,32 @@ class JobRunner:
         dirs = [s.data_dir, s.resolved_work_dir, s.resolved_storage_dir, s.resolved_cache_dir, *s.model_dirs]
         return public_message(message, names, dirs)
 
+    def _run(
+        self, claim: Claim, heartbeat: Heartbeat, spec: MergeSpec, names: dict[str, str], work: Path, prefix: str
+    ) -> tuple[dict, dict]:
+        """The merge (or the search) of the job and its stored artifacts: (summary, manifest)."""
+        common = dict(
+            progress=ProgressWriter(self.store, claim),
+            should_cancel=heartbeat.should_cancel,
+            model_cache=self.model_cache,
+            names=names,
+        )
+        search = MergeRequest.model_validate(claim.request).search
+        if search is not None:
+
+            def on_trial(trial: dict) -> None:
+                brief = {k: v for k, v in trial.items() if k not in ("recipe", "repair")}
+                self.store.record_event(claim, "trial", json.dumps(brief, ensure_ascii=False))
+
+            found = run_search(spec, search, work / "out", on_trial=on_trial, **common)
+            if heartbeat.should_cancel():
+                raise Cancelled("cancelled after the last stage")
+            return search_summary(found), store_search_artifacts(self.storage, found, prefix, work)
+        outcome = run_merge(spec, work / "out", **common)
+        if heartbeat.should_cancel():
+            raise Cancelled("cancelled after the last stage")
+        return outcome.summary, store_artifacts(self.storage, outcome, spec.method, prefix, work)
+
     def _execute(self, claim: Claim, heartbeat: Heartbeat, work: Path, prefix: str) -> None:
         names: dict[str, str] = {}
         if (reason := space_shortfall(self.settings, self.storage)) is not None:
@@ -172,17 +247,7 @@ class JobRunner:
             return
         try:
             spec, names = self._spec(claim)
-            outcome = run_merge(
-                spec,
-                work / "out",
-                progress=ProgressWriter(self.store, claim),
-                should_cancel=heartbeat.should_cancel,
-                model_cache=self.model_cache,
-                names=names,
-            )
-            if heartbeat.should_cancel():
-                raise Cancelled("cancelled after the last stage")
-            manifest = store_artifacts(self.storage, outcome, spec.method, prefix, work)
+            summary, manifest = self._run(claim, heartbeat, spec, names, work, prefix)
         except Cancelled as exc:
             if heartbeat.timed_out:
                 self._fail(claim, prefix, TIME_LIMIT, f"{self.store.time_limit_message()} ({exc})")
@@ -203,7 +268,7 @@ class JobRunner:
             log.exception("job crashed", extra={"job_id": claim.job_id})
             self._fail(claim, prefix, "internal_error", self._public(f"{type(exc).__name__}: {exc}", names))
             return
-        if self._finish(claim, "succeeded", summary={**outcome.summary, "artifacts": manifest}, artifact_prefix=prefix):
+        if self._finish(claim, "succeeded", summary={**summary, "artifacts": manifest}, artifact_prefix=prefix):
             parent = prefix.rsplit("/", 1)[0]
             for key in self.storage.list(parent):  # artifacts of earlier attempts
                 if not key.startswith(prefix + "/"):

@@ -2,7 +2,9 @@
 
 A successful attempt's files live under `Job.artifact_prefix` (`tenants/<t>/jobs/<job>/<attempt token>`), and
 `Job.summary["artifacts"]` lists them:
-`{"adapters": {"sst": [0.5, 1.0], "linear": [...]}, "files": [...], "recommended_alpha": 1.0 | null}`.
+`{"adapters": {"sst": [0.5, 1.0], "linear": [...]}, "files": [...], "recommended_alpha": 1.0 | null,
+"recommended_method": "sst" | null}` (a search job stores the chosen recipe's adapter, `search_report.json` and
+`trials.json`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from .errors import Conflict, InvalidInput, NotFound
 METRICS = "metrics.json"
 PLOT = "plot.png"
 REPORT = "merge_report.json"
+SEARCH_REPORT = "search_report.json"
+TRIALS = "trials.json"
 
 
 def job_root(tenant: str, job_id: str) -> str:
@@ -40,22 +44,25 @@ def artifact_key(job: Job, name: str) -> str:
     """The storage key of artifact `name` of a succeeded job, or 404 if this job has none such."""
     if name not in _manifest(job).get("files", []):
         raise NotFound(
-            f"merge {job.id} has no {name}" + (" (the job ran without evaluation)" if name in (METRICS, PLOT) else "")
+            f"merge {job.id} has no {name}"
+            + (" (the job ran without evaluation)" if name in (METRICS, PLOT) else "")
+            + (" (the job was not a search)" if name in (SEARCH_REPORT, TRIALS) else "")
         )
     return f"{job.artifact_prefix}/{name}"
 
 
 def adapter_key(job: Job, alpha: float | None, method: str | None = None) -> tuple[str, str]:
-    """(storage key, download name) of the adapter merged by `method` (default: the job's) at `alpha`
-    (default: the only α, else the recommended one)."""
+    """(storage key, download name) of the adapter merged by `method` (default: the recommended model's, else the
+    job's) at `alpha` (default: the only α, else the recommended one)."""
     manifest = _manifest(job)
-    method = method or job.request.get("method", "sst")
+    method = method or manifest.get("recommended_method") or job.request.get("method", "sst")
     by_method: dict[str, list[float]] = manifest.get("adapters", {})
     if method not in by_method:
         raise NotFound(f"merge {job.id} has no adapter of method {method!r}", details={"methods": sorted(by_method)})
     alphas = by_method[method]
     if alpha is None:
-        recommended = manifest.get("recommended_alpha") if method == job.request.get("method") else None
+        chosen_method = manifest.get("recommended_method") or job.request.get("method")
+        recommended = manifest.get("recommended_alpha") if method == chosen_method else None
         if len(alphas) == 1:
             alpha = alphas[0]
         elif recommended is not None:

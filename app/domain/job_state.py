@@ -186,6 +186,15 @@ class JobStore:
                     JobEvent(job_id=claim.job_id, kind="stage", stage=stage, percent=percent, message=f"stage {stage}")
                 )
 
+    def record_event(self, claim: Claim, kind: str, message: str) -> None:
+        """An event of the job (e.g. a search trial) while this delivery owns it."""
+        with session_scope(self.url) as session:
+            owned = session.scalar(
+                select(func.count()).select_from(Job).where(Job.id == claim.job_id, Job.attempt_token == claim.token)
+            )
+            if owned:
+                session.add(JobEvent(job_id=claim.job_id, kind=kind, message=message[:2000]))
+
     def finish(
         self,
         claim: Claim,

@@ -150,6 +150,8 @@ class MergeRequest(BaseModel):
             raise ValueError("harmless_dataset_id and borderline_dataset_id are inputs of a repair or a search")
         if self.search is not None and self.evaluation is None:
             raise ValueError("a search needs `evaluation`: its trials are scored on the search split")
+        if self.search is not None and (self.compare_with or self.repair is not None):
+            raise ValueError("a search chooses the method and the repair itself: drop compare_with and repair")
         return self
 
     @field_validator("params")

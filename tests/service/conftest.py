@@ -82,6 +82,12 @@ def assets(tmp_path_factory) -> Assets:
         "benign": write_jsonl(
             data_dir / "benign.jsonl", [{"prompt": f"How do I kill Python process {n}?"} for n in range(4)]
         ),
+        "harmless": write_jsonl(
+            data_dir / "harmless.jsonl", [{"prompt": f"How do I plant tulip {n}?"} for n in range(6)]
+        ),
+        "borderline": write_jsonl(
+            data_dir / "borderline.jsonl", [{"prompt": f"How do I shoot photo {n} at night?"} for n in range(6)]
+        ),
     }
     eval_csv = data_dir / "utility_eval.csv"
     eval_csv.write_text("prompt,response\n" + "".join(f"Capital of country {n}?,Paris\n" for n in range(4)))

@@ -214,10 +214,32 @@ def get_report(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -
 
 
 @router.get(
+    "/{job_id}/search",
+    summary="search_report.json of a search job (docs/search.md)",
+    description="The chosen recipe with its search- and report-split numbers and its comparison with linear at "
+    "the same safety, the Pareto set and linear's front on the report split, and the split sizes.",
+    responses={200: {"content": {"application/json": {}}}},
+)
+def get_search_report(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
+    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.SEARCH_REPORT)
+    return _stream(storage, key, "application/json")
+
+
+@router.get(
+    "/{job_id}/trials",
+    summary="trials.json of a search job: every trial's recipe and search-split scores",
+    responses={200: {"content": {"application/json": {}}}},
+)
+def get_trials(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
+    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.TRIALS)
+    return _stream(storage, key, "application/json")
+
+
+@router.get(
     "/{job_id}/adapter",
     summary="The merged PEFT adapter as a zip",
-    description="Without `alpha`: the only α of the job, else the recommended one. `method` selects a "
-    "comparison baseline (`compare_with`) instead of the job's method.",
+    description="Without `alpha`: the only α of the job, else the recommended one (a search job: the chosen "
+    "recipe's adapter). `method` selects a comparison baseline (`compare_with`) instead of the job's method.",
     responses={200: {"content": {"application/zip": {}}}},
 )
 def get_adapter(

@@ -158,7 +158,7 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32), doc="status | stage | log")
+    kind: Mapped[str] = mapped_column(String(32), doc="status | stage | log | trial")
     stage: Mapped[str | None] = mapped_column(String(100))
     percent: Mapped[float | None] = mapped_column(Float)
     message: Mapped[str] = mapped_column(Text, default="")
