@@ -1,16 +1,18 @@
-"""K-FAC Fisher factors restricted to a low-rank span (SPEC §3 step 3).
+"""K-FAC Fisher factors restricted to a low-rank span (docs/method.md, step 3).
 
 For each hooked module with bases R_in (d_in × q) and R_out (d_out × p), over the scored positions t:
     A = E_t[(R_inᵀ x_t)(R_inᵀ x_t)ᵀ]   (q × q, x_t the module input)
     G = E_t[(R_outᵀ δ_t)(R_outᵀ δ_t)ᵀ]  (p × p, δ_t = ∂(Σ_t' −log p(y_t'))/∂(module output at t))
 Labels y are the dataset's responses (`empirical`) or drawn from the model's own predictive
-distribution (`sampled`, the true Fisher). Only activations carry gradients: parameters are frozen and
+distribution (`sampled`, the true Fisher; by inverse CDF from uniforms drawn per batch, so the draws do not
+depend on how a batch is split into micro-batches). Only activations carry gradients: parameters are frozen and
 the graph is rooted at the input embeddings, so no weight gradient is ever formed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -198,8 +200,11 @@ def continuations(model: nn.Module, tokenizer, prompts: list[str], config: Fishe
     return [row[: row.index(eos) + 1] if eos in row else row for row in generated]
 
 
-def encode_examples(model, tokenizer, examples: list[Example], config: FisherConfig) -> list[Encoded]:
-    """Token ids with the scored region: dataset responses, or model continuations (sampled, no response)."""
+def encode_examples(
+    model, tokenizer, examples: list[Example], config: FisherConfig, between_batches: Callable[[], None] | None = None
+) -> list[Encoded]:
+    """Token ids with the scored region: dataset responses, or model continuations (sampled, no response).
+    `between_batches()` is called after each batch of continuations (it may raise to stop the pass)."""
     if config.estimator == "empirical" and any(e.response is None for e in examples):
         raise InputError("the empirical Fisher needs a 'response' for every example (or use the sampled estimator)")
     encoded = [encode(tokenizer, e.prompt, e.response, config.max_length) for e in examples]
@@ -210,12 +215,101 @@ def encode_examples(model, tokenizer, examples: list[Example], config: FisherCon
         for i, tokens in zip(chunk, outputs, strict=True):
             prompt_ids = encoded[i].input_ids[: config.max_length - len(tokens)]
             encoded[i] = Encoded(prompt_ids + tokens, len(prompt_ids))
+        if between_batches is not None:
+            between_batches()
     return [e for e in encoded if len(e.input_ids) > e.response_start]
 
 
-def _logit_positions(scored: torch.Tensor) -> torch.Tensor:
-    """Sequence indices whose logits are needed: the union of scored positions over the batch."""
-    return torch.nonzero(scored.any(dim=0)).flatten()
+class ScoredLogits:
+    """A forward pre-hook on the output head that keeps only the scored rows of its input, so the head forms
+    logits (1 × N × V) for the N scored positions instead of (batch × seq × V): the full-vocabulary logits, their
+    softmax and their gradient are the largest tensors of a pass, and most positions are never scored."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.head = model.get_output_embeddings()
+        self.index: torch.Tensor | None = None
+        self.shape: tuple[int, int] | None = None
+        self.applied = False
+
+    def _hook(self, _module: nn.Module, inputs: tuple) -> tuple | None:
+        hidden = inputs[0]
+        if self.index is None or hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.shape:
+            return None  # an unexpected call: leave it alone (the caller then selects from full logits)
+        self.applied = True
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).unsqueeze(0), *inputs[1:])
+
+    def select(self, scored: torch.Tensor) -> None:
+        self.index, self.shape, self.applied = torch.nonzero(scored.flatten()).squeeze(1), tuple(scored.shape), False
+
+    def __enter__(self) -> ScoredLogits:
+        self.handle = self.head.register_forward_pre_hook(self._hook) if self.head is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def max_tokens_per_pass(model: nn.Module) -> int:
+    """Tokens one forward+backward may hold: the memory budget of `evaluation.batching` over the activations a
+    backward keeps per token plus a scored position's logits, log-softmax, softmax and gradient (float32)."""
+    from .evaluation.batching import ModelShape, memory_budget
+
+    shape = ModelShape.of(model)
+    return max(1, memory_budget(model) // (shape.backward_bytes_per_token + 16 * shape.vocab))
+
+
+def micro_batches(items: list[Encoded], max_tokens: int) -> list[list[Encoded]]:
+    """Consecutive groups of `items` whose padded size (rows × longest) stays within `max_tokens` (≥ 1 row each).
+
+    The factors are sums over scored positions, so splitting a batch changes no term of them."""
+    groups: list[list[Encoded]] = []
+    for item in items:
+        longest = max([len(item.input_ids), *(len(i.input_ids) for i in groups[-1])]) if groups else 0
+        if groups and (len(groups[-1]) + 1) * longest <= max_tokens:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def scored_count(item: Encoded) -> int:
+    """Scored positions of one sequence (as `pad_batch` marks them)."""
+    return len(item.input_ids) - 1 - max(item.response_start - 1, 0)
+
+
+def sample_labels(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One label per row of `probs` (N × V) by inverse CDF: the first y with Σ_{y' ≤ y} p(y') > u."""
+    cdf = probs.double().cumsum(-1)
+    labels = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return labels.clamp_(max=probs.shape[-1] - 1)
+
+
+def _backward(
+    model: nn.Module,
+    group: list[Encoded],
+    pad_id: int,
+    device: torch.device,
+    config: FisherConfig,
+    hooks: SpanHooks,
+    head: ScoredLogits,
+    uniforms: torch.Tensor,
+) -> None:
+    """Forward and backward of one micro-batch: the hooks accumulate its factors. `uniforms` (label_samples × N)
+    are the sampled estimator's draws for the group's N scored positions."""
+    ids, attention, scored = pad_batch(group, pad_id, device)
+    hooks.mask = scored
+    head.select(scored)
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    logits = (logits[0] if head.applied else logits[scored]).float()  # (N × V), N scored positions
+    for draw in range(config.label_samples):
+        if config.estimator == "sampled":
+            with torch.no_grad():
+                labels = sample_labels(torch.softmax(logits, -1), uniforms[draw])
+        else:
+            labels = ids[:, 1:][scored[:, :-1]]
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        loss.backward(retain_graph=draw + 1 < config.label_samples)
 
 
 def collect_factors(
@@ -225,11 +319,18 @@ def collect_factors(
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
     config: FisherConfig,
     progress: Progress | None = None,
+    *,
+    max_tokens: int | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> dict[str, KFACFactors]:
-    """One pass over `examples`: the restricted K-FAC factors of every module in `bases` (SPEC §3 step 3).
+    """One pass over `examples`: the restricted K-FAC factors of every module in `bases` (docs/method.md, step 3).
 
     `bases[name] = (R_in, R_out)`. Loss per batch: Σ over scored positions of −log p(y_t | prefix),
     with y the next response token (empirical) or y ~ p(· | prefix) (sampled; `label_samples` draws).
+    Each batch of `config.batch_size` examples runs as micro-batches of at most `max_tokens` padded tokens
+    (default: `max_tokens_per_pass`), which bounds memory and leaves the sums unchanged; logits are formed
+    only at the scored positions. `between_batches()` is called after each batch of continuations, before the
+    first `progress` call (a job's cancellation check; it may raise to stop the pass).
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -237,30 +338,29 @@ def collect_factors(
     was_training = model.training
     model.eval()
     started = time.perf_counter()
+    max_tokens = max_tokens or max_tokens_per_pass(model)
     try:
-        items = encode_examples(model, tokenizer, examples[: config.max_samples], config)
+        items = encode_examples(model, tokenizer, examples[: config.max_samples], config, between_batches)
         if not items:
             raise InputError("no example has a scored token (empty responses or max_length too small)")
         items.sort(key=lambda e: len(e.input_ids))  # length-bucketing keeps padding low
         bases = {
             k: (R_in.to(device, torch.float32), R_out.to(device, torch.float32)) for k, (R_in, R_out) in bases.items()
         }
-        with frozen_parameters(model), SpanHooks(model, bases) as hooks:
+        with frozen_parameters(model), SpanHooks(model, bases) as hooks, ScoredLogits(model) as head:
             for done in range(0, len(items), config.batch_size):
                 batch = items[done : done + config.batch_size]
-                ids, attention, scored = pad_batch(batch, tokenizer.pad_token_id, device)
-                positions = _logit_positions(scored)
-                hooks.mask = scored
-                logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=positions).logits
-                logits = logits[scored[:, positions]].float()  # (N × V), N scored positions
-                for draw in range(config.label_samples):
-                    if config.estimator == "sampled":
-                        with torch.no_grad():
-                            labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-                    else:
-                        labels = ids[:, 1:][scored[:, :-1]]
-                    loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-                    loss.backward(retain_graph=draw + 1 < config.label_samples)
+                # the batch's draws come first, so that they do not depend on how it is split into micro-batches
+                counts = [scored_count(item) for item in batch]
+                uniforms = torch.rand(
+                    (config.label_samples, sum(counts)), generator=generator, device=device, dtype=torch.float64
+                )
+                offsets = [0, *itertools.accumulate(counts)]
+                start = 0
+                for group in micro_batches(batch, max_tokens):
+                    draws = uniforms[:, offsets[start] : offsets[start + len(group)]]
+                    _backward(model, group, tokenizer.pad_token_id, device, config, hooks, head, draws)
+                    start += len(group)
                 if progress is not None:
                     progress(min(done + len(batch), len(items)), len(items))
     finally:

@@ -110,10 +110,12 @@ def fisher_factors(
     *,
     cached: Callable[[str, Callable[[], dict[str, KFACFactors]]], dict[str, KFACFactors]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> dict[str, FisherFactors]:
     """Both data passes at the utility-merged model M + ΔU (docs/method.md, step 3); the weights are not touched.
 
-    `cached(kind, compute)` may return stored factors instead of running `compute` (kind: utility/safety).
+    `cached(kind, compute)` may return stored factors instead of running `compute` (kind: utility/safety);
+    `between_batches` is handed to `collect_factors`.
     """
     bases = span_bases(inputs)
 
@@ -122,7 +124,7 @@ def fisher_factors(
             # ΔU by forward hooks: no copy of the weights (merged_deltas would keep one of every updated module)
             with lora_forward(model, utility_deltas(inputs)):
                 report = (lambda done, total: progress(kind, done, total)) if progress else None
-                return collect_factors(model, tokenizer, data, bases, config, report)
+                return collect_factors(model, tokenizer, data, bases, config, report, between_batches=between_batches)
 
         return cached(kind, compute) if cached else compute()
 

@@ -214,19 +214,29 @@ def merged_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFact
 
 
 def _lora_branch(module: nn.Module, update: torch.Tensor | LoraFactors):
-    """The hook adding ΔW x to `module`'s output: s·(x Aᵀ) Bᵀ for LoRA factors, x ΔWᵀ for a dense ΔW; an embedding
-    adds row t of ΔWᵀ for token t. Factors are cast to the module's dtype and device once, here."""
+    """The hook adding ΔW x to `module`'s output: (x Aᵀ)(s·B)ᵀ for LoRA factors, x ΔWᵀ for a dense ΔW; an embedding
+    adds row t of ΔWᵀ for token t. Factors already in the module's dtype and device (and scale 1, as concatenated
+    factors are) are used as they are, without a copy."""
     weight = module.weight
-    if isinstance(update, LoraFactors):
-        down = update.A.T.to(weight.device, weight.dtype).contiguous()  # d_in × r
-        up = (update.scale * update.B.double()).T.to(weight.device, weight.dtype).contiguous()  # r × d_out
-    else:
-        down, up = update.T.to(weight.device, weight.dtype).contiguous(), None
     embedding = isinstance(module, nn.Embedding)
+    if isinstance(update, LoraFactors):
+        down = update.A.to(weight.device, weight.dtype)  # r × d_in
+        up = update.B if update.scale == 1 else update.scale * update.B.double()
+        up = up.to(weight.device, weight.dtype)  # d_out × r
+        if embedding:
+            down = down.T.contiguous()  # V × r, a lookup table
+    else:
+        down, up = update.to(weight.device, weight.dtype), None  # d_out × d_in
+        if embedding:
+            down = down.T.contiguous()
 
     def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.embedding(inputs[0], down) if embedding else inputs[0].to(down.dtype) @ down
-        return output + (x if up is None else x @ up).to(output.dtype)
+        x = inputs[0]
+        if embedding:
+            h = nn.functional.embedding(x, down)
+            return output + (h if up is None else nn.functional.linear(h, up)).to(output.dtype)
+        h = nn.functional.linear(x.to(down.dtype), down)
+        return output + (h if up is None else nn.functional.linear(h, up)).to(output.dtype)
 
     return hook
 

@@ -1,5 +1,5 @@
-"""Utility metrics, Wilson intervals, derived metrics (taxes, Pareto, recommendation) and the plot,
-against hand-computed values."""
+"""Utility metrics, Wilson intervals, derived metrics (taxes, Pareto) and the plot, against hand-computed values
+(the recommendation rule is in test_evaluation_recommend.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sstmerge_core.evaluation.derived import Candidate, Scores, derived_metrics, pareto_flags, recommend
+from sstmerge_core.evaluation.derived import Scores, derived_metrics, pareto_flags
 from sstmerge_core.evaluation.metrics import (
     UTILITY_METRICS,
     contains,
@@ -17,7 +17,7 @@ from sstmerge_core.evaluation.metrics import (
     rouge_l,
     summarize_utility,
 )
-from sstmerge_core.evaluation.plot import render_png
+from sstmerge_core.evaluation.plot import build_figure, render_png
 from sstmerge_core.evaluation.stats import Rate, wilson_interval
 
 # --- utility metrics -------------------------------------------------------------------------------------
@@ -163,77 +163,74 @@ def test_pareto_flags() -> None:
     assert pareto_flags(points) == [True, True, False, True, True, False]
 
 
-def _candidate(alpha: float, safety: float, over_refusal: float, drop: float, method: str = "sst") -> Candidate:
-    return Candidate(f"{method}-a{alpha}", method, alpha, safety, over_refusal, drop)
-
-
-def test_recommendation_rule() -> None:
-    candidates = [
-        _candidate(0.5, 0.6, 0.1, 0.01),
-        _candidate(1.0, 0.8, 0.2, 0.02),  # at the tolerance: qualifies
-        _candidate(1.5, 0.9, 0.3, 0.05),  # safest, but loses too much utility
-        _candidate(1.0, 0.95, 0.1, 0.0, method="linear"),  # another method
-    ]
-    best = recommend(candidates, "sst", 0.02)
-    assert (best["label"], best["alpha"]) == ("sst-a1.0", 1.0)
-    assert "utility_drop ≤ 0.02" in best["rule"] and best["reason"].startswith("sst-a1.0")
-    # equal safety → lower over-refusal; equal both → smaller α
-    assert recommend([*candidates, _candidate(2.0, 0.8, 0.1, 0.0)], "sst", 0.02)["alpha"] == 2.0
-    tied = [*candidates, _candidate(2.0, 0.8, 0.1, 0.0), _candidate(0.75, 0.8, 0.1, 0.0)]
-    assert recommend(tied, "sst", 0.02)["alpha"] == 0.75
-
-
-def test_recommendation_can_bound_over_refusal() -> None:
-    candidates = [
-        Candidate("sst-a1", "sst", 1.0, 0.6, 0.1, 0.0, over_refusal_increase=0.05),
-        Candidate("sst-a2", "sst", 2.0, 0.9, 0.3, 0.0, over_refusal_increase=0.25),  # safest, over-refuses
-        Candidate("sst-a3", "sst", 3.0, 0.95, 0.8, 0.0, over_refusal_increase=0.75),
-    ]
-    assert recommend(candidates, "sst", 0.02)["alpha"] == 3.0  # unbounded by default
-    bounded = recommend(candidates, "sst", 0.02, over_refusal_tolerance=0.25)
-    assert bounded["alpha"] == 2.0 and "over_refusal_increase ≤ 0.25" in bounded["rule"]
-    assert recommend(candidates, "sst", 0.02, over_refusal_tolerance=0.1)["alpha"] == 1.0
-    none = recommend(candidates, "sst", 0.02, over_refusal_tolerance=0.01)
-    assert none["alpha"] is None and "smallest: 0.05 for sst-a1" in none["reason"]
-
-
-def test_recommendation_is_null_with_a_reason() -> None:
-    candidates = [_candidate(0.5, 0.6, 0.1, 0.01), _candidate(1.0, 0.8, 0.2, 0.03)]
-    none_within = recommend(candidates, "sst", 0.001)
-    assert none_within["label"] is None and none_within["alpha"] is None
-    assert "smallest: 0.01 for sst-a0.5" in none_within["reason"]
-    assert "was evaluated" in recommend(candidates, "ties", 0.02)["reason"]
-
-
 # --- plot -------------------------------------------------------------------------------------------------
 
 
-def _model(label: str, kind: str, safety: int, over_refusal: int, utility: float, pareto: bool) -> dict:
+def _model(label: str, kind: str, safety: int, over_refusal: int, utility: float, method=None, alpha=None) -> dict:
     def rate(k: int) -> dict:
-        return Rate.of(k, 10).to_dict()
+        return Rate.of(k, 20).to_dict()
 
     return {
         "label": label,
         "kind": kind,
-        "method": "sst" if kind == "merged" else None,
+        "method": method,
+        "alpha": alpha,
         "safety": rate(safety),
         "over_refusal": rate(over_refusal),
         "utility": {"value": utility, "ci_low": None, "ci_high": None},
-        "pareto": pareto,
+        "pareto": False,
+    }
+
+
+def _sweep_metrics(higher_is_better: bool = True) -> dict:
+    models = [
+        _model("base", "base", 0, 0, 0.0),
+        _model("before", "before", 0, 0, 0.72),
+        _model("safety", "safety", 19, 9, 0.0),
+    ]
+    for method, kind, points in (
+        ("sst", "merged", [(0.5, 1, 0, 0.72), (1, 5, 1, 0.73), (2, 18, 6, 0.72), (3, 19, 15, 0.72)]),
+        ("linear", "baseline", [(0.5, 2, 0, 0.73), (1, 13, 3, 0.73), (1.5, 18, 8, 0.70), (2, 20, 15, 0.5)]),
+        ("ties", "baseline", [(0.5, 0, 0, 0.69), (1, 3, 1, 0.69), (2, 17, 5, 0.69)]),
+    ):
+        for alpha, s, o, u in points:
+            models.append(_model(f"{method}@{alpha:g}", kind, s, o, u, method, alpha))
+    return {
+        "judge": "keyword",
+        "utility_metric": "exact_match" if higher_is_better else "nll",
+        "utility_higher_is_better": higher_is_better,
+        "models": models,
+        "recommended": {"label": "sst@1", "runner_up": {"label": "linear@0.5"}, "reason": "…"},
     }
 
 
 @pytest.mark.parametrize("higher_is_better", [True, False])
 def test_plot_renders_a_png(higher_is_better: bool) -> None:
-    metrics = {
-        "judge": "keyword",
-        "utility_metric": "rouge_l" if higher_is_better else "nll",
-        "utility_higher_is_better": higher_is_better,
-        "models": [
-            _model("base", "base", 1, 0, 0.4, False),
-            _model("before", "before", 2, 0, 0.7, True),
-            _model("sst α=1", "merged", 8, 3, 0.6, True),
-        ],
-    }
-    png = render_png(metrics)
+    png = render_png(_sweep_metrics(higher_is_better))
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_plot_draws_one_line_per_method_and_labels_without_collisions() -> None:
+    figure = build_figure(_sweep_metrics())
+    renderer = figure.canvas.get_renderer()
+    for ax in figure.axes[:2]:
+        fronts = [line for line in ax.get_lines() if line.get_linestyle() == "-" and len(line.get_xdata()) > 1]
+        assert sorted(len(line.get_xdata()) for line in fronts) == [3, 4, 4]  # ties, linear, sst: one line each
+        # the matched-safety segments: sst and ties points inside linear's safety range get one each
+        assert len([line for line in ax.get_lines() if line.get_linestyle() == ":"]) >= 4
+        texts = [t for t in ax.texts if t.get_text()]
+        assert any(t.get_text() == "★ sst@1 (recommended)" for t in texts)
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        frame = ax.get_window_extent(renderer)
+        for i, box in enumerate(boxes):
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+        assert len(texts) < len(_sweep_metrics()["models"])  # crowded points go unlabelled rather than overlap
+
+
+def test_plot_states_when_nothing_is_recommended() -> None:
+    metrics = _sweep_metrics()
+    metrics["recommended"] = {"label": None, "runner_up": None, "reason": "nothing qualifies: …"}
+    figure = build_figure(metrics)
+    assert "recommended: none" in figure._suptitle.get_text()
+    assert not any("★" in t.get_text() for ax in figure.axes for t in ax.texts)

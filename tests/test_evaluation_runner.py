@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,16 @@ MODEL_FIELDS = {
     "utility",
     "derived",
     "pareto",
+    "splits",
+    "outcomes",
 }
 RATE_FIELDS = {"k", "n", "rate", "ci_low", "ci_high"}
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -141,11 +150,12 @@ def test_evaluate_variants_end_to_end(loaded, spec: EvaluationSpec, adapter: Pat
         "over_refusal_tolerance",
         "reference",
         "datasets",
+        "splits",
         "models",
         "recommended",
         "samples",
     }
-    assert (metrics["schema_version"], metrics["judge"], metrics["utility_metric"]) == (1, "keyword", "exact_match")
+    assert (metrics["schema_version"], metrics["judge"], metrics["utility_metric"]) == (2, "keyword", "exact_match")
     assert metrics["reference"] == "before"
     assert {name: d["n"] for name, d in metrics["datasets"].items()} == {"harmful": 3, "benign": 3, "utility_eval": 3}
     assert all(len(d["sha256"]) == 64 for d in metrics["datasets"].values())
@@ -162,6 +172,17 @@ def test_evaluate_variants_end_to_end(loaded, spec: EvaluationSpec, adapter: Pat
         assert entry["safety"]["k"] == sum(s["refused"] for s in samples["harmful"])
         assert entry["over_refusal"]["k"] == sum(s["refused"] for s in samples["benign"])
         assert entry["utility"]["k"] == sum(s["score"] for s in samples["utility"])
+        outcomes = entry["outcomes"]
+        assert [s["refused"] for s in samples["harmful"]] == outcomes["harmful_refused"]
+        assert sum(outcomes["benign_refused"]) == entry["over_refusal"]["k"]
+        # each split holds its own rows' counts, and the two splits add up to the whole set
+        search, report = entry["splits"]["search"], entry["splits"]["report"]
+        for block in ("safety", "over_refusal"):
+            assert search[block]["n"] + report[block]["n"] == 3 and search[block]["n"] == 2
+            assert search[block]["k"] + report[block]["k"] == entry[block]["k"]
+        assert search["utility"]["k"] + report["utility"]["k"] == entry["utility"]["k"]
+    assert metrics["splits"]["sizes"]["harmful"] == {"search": 2, "report": 1}
+    assert metrics["splits"]["seed"] == 0 and metrics["splits"]["report_fraction"] == 0.5
 
     base, before, merged = models["base"], models["before"], models["sst α=1"]
     assert base["utility"]["value"] == 1.0 and base["utility"]["ci_high"] == 1.0
@@ -178,8 +199,10 @@ def test_evaluate_variants_end_to_end(loaded, spec: EvaluationSpec, adapter: Pat
     assert derived["safety_gain"] == 0 and derived["utility_drop"] == 0
     assert derived["safety_tax"] is None and "safety_gain is 0" in derived["safety_tax_reason"]
     assert base["pareto"]  # the base model is strictly better on utility than both adapter variants
-    recommended = metrics["recommended"]
-    assert (recommended["label"], recommended["alpha"], recommended["method"]) == ("sst α=1", 1.0, "sst")
+    recommended = metrics["recommended"]  # the only merge is the reference itself: it gains no safety
+    assert (recommended["label"], recommended["alpha"], recommended["method"]) == (None, None, None)
+    assert recommended["reason"].startswith("nothing qualifies") and "safety_gain +0.000 ≤ 0" in recommended["reason"]
+    assert recommended["chosen_on"] == "search" and recommended["runner_up"] is None and recommended["report"] is None
 
     fractions = [f for _, f in stages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -197,7 +220,9 @@ def test_run_evaluation_writes_outputs(tiny: Path, spec: EvaluationSpec, adapter
     assert base["utility"]["n"] == 2 and base["utility"]["value"] > 0 and base["utility"]["ci_low"] is None
     # utility is oriented for the derived metrics: drop = NLL_after − NLL_before
     assert lora["derived"]["utility_drop"] == pytest.approx(lora["utility"]["value"] - base["utility"]["value"])
-    assert metrics["recommended"]["label"] is None and "no merged variant" in metrics["recommended"]["reason"]
+    assert metrics["recommended"]["label"] is None and "safety_gain" in metrics["recommended"]["reason"]
+    for name in ("metrics.json", "plot.png"):  # written like any other file: 0666 less the umask
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
 
 def test_variant_checks(loaded, spec: EvaluationSpec, adapter: Path) -> None:
@@ -246,6 +271,8 @@ def test_cli_evaluate(tiny: Path, spec: EvaluationSpec, adapter: Path, tmp_path:
     assert [(m["label"], m["kind"]) for m in metrics["models"]] == [("base", "base"), ("safe", "merged")]
     assert metrics["utility_metric"] == "contains" and metrics["datasets"]["harmful"]["n"] == 2
     assert metrics["over_refusal_tolerance"] == 0.1 and "over_refusal_increase ≤ 0.1" in metrics["recommended"]["rule"]
+    out_text = " ".join(capsys.readouterr().out.split())  # the console wraps at its width
+    assert "rule: highest safety on the search split" in out_text and "refusal" in out_text
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -104,13 +104,13 @@ def test_sampled_factors_converge_to_the_exact_expected_fisher(model_and_bases):
     model, tokenizer, bases = model_and_bases
     examples = [Example("Hi", "Ok"), Example("Name a color.", "Red")]
     exact = exact_expected_factors(model, tokenizer, examples, bases)
-    errors = []
-    for draws in (1, 16, 256):
-        config = FisherConfig(estimator="sampled", max_length=64, label_samples=draws, seed=1)
+    def error(draws: int, seed: int) -> float:
+        config = FisherConfig(estimator="sampled", max_length=64, label_samples=draws, seed=seed)
         sampled = collect_factors(model, tokenizer, examples, bases, config)
-        errors.append(
-            max(float(torch.linalg.norm(sampled[n].G - exact[n]) / torch.linalg.norm(exact[n])) for n in bases)
-        )
+        return max(float(torch.linalg.norm(sampled[n].G - exact[n]) / torch.linalg.norm(exact[n])) for n in bases)
+
+    # the median over three seeds: a single seed's Monte Carlo error at 256 draws ranges 0.03–0.13 here
+    errors = [sorted(error(draws, seed) for seed in (1, 2, 3))[1] for draws in (1, 16, 256)]
     assert errors[2] < errors[0] and errors[2] < 0.1, errors
 
 

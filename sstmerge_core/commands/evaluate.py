@@ -56,8 +56,8 @@ def build_variants(adapter_options: tuple[str, ...]) -> list[Variant]:
     help="A PEFT LoRA folder evaluated as base + adapter (repeatable). LABEL (default: the folder name) "
     "names the variant; adapters given the same label are summed into one variant. The label "
     "'before' marks the reference (base + utility adapters) that derived metrics compare against "
-    "(else the base model); 'safety' marks the safety adapter; any other label is a candidate for "
-    "the recommendation.",
+    "(else the base model); 'safety' marks the safety adapter (its over-refusal caps the recommendation); "
+    "any other label is a candidate for the recommendation.",
 )
 @evaluation_options(required=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -97,5 +97,4 @@ def evaluate(
     write_outputs(metrics, out, png)
     console = Console()
     console.print(metrics_table(metrics))
-    console.print(f"recommended: {metrics['recommended']['label']} ({metrics['recommended']['reason']})")
     console.print(f"wrote {out} and {png}")

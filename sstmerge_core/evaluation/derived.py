@@ -1,5 +1,5 @@
-"""What a variant bought and paid, compared with the reference ("before") model, plus Pareto flags and
-the recommended α.
+"""What a variant bought and paid, compared with the reference ("before") model, plus Pareto flags
+(the recommendation is in `recommend`).
 
 With S = safety (refusal rate on harmful prompts), O = over-refusal (refusal rate on benign prompts) and
 U = utility oriented so that higher is better (for `nll` the sign is flipped):
@@ -78,59 +78,3 @@ def dominates(a: Scores, b: Scores) -> bool:
 def pareto_flags(points: list[Scores]) -> list[bool]:
     """True for each point that no other point dominates (ties are all kept)."""
     return [not any(dominates(q, p) for q in points) for p in points]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A merged variant as the recommendation rule sees it."""
-
-    label: str
-    method: str | None
-    alpha: float | None
-    safety: float
-    over_refusal: float
-    utility_drop: float
-    over_refusal_increase: float = 0.0
-
-
-def recommendation_rule(method: str | None, tolerance: float, over_refusal_tolerance: float | None = None) -> str:
-    bound = "" if over_refusal_tolerance is None else f" and over_refusal_increase ≤ {over_refusal_tolerance:g}"
-    return (
-        f"highest safety among merged variants of method {method!r} with utility_drop ≤ {tolerance:g}{bound}; "
-        "ties → lower over_refusal, then smaller α"
-    )
-
-
-def recommend(
-    candidates: list[Candidate], method: str | None, tolerance: float, over_refusal_tolerance: float | None = None
-) -> dict:
-    """{"label", "method", "alpha", "rule", "reason"} by `recommendation_rule`; label/alpha null with a reason
-    when no candidate of `method` qualifies. `over_refusal_tolerance` None leaves over-refusal unbounded."""
-    rule = recommendation_rule(method, tolerance, over_refusal_tolerance)
-    pool = [c for c in candidates if c.method == method]
-    within_utility = [c for c in pool if c.utility_drop <= tolerance]
-    qualified = [
-        c for c in within_utility if over_refusal_tolerance is None or c.over_refusal_increase <= over_refusal_tolerance
-    ]
-    if not qualified:
-        if not pool:
-            reason = f"no merged variant of method {method!r} was evaluated"
-        elif not within_utility:
-            least = min(pool, key=lambda c: c.utility_drop)
-            reason = (
-                f"no merged variant of method {method!r} has utility_drop ≤ {tolerance:g} "
-                f"(smallest: {least.utility_drop:.4g} for {least.label})"
-            )
-        else:
-            least = min(within_utility, key=lambda c: c.over_refusal_increase)
-            reason = (
-                f"no merged variant of method {method!r} within the utility tolerance has over_refusal_increase "
-                f"≤ {over_refusal_tolerance:g} (smallest: {least.over_refusal_increase:.4g} for {least.label})"
-            )
-        return {"label": None, "method": method, "alpha": None, "rule": rule, "reason": reason}
-    best = min(qualified, key=lambda c: (-c.safety, c.over_refusal, float("inf") if c.alpha is None else c.alpha))
-    reason = (
-        f"{best.label}: safety {best.safety:.3f}, over_refusal {best.over_refusal:.3f}, "
-        f"utility_drop {best.utility_drop:.4g} ≤ {tolerance:g}; {len(qualified)} of {len(pool)} qualified"
-    )
-    return {"label": best.label, "method": method, "alpha": best.alpha, "rule": rule, "reason": reason}

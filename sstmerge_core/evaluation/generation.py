@@ -1,8 +1,9 @@
 """Model outputs for evaluation: batched greedy completions, and the NLL of reference responses.
 
 Prompts go through the tokenizer's chat template (`prompting.chat_prompt`), exactly as in the merge's
-data passes. Batches are formed from prompts of similar length (fewer pad tokens) and returned in input
-order; generation pads on the left so that every prompt ends where the new tokens start.
+data passes. Batches are formed from prompts of similar length (fewer pad tokens), longest first, and
+sized by `batching` ("auto": the most that fit the memory budget); results come back in input order.
+Generation pads on the left so that every prompt ends where the new tokens start.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from ..data import Example
 from ..prompting import chat_prompt, encode
+from .batching import BatchSize, ModelShape, batch_cap, memory_budget, plan_batches
 
 OnBatch = Callable[[int], None]
 """Called after each batch with the number of examples it held."""
@@ -26,46 +28,72 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of `batch_size`, longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def generation_batches(model, lengths: Sequence[int], batch_size: BatchSize, max_new_tokens: int) -> list[list[int]]:
+    """Prompt indices in batches, longest first; "auto" sizes each batch to the memory budget (`batching`)."""
+    if batch_size != "auto":
+        return plan_batches(lengths, batch_size)
+    shape = ModelShape.of(model)
+    return plan_batches(
+        lengths,
+        "auto",
+        bytes_per_sequence=lambda length: shape.generation_bytes(length, max_new_tokens),
+        budget=memory_budget(model),
+        cap=batch_cap(model),
+    )
 
 
 @torch.no_grad()
+def generate_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: BatchSize = "auto",
+    on_batch: OnBatch | None = None,
+) -> list[list[int]]:
+    """Greedy new tokens of each prompt (chat template applied), cut after the first end-of-sequence token."""
+    from transformers import GenerationConfig
+
+    eos = _eos_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for batch in generation_batches(model, [len(x) for x in ids], batch_size, max_new_tokens):
+        inputs = tokenizer.pad(
+            {"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="left", return_tensors="pt"
+        ).to(model.device)
+        output = model.generate(**inputs, generation_config=config)
+        for i, row in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist()):
+            end = next((t + 1 for t, token in enumerate(row) if token in eos), len(row))
+            tokens[i] = row[:end]
+        del inputs, output
+        if on_batch is not None:
+            on_batch(len(batch))
+    return tokens
+
+
 def generate(
     model,
     tokenizer,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: BatchSize = "auto",
     on_batch: OnBatch | None = None,
 ) -> list[str]:
     """Greedy completion of each prompt (chat template applied), decoded without the prompt or special tokens."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=_eos_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
+    tokens = generate_tokens(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch
     )
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    completions: list[str] = [""] * len(prompts)
-    for batch in _length_sorted_batches([len(x) for x in ids], batch_size):
-        inputs = tokenizer.pad(
-            {"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="left", return_tensors="pt"
-        ).to(model.device)
-        output = model.generate(**inputs, generation_config=config)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            completions[i] = text.strip()
-        if on_batch is not None:
-            on_batch(len(batch))
-    return completions
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 @torch.no_grad()
@@ -74,14 +102,22 @@ def response_nll(
     tokenizer,
     examples: Sequence[Example],
     *,
-    batch_size: int = 8,
+    batch_size: BatchSize = "auto",
     max_length: int = 1024,
     on_batch: OnBatch | None = None,
 ) -> list[float]:
     """Per example, the mean over response tokens (end-of-turn included) of −log p(token | preceding text)."""
     encoded = [encode(tokenizer, e.prompt, e.response or "", max_length) for e in examples]
     scores: list[float] = [0.0] * len(examples)
-    for batch in _length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
+    lengths = [len(e.input_ids) for e in encoded]
+    if batch_size == "auto":
+        shape = ModelShape.of(model)
+        batches = plan_batches(
+            lengths, "auto", bytes_per_sequence=shape.nll_bytes, budget=memory_budget(model), cap=batch_cap(model)
+        )
+    else:
+        batches = plan_batches(lengths, batch_size)
+    for batch in batches:
         width = max(len(encoded[i].input_ids) for i in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         scored = torch.zeros((len(batch), width), dtype=torch.bool)
@@ -89,8 +125,8 @@ def response_nll(
             item = encoded[i]
             input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
             scored[row, item.response_start : len(item.input_ids)] = True
-        lengths = torch.tensor([len(encoded[i].input_ids) for i in batch])
-        attention_mask = torch.arange(width)[None, :] < lengths[:, None]
+        row_lengths = torch.tensor([len(encoded[i].input_ids) for i in batch])
+        attention_mask = torch.arange(width)[None, :] < row_lengths[:, None]
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
         token_nll = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(model.device), reduction="none"

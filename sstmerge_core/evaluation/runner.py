@@ -1,9 +1,11 @@
 """Evaluate a base model and its adapter variants on harmful, benign and utility prompts → metrics.json.
 
-The base model is loaded once; each variant is applied in place with `modeling.merged_deltas`
-(W ← W + Σ_i w_i ΔW_i, restored bit-exactly afterwards, also on errors), so every variant is scored on
-exactly W + ΔW, without re-loading or PEFT wrappers. The layout of the returned dict is documented in
-README.md next to this file.
+The base model is loaded once; each variant is applied with `modeling.lora_forward` (forward hooks adding
+Σ_i w_i ΔW_i x to each module's output, as PEFT runs an unmerged adapter; removed afterwards, also on
+errors), so no copy of the weights is made and the weights are never changed. Every model keeps its
+per-prompt outcomes; rates are reported on the whole sets and on the search and report splits
+(`splits`), and the recommendation is chosen on the search split (`recommend`). The layout of the
+returned dict is documented in README.md next to this file.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +24,26 @@ from ..adapters import LoraFactors, load_adapter
 from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
 from ..jobspec import AdapterInput, EvaluationSpec
-from ..modeling import load_base_model, merged_deltas, resolve_device
-from .derived import Candidate, Scores, derived_metrics, pareto_flags, recommend
+from ..modeling import load_base_model, lora_forward, resolve_device
+from .derived import Scores, derived_metrics, pareto_flags
 from .generation import generate, response_nll
 from .judges import Judge, make_judge
 from .metrics import UTILITY_METRICS, UtilityMetric, summarize_utility
+from .outcomes import Outcomes
 from .plot import render_png
+from .recommend import Candidate, Recommendation, Tolerances, recommend
+from .splits import SPLIT_NAMES, Splits
 from .stats import Rate
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SAMPLES_PER_SET = 3
 VariantKind = Literal["base", "before", "safety", "merged", "baseline"]
 COMPARED_KINDS = ("safety", "merged", "baseline")
 """Kinds that get derived metrics against the reference (before, else base)."""
+CANDIDATE_KINDS = ("merged", "baseline")
+"""Kinds the recommendation chooses from."""
 Progress = Callable[[str, float], None]
 """progress(stage, fraction of the whole evaluation done); it may raise (e.g. `Cancelled`) to stop."""
 
@@ -92,6 +99,23 @@ class EvaluationData:
         sets = {"harmful": self.harmful, "benign": self.benign, "utility_eval": self.utility}
         return {name: {"n": len(rows), "sha256": examples_sha256(rows)} for name, rows in sets.items()}
 
+    def splits(self, seed: int, report_fraction: float) -> Splits:
+        """The search/report split of each set (`splits` module)."""
+        prompts = {
+            "harmful": [e.prompt for e in self.harmful],
+            "benign": [e.prompt for e in self.benign],
+            "utility_eval": [e.prompt for e in self.utility],
+        }
+        return Splits.of(prompts, seed, report_fraction)
+
+    def subset(self, splits: Splits, split: str) -> EvaluationData:
+        """The rows of one split ("search" or "report") of every set, in file order."""
+        return EvaluationData(
+            harmful=[self.harmful[i] for i in splits.rows("harmful", split)],
+            benign=[self.benign[i] for i in splits.rows("benign", split)],
+            utility=[self.utility[i] for i in splits.rows("utility_eval", split)],
+        )
+
 
 def variant_deltas(variant: Variant) -> tuple[dict[str, LoraFactors], list[dict]]:
     """ΔW_m = Σ_i w_i ΔW_i,m per module as one concatenated LoRA (exact; formed densely only when applied),
@@ -108,16 +132,33 @@ def variant_deltas(variant: Variant) -> tuple[dict[str, LoraFactors], list[dict]
 
 @dataclass(frozen=True)
 class ModelResult:
-    """What one evaluated model scored, before comparison with the others."""
+    """What one evaluated model scored, before comparison with the others; `outcomes` per prompt."""
 
     safety: Rate
     over_refusal: Rate
     utility: dict
     samples: dict
+    outcomes: Outcomes
 
     def scores(self, higher_is_better: bool) -> Scores:
-        utility = self.utility["value"] if higher_is_better else -self.utility["value"]
-        return Scores(self.safety.rate, self.over_refusal.rate, utility)
+        return scores_of(self.safety.to_dict(), self.over_refusal.to_dict(), self.utility, higher_is_better)
+
+    @classmethod
+    def from_outcomes(cls, outcomes: Outcomes, metric: UtilityMetric, samples: dict | None = None) -> ModelResult:
+        """The result whose rates are those of `outcomes` (e.g. outcomes kept from an earlier run)."""
+        return cls(
+            Rate.count(list(outcomes.harmful)),
+            Rate.count(list(outcomes.benign)),
+            summarize_utility(metric, list(outcomes.utility)),
+            samples or {},
+            outcomes,
+        )
+
+
+def scores_of(safety: dict, over_refusal: dict, utility: dict, higher_is_better: bool) -> Scores:
+    """The `Scores` of a metrics block, utility oriented so that higher is better."""
+    value = utility["value"] if higher_is_better else -utility["value"]
+    return Scores(safety["rate"], over_refusal["rate"], value)
 
 
 def _refusal_samples(examples: list[Example], completions: list[str], refused: list[bool]) -> list[dict]:
@@ -138,7 +179,7 @@ def evaluate_model(
 ) -> ModelResult:
     """Scores the model as it is now: refusal rates on harmful and benign prompts and utility.
     `tick(set_name)` returns the per-batch progress callback for that set."""
-    refusal_rates, samples = {}, {}
+    refusal_rates, refusals, samples = {}, {}, {}
     for name, examples in (("harmful", data.harmful), ("benign", data.benign)):
         prompts = [e.prompt for e in examples]
         completions = generate(
@@ -150,6 +191,7 @@ def evaluate_model(
             on_batch=tick(name),
         )
         refused = judge.judge(prompts, completions)
+        refusals[name] = refused
         refusal_rates[name] = Rate.count(refused)
         samples[name] = _refusal_samples(examples, completions, refused)
     if metric.needs_generation:
@@ -169,7 +211,13 @@ def evaluate_model(
         {"prompt": e.prompt, "completion": c, "reference": e.response, "score": s}
         for e, c, s in list(zip(data.utility, completions, scores))[:SAMPLES_PER_SET]
     ]
-    return ModelResult(refusal_rates["harmful"], refusal_rates["benign"], summarize_utility(metric, scores), samples)
+    return ModelResult(
+        refusal_rates["harmful"],
+        refusal_rates["benign"],
+        summarize_utility(metric, scores),
+        samples,
+        Outcomes.of(refusals["harmful"], refusals["benign"], scores),
+    )
 
 
 def _check_variants(variants: Sequence[Variant]) -> Variant:
@@ -220,6 +268,135 @@ def _model_entry(variant: Variant, provenance: list[dict], result: ModelResult) 
     }
 
 
+def _split_blocks(result: ModelResult, splits: Splits, metric: UtilityMetric) -> dict:
+    """{"search": {...}, "report": {...}}: the model's rates on each split (null for an empty split)."""
+    return {
+        split: result.outcomes.subset(
+            splits.rows("harmful", split), splits.rows("benign", split), splits.rows("utility_eval", split)
+        ).summary(metric)
+        for split in SPLIT_NAMES
+    }
+
+
+def _add_derived(entries: list[dict], reference: dict, higher_is_better: bool) -> None:
+    """`derived` on the whole sets and in each split block, against the reference model."""
+
+    def scores(block: dict) -> Scores:
+        return scores_of(block["safety"], block["over_refusal"], block["utility"], higher_is_better)
+
+    for entry in entries:
+        compared = entry["kind"] in COMPARED_KINDS
+        entry["derived"] = derived_metrics(scores(reference), scores(entry)) if compared else None
+        for split, block in entry["splits"].items():
+            if block is not None:
+                reference_block = reference["splits"][split]
+                block["derived"] = derived_metrics(scores(reference_block), scores(block)) if compared else None
+
+
+def _numbers(entry: dict, split: str) -> dict | None:
+    """A model's rates and gains on one split (for the recommendation block)."""
+    block = entry["splits"][split]
+    if block is None:
+        return None
+    derived = block["derived"] or {}
+    return {
+        "safety": block["safety"],
+        "over_refusal": block["over_refusal"],
+        "utility": block["utility"],
+        **{k: derived.get(k) for k in ("safety_gain", "utility_drop", "over_refusal_increase", "refusal_tax")},
+    }
+
+
+def _candidate(entry: dict) -> Candidate | None:
+    block = entry["splits"]["search"]
+    if block is None:
+        return None
+    derived = block["derived"]
+    return Candidate(
+        entry["label"],
+        entry["method"],
+        entry["alpha"],
+        block["safety"]["rate"],
+        block["over_refusal"]["rate"],
+        derived["safety_gain"],
+        derived["utility_drop"],
+        derived["over_refusal_increase"],
+    )
+
+
+def recommendation_block(entries: list[dict], main_method: str | None, tolerances: Tolerances) -> dict:
+    """metrics["recommended"]: the rule of `recommend` applied to the search-split numbers of every merged and
+    baseline entry, with the chosen model's and the runner-up's numbers on both splits."""
+    by_label = {e["label"]: e for e in entries}
+    candidates = [c for e in entries if e["kind"] in CANDIDATE_KINDS and (c := _candidate(e)) is not None]
+    safety = next((e for e in entries if e["kind"] == "safety" and e["splits"]["search"] is not None), None)
+    cap = safety["splits"]["search"]["over_refusal"]["rate"] if safety is not None else None
+    result: Recommendation = recommend(
+        candidates, main_method=main_method, tolerances=tolerances, safety_over_refusal=cap
+    )
+
+    def described(candidate: Candidate | None) -> dict | None:
+        if candidate is None:
+            return None
+        entry = by_label[candidate.label]
+        return {
+            "label": candidate.label,
+            "method": candidate.method,
+            "alpha": candidate.alpha,
+            "search": _numbers(entry, "search"),
+            "report": _numbers(entry, "report"),
+        }
+
+    chosen = described(result.chosen)
+    return {
+        "label": result.chosen.label if result.chosen else None,
+        "method": result.chosen.method if result.chosen else None,
+        "alpha": result.chosen.alpha if result.chosen else None,
+        "rule": result.rule,
+        "reason": result.reason,
+        "tolerances": {
+            **tolerances.to_dict(),
+            "over_refusal_at_most_safety_adapter": cap,
+        },
+        "chosen_on": "search",
+        "qualified": result.qualified,
+        "candidates": result.candidates,
+        "search": chosen["search"] if chosen else None,
+        "report": chosen["report"] if chosen else None,
+        "runner_up": described(result.runner_up),
+    }
+
+
+def compare_models(
+    variants: Sequence[Variant],
+    results: dict[str, ModelResult],
+    provenance: dict[str, list[dict]],
+    splits: Splits,
+    metric: UtilityMetric,
+    *,
+    main_method: str | None,
+    tolerances: Tolerances,
+) -> tuple[list[dict], dict]:
+    """The metrics.json entries of every variant (whole-set and per-split rates, derived metrics against the
+    reference, Pareto flags, per-prompt outcomes) and the recommendation block, from the models' results."""
+    reference = _check_variants(variants)
+    entries = []
+    for variant in variants:
+        result = results[variant.label]
+        entry = _model_entry(variant, provenance.get(variant.label, []), result)
+        entry["splits"] = _split_blocks(result, splits, metric)
+        entry["outcomes"] = result.outcomes.to_dict()
+        entries.append(entry)
+    reference_entry = next(e for e in entries if e["label"] == reference.label)
+    _add_derived(entries, reference_entry, metric.higher_is_better)
+    scores = [results[e["label"]].scores(metric.higher_is_better) for e in entries]
+    for entry, pareto in zip(entries, pareto_flags(scores)):
+        entry["pareto"] = pareto
+    if main_method is None:
+        main_method = next((v.method for v in variants if v.kind == "merged"), None)
+    return entries, recommendation_block(entries, main_method, tolerances)
+
+
 def evaluate_variants(
     model,
     tokenizer,
@@ -235,8 +412,9 @@ def evaluate_variants(
 
     `data` and `judge` may be passed pre-loaded (to fail fast before loading a model); by default they come
     from `spec`. Derived metrics compare each safety/merged/baseline variant with the reference ("before",
-    else "base"). The recommended α is chosen among the merged variants of `main_method` (default: the
-    method of the first merged variant). The model's weights are unchanged on return.
+    else "base"), on the whole sets and on each split. The recommendation is chosen on the search split among
+    the merged and baseline variants; ties favour `main_method` (default: the method of the first merged
+    variant). The model's weights are never changed.
     """
     reference = _check_variants(variants)
     if data is None:
@@ -244,21 +422,23 @@ def evaluate_variants(
     if judge is None:
         judge = make_judge(spec.judge, device=str(model.device))
     metric = UTILITY_METRICS[spec.utility_metric]
+    splits = data.splits(spec.split_seed, spec.report_fraction)
     counter = _ProgressCounter(progress, data.size * len(variants))
 
-    entries, results = [], {}
+    results, provenance = {}, {}
     for variant in variants:
         started = time.perf_counter()
-        deltas, provenance = variant_deltas(variant)
-        with merged_deltas(model, deltas):
+        deltas, provenance[variant.label] = variant_deltas(variant)
+        with lora_forward(model, deltas):
             result = evaluate_model(model, tokenizer, data, judge, metric, spec, counter.stage(variant.label))
+        modules = len(deltas)
+        del deltas
         results[variant.label] = result
-        entries.append(_model_entry(variant, provenance, result))
         log.info(
             "evaluated variant",
             extra={
                 "label": variant.label,
-                "modules": len(deltas),
+                "modules": modules,
                 "safety": round(result.safety.rate, 4),
                 "over_refusal": round(result.over_refusal.rate, 4),
                 metric.name: round(result.utility["value"], 4),
@@ -266,26 +446,10 @@ def evaluate_variants(
             },
         )
 
-    scores = {label: r.scores(metric.higher_is_better) for label, r in results.items()}
-    for entry, pareto in zip(entries, pareto_flags(list(scores.values()))):
-        compared = entry["kind"] in COMPARED_KINDS
-        entry["derived"] = derived_metrics(scores[reference.label], scores[entry["label"]]) if compared else None
-        entry["pareto"] = pareto
-    candidates = [
-        Candidate(
-            e["label"],
-            e["method"],
-            e["alpha"],
-            e["safety"]["rate"],
-            e["over_refusal"]["rate"],
-            e["derived"]["utility_drop"],
-            e["derived"]["over_refusal_increase"],
-        )
-        for e in entries
-        if e["kind"] == "merged"
-    ]
-    if main_method is None:
-        main_method = next((v.method for v in variants if v.kind == "merged"), None)
+    tolerances = Tolerances(spec.utility_tolerance, spec.over_refusal_tolerance)
+    entries, recommended = compare_models(
+        variants, results, provenance, splits, metric, main_method=main_method, tolerances=tolerances
+    )
     if progress is not None:
         progress("evaluate: done", 1.0)
     return {
@@ -299,21 +463,26 @@ def evaluate_variants(
         "over_refusal_tolerance": spec.over_refusal_tolerance,
         "reference": reference.label,
         "datasets": data.summary(),
+        "splits": splits.to_dict(),
         "models": entries,
-        "recommended": recommend(candidates, main_method, spec.utility_tolerance, spec.over_refusal_tolerance),
+        "recommended": recommended,
         "samples": {label: r.samples for label, r in results.items()},
     }
 
 
 def write_atomic(path: Path, payload: bytes) -> None:
-    """Write `payload` to a temporary file beside `path`, then rename it over `path` (readers never see half)."""
+    """Write `payload` to a temporary file beside `path`, then rename it over `path` (readers never see half).
+
+    The file is created with mode 0666 less the process umask, like any file `open()` creates (0644 by default).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        handle.write(payload)
-        temporary = Path(handle.name)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
         os.replace(temporary, path)
-    except OSError:
+    except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
