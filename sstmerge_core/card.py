@@ -118,6 +118,25 @@ def _input_lines(inputs: Mapping) -> list[str]:
     return lines
 
 
+def repair_lines(step: Mapping | None) -> list[str]:
+    """The repair step's choice for this adapter (docs/repair.md), when the merge was repaired."""
+    if not step:
+        return []
+    params = step["params"]
+    chosen = step.get("chosen")
+    if chosen is None:
+        what = f"no direction was ablated: {step.get('reason', 'no candidate qualified')}."
+    else:
+        what = (
+            f"the false-refusal direction of layer {chosen['layer']}, post-instruction token {chosen['position']} "
+            f"({step['chosen_by']}), ablated from every residual writer with strength c = {params['strength']:g} "
+            f"and λ = {params['lam']:g}"
+            + ("" if params["include_embedding"] else " (token embedding left out)")
+            + "."
+        )
+    return ["## Repair", "", f"`{step['step']}`: {what}", ""]
+
+
 def model_card(
     *,
     report: Mapping,
@@ -155,6 +174,7 @@ def model_card(
             f"`sstmerge merge --spec {spec_file} --out DIR`.",
             "",
         ]
+    lines += repair_lines(report.get("repair", {}).get(f"{alpha:g}"))
     summary = report.get("summary") or {}
     if summary:
         lines += ["## Diagnostics (medians over modules)", ""]

@@ -63,6 +63,7 @@ def test_repaired_merge_is_written_exactly_reported_and_reruns_identically(repai
     for name in writers:
         reloaded = peft.base_model.model.get_submodule(name).get_delta_weight("default").double()
         torch.testing.assert_close(reloaded, adapter.modules[name].delta().double(), rtol=1e-5, atol=1e-6)
+    assert "## Repair" in (folder / "README.md").read_text() and "layer 1" in (folder / "README.md").read_text()
     spec = json.loads((out / "merge_spec.json").read_text())
     assert spec["repair"]["method"] == "refusal_ablation" and spec["borderline_data"]["sha256"]
 
