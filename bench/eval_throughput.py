@@ -138,13 +138,14 @@ def main(
     rates: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, list[list[int]]] = {}
     started = time.perf_counter()
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, run in runs.items():
             begin = time.perf_counter()
             tokens = run()
             seconds = time.perf_counter() - begin
             rates[name].append(sum(len(t) for t in tokens) / seconds)
             outputs[name] = tokens
+            click.echo(f"  repeat {repeat + 1} {name}: {rates[name][-1]:.1f} tok/s ({seconds:.0f} s)", err=True)
     click.echo(
         f"{description}: {len(prompts)} prompts, {max_new_tokens} new tokens max, {threads} thread(s), {repeats} "
         f"repeats interleaved ({time.perf_counter() - started:.0f} s); evaluation batches: {plan}"

@@ -1,5 +1,5 @@
 """The testbed table: SST-Merge (several selection rules) against every baseline over an α sweep,
-evaluated on held-out prompts, compared at matched safety (SPEC §3, §5, §8).
+evaluated on held-out prompts, compared at matched safety (docs/method.md, sstmerge_core/evaluation/README.md).
 
     python -m bench.testbed.table --assets bench/assets --out bench/out/table
 

@@ -231,9 +231,12 @@ def test_api_killed_mid_upload_leaves_nothing(settings, assets, tmp_path):
 def test_cancel_is_honoured_inside_a_pass(api, worker, inputs, tmp_path):
     """A cancel during the first Fisher pass stops the job inside that pass (between batches), not at the next
     stage boundary."""
-    slow = upload_dataset(api, "acme", long_data(tmp_path, "cancel-utility")).json()["id"]
+    # A pass many times longer than the worker's cancellation check interval (2 s), whatever the machine's speed:
+    # the cancel below must land while the pass still runs.
+    slow = upload_dataset(api, "acme", long_data(tmp_path, "cancel-utility", rows=4000)).json()["id"]
+    params = {**SLOW_PARAMS, "max_samples": 4000}
     job_id = api.post(
-        "/merges", headers=auth("acme"), json=merge_body(inputs, utility_dataset_id=slow, params=SLOW_PARAMS)
+        "/merges", headers=auth("acme"), json=merge_body(inputs, utility_dataset_id=slow, params=params)
     ).json()["id"]
     wait_for(api, "acme", job_id, check=lambda j: j["progress"]["stage"] == "fisher_utility")
     assert api.post(f"/merges/{job_id}/cancel", headers=auth("acme")).status_code == 202
