@@ -130,9 +130,7 @@ def repair_lines(step: Mapping | None) -> list[str]:
         what = (
             f"the false-refusal direction of layer {chosen['layer']}, post-instruction token {chosen['position']} "
             f"({step['chosen_by']}), ablated from every residual writer with strength c = {params['strength']:g} "
-            f"and λ = {params['lam']:g}"
-            + ("" if params["include_embedding"] else " (token embedding left out)")
-            + "."
+            f"and λ = {params['lam']:g}" + ("" if params["include_embedding"] else " (token embedding left out)") + "."
         )
     return ["## Repair", "", f"`{step['step']}`: {what}", ""]
 

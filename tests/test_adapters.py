@@ -1,4 +1,7 @@
-"""Adapter I/O against PEFT's own view of the same adapters (every config field of docs/method.md, "Adapters and updates")."""
+"""Adapter I/O against PEFT's own view of the same adapters.
+
+Every config field of docs/method.md, "Adapters and updates".
+"""
 
 from __future__ import annotations
 

@@ -104,6 +104,7 @@ def test_sampled_factors_converge_to_the_exact_expected_fisher(model_and_bases):
     model, tokenizer, bases = model_and_bases
     examples = [Example("Hi", "Ok"), Example("Name a color.", "Red")]
     exact = exact_expected_factors(model, tokenizer, examples, bases)
+
     def error(draws: int, seed: int) -> float:
         config = FisherConfig(estimator="sampled", max_length=64, label_samples=draws, seed=seed)
         sampled = collect_factors(model, tokenizer, examples, bases, config)

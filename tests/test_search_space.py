@@ -95,6 +95,7 @@ def test_matched_difference_point_estimate_and_a_real_improvement_is_outside_the
     front = [(a, _model(rng, 0.2 + 0.35 * a, 0.05 + 0.25 * a, 0.8)) for a in (0.0, 0.5, 1.0, 1.5, 2.0)]
     better = _model(rng, 0.72, 0.12, 0.8)  # linear needs over-refusal ≈ 0.4 for this safety
     result = matched_difference(better, front, n_boot=500, seed=2)
+
     def mean(values):
         return float(np.mean(values))
 

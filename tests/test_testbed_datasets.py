@@ -18,8 +18,11 @@ def data() -> dict[str, list[dict]]:
 def test_search_pools_are_held_out_and_large_enough(data):
     sizes = {name: len(data[name]) for name in datasets.SEARCH_SETS}
     assert sizes["borderline_pool"] >= 500 and sizes["harmful_pool"] >= 240 and sizes["utility_pool"] >= 300
-    training = {row["prompt"] for name in ("utility_train", "utility_fisher", "safety_train", "safety_fisher")
-                for row in data[name]}
+    training = {
+        row["prompt"]
+        for name in ("utility_train", "utility_fisher", "safety_train", "safety_fisher")
+        for row in data[name]
+    }
     for name in datasets.SEARCH_SETS:
         assert not {row["prompt"] for row in data[name]} & training
     assert not {r["prompt"] for r in data["borderline_direction"]} & {r["prompt"] for r in data["borderline_pool"]}

@@ -20,8 +20,11 @@ from sstmerge_core.tiny import build_tiny_model
 from sstmerge_core.training import collate, decoder_projection_names, mean_response_loss, train_lora
 
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-EXAMPLES = [Example(f"chmod {o}{g}0 gives?", "rwxr-xr--" if o > g else "I cannot help with that.")
-            for o in range(6) for g in range(4)]
+EXAMPLES = [
+    Example(f"chmod {o}{g}0 gives?", "rwxr-xr--" if o > g else "I cannot help with that.")
+    for o in range(6)
+    for g in range(4)
+]
 WEIGHTS = "adapter_model.safetensors"
 FAST = dict(r=4, lora_alpha=8, epochs=4, lr=2e-2, batch_size=8, max_length=64, device="cpu", progress=False)
 
@@ -69,8 +72,9 @@ def test_same_seed_gives_identical_tensors_and_another_seed_differs(llama, train
 
 
 def test_target_modules_are_honoured(llama, tmp_path):
-    folder = train_lora(str(llama), EXAMPLES[:8], tmp_path / "qv", target_modules=["q_proj", "v_proj"],
-                        **{**FAST, "epochs": 1})
+    folder = train_lora(
+        str(llama), EXAMPLES[:8], tmp_path / "qv", target_modules=["q_proj", "v_proj"], **{**FAST, "epochs": 1}
+    )
     modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in load_file(folder / WEIGHTS)}
     assert modules == {"q_proj", "v_proj"}
     assert set(json.loads((folder / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "v_proj"}
@@ -109,9 +113,21 @@ def test_cli_refuses_a_file_without_response_column_with_exit_2(llama, tmp_path)
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "How do I kill a Python process?"}\n')
     result = subprocess.run(
-        [sys.executable, "-m", "sstmerge_core.cli", "train-lora", "--base", str(llama), "--data", str(data),
-         "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "sstmerge_core.cli",
+            "train-lora",
+            "--base",
+            str(llama),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
