@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from .data import Example
 
@@ -125,10 +126,10 @@ SYMBOL_TEMPLATES = ("What is the symbol of {name}?", "Which symbol stands for {n
 COUNTS = range(2, 10)
 
 #: The tiny Llama and its training: full-parameter pre-training of the base, then the two LoRA adapters.
-MODEL = {"hidden": 64, "layers": 2}
-PRETRAIN = {"epochs": 12, "lr": 5e-3, "batch_size": 64}
-UTILITY_LORA = {"r": 8, "lora_alpha": 16, "epochs": 16, "lr": 1e-2, "batch_size": 32}
-SAFETY_LORA = {"r": 8, "lora_alpha": 16, "epochs": 12, "lr": 1e-2, "batch_size": 32}
+MODEL: dict[str, int] = {"hidden": 64, "layers": 2}
+PRETRAIN: dict[str, Any] = {"epochs": 12, "lr": 5e-3, "batch_size": 64}
+UTILITY_LORA: dict[str, Any] = {"r": 8, "lora_alpha": 16, "epochs": 16, "lr": 1e-2, "batch_size": 32}
+SAFETY_LORA: dict[str, Any] = {"r": 8, "lora_alpha": 16, "epochs": 12, "lr": 1e-2, "batch_size": 32}
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def prepare_example(folder: str | Path, seed: int = 0, progress: Callable[[str],
         say("reusing the models trained there before")
         return paths
     stamp.unlink(missing_ok=True)
-    common = dict(max_length=64, seed=seed, device="cpu", dtype="float32", progress=False)
+    common: dict[str, Any] = dict(max_length=64, seed=seed, device="cpu", dtype="float32", progress=False)
     with one_thread(), warnings.catch_warnings():
         # PEFT asks transformers a deprecated question when wrapping the model; nothing for a user to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -370,7 +371,7 @@ def prepare_example(folder: str | Path, seed: int = 0, progress: Callable[[str],
 #: The job the demos run on the example: an SST α sweep (the default soft selection) compared with linear,
 #: evaluated with the default recommendation rule.
 DEMO_METHOD = "sst"
-DEMO_PARAMS = {
+DEMO_PARAMS: dict[str, Any] = {
     "selection": "soft",
     "beta": 1.0,
     "alphas": [0.75, 1.0, 1.25, 1.5, 2.0],
@@ -379,17 +380,17 @@ DEMO_PARAMS = {
     "continuation_tokens": 8,
 }
 DEMO_COMPARE_WITH = ["linear"]
-DEMO_EVALUATION = {"utility_metric": "exact_match", "judge": "keyword", "max_new_tokens": 12}
+DEMO_EVALUATION: dict[str, Any] = {"utility_metric": "exact_match", "judge": "keyword", "max_new_tokens": 12}
 
 
 def demo_spec(assets: ExampleAssets, cache_dir: str | Path, device: str = "cpu"):
     """The `MergeSpec` of the demo job on `assets`: what `sstmerge demo` runs and `demo-service` submits."""
-    from .jobspec import EvaluationSpec, MergeSpec
+    from .jobspec import AdapterInput, EvaluationSpec, MergeSpec
 
     return MergeSpec(
         base_model=str(assets.base),
-        utility=[{"path": str(assets.utility_adapter)}],
-        safety=[{"path": str(assets.safety_adapter)}],
+        utility=[AdapterInput(path=str(assets.utility_adapter))],
+        safety=[AdapterInput(path=str(assets.safety_adapter))],
         utility_data=str(assets.utility_data),
         safety_data=str(assets.safety_data),
         method=DEMO_METHOD,

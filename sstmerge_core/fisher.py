@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from .data import Example
 from .errors import InputError
 from .prompting import Encoded, chat_prompt, encode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 Estimator = Literal["sampled", "empirical"]
@@ -74,7 +77,7 @@ class SpanHooks:
     those rows with one precomputed flat index (cheaper than boolean masking in every hook).
     """
 
-    def __init__(self, model: nn.Module, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, model: PreTrainedModel, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.model = model
         self.bases = bases
         self._mask: torch.Tensor | None = None
@@ -99,6 +102,7 @@ class SpanHooks:
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The scored rows of a (batch × seq × d) tensor, as (N × d)."""
+        assert self._index is not None, "set `mask` before a forward pass"
         return tensor.detach().reshape(-1, tensor.shape[-1]).index_select(0, self._index)
 
     def _forward_hook(self, name: str) -> Callable:
@@ -139,7 +143,7 @@ class SpanHooks:
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
+def frozen_parameters(model: PreTrainedModel) -> Iterator[None]:
     """requires_grad=False on every parameter for the duration (restored after)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -169,7 +173,7 @@ def pad_batch(items: list[Encoded], pad_id: int, device: torch.device):
 
 
 @torch.no_grad()
-def continuations(model: nn.Module, tokenizer, prompts: list[str], config: FisherConfig) -> list[list[int]]:
+def continuations(model: PreTrainedModel, tokenizer, prompts: list[str], config: FisherConfig) -> list[list[int]]:
     """Sampled model continuations (token ids, cut after the first end-of-sequence) for each prompt."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -186,7 +190,7 @@ def continuations(model: nn.Module, tokenizer, prompts: list[str], config: Fishe
         ).to(device)
     finally:
         tokenizer.padding_side = side
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]  # a causal LM: GenerationMixin, not in PreTrainedModel
         **batch,
         do_sample=True,
         top_k=0,
@@ -225,10 +229,10 @@ class ScoredLogits:
     logits (1 × N × V) for the N scored positions instead of (batch × seq × V): the full-vocabulary logits, their
     softmax and their gradient are the largest tensors of a pass, and most positions are never scored."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self.head = model.get_output_embeddings()
         self.index: torch.Tensor | None = None
-        self.shape: tuple[int, int] | None = None
+        self.shape: tuple[int, ...] | None = None
         self.applied = False
 
     def _hook(self, _module: nn.Module, inputs: tuple) -> tuple | None:
@@ -250,7 +254,7 @@ class ScoredLogits:
             self.handle.remove()
 
 
-def max_tokens_per_pass(model: nn.Module) -> int:
+def max_tokens_per_pass(model: PreTrainedModel) -> int:
     """Tokens one forward+backward may hold: the memory budget of `evaluation.batching` over the activations a
     backward keeps per token plus a scored position's logits, log-softmax, softmax and gradient (float32)."""
     from .evaluation.batching import ModelShape, memory_budget
@@ -286,7 +290,7 @@ def sample_labels(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(
-    model: nn.Module,
+    model: PreTrainedModel,
     group: list[Encoded],
     pad_id: int,
     device: torch.device,
@@ -313,7 +317,7 @@ def _backward(
 
 
 def collect_factors(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     examples: list[Example],
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]],

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from .adapters import LoraAdapter, LoraFactors
 from .data import Example
@@ -21,6 +21,9 @@ from .gevp import orthonormal_basis, truncate_product
 from .methods.base import FisherFactors, MergeMethod, ModuleInputs, ModuleResult
 from .methods.catalog import CommonParams
 from .modeling import get_target_module, lora_forward
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -57,7 +60,7 @@ def check_compatible(adapters: list[WeightedAdapter]) -> None:
 
 
 def module_inputs(
-    utility: list[WeightedAdapter], safety: list[WeightedAdapter], model: nn.Module | None = None
+    utility: list[WeightedAdapter], safety: list[WeightedAdapter], model: PreTrainedModel | None = None
 ) -> dict[str, ModuleInputs]:
     """Per module name (sorted): the utility factors with their weights and the weighted safety sum Σ w_j ΔS_j.
 
@@ -100,7 +103,7 @@ def utility_deltas(inputs: dict[str, ModuleInputs]) -> dict[str, LoraFactors]:
 
 
 def fisher_factors(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     inputs: dict[str, ModuleInputs],
     utility_data: list[Example],

@@ -8,12 +8,16 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from .adapters import LoraFactors
 from .errors import AdapterError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def load_base_model(ref: ModelRef | str, device: str = "auto", dtype: str = "aut
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load base model {ref}: {first_line}") from exc
-    model.to(torch_device).eval()
+    model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers wraps `to`; mypy misreads its self
     log.info(
         "loaded base model",
         extra={
@@ -100,13 +104,18 @@ def load_base_model(ref: ModelRef | str, device: str = "auto", dtype: str = "aut
     return model, tokenizer
 
 
-def num_layers(model: nn.Module) -> int:
+def num_layers(model: PreTrainedModel) -> int:
     """L, the number of decoder layers (from the config)."""
     for key in ("num_hidden_layers", "n_layer"):
         value = getattr(model.config, key, None)
         if isinstance(value, int):
             return value
     raise ModelError(f"cannot tell the number of layers of {type(model).__name__}")
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear, Conv1D or embedding module (`nn.Module` types any attribute as Tensor | Module)."""
+    return cast(torch.Tensor, module.weight)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -119,7 +128,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if is_conv1d(module):
-        d_in, d_out = module.weight.shape
+        d_in, d_out = weight_of(module).shape
         return int(d_out), int(d_in)
     raise AdapterError(f"{type(module).__name__} is not a Linear or Conv1D module")
 
@@ -133,7 +142,7 @@ def update_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def get_target_module(
-    model: nn.Module, name: str, shape: tuple[int, int] | None = None, *, allow_embedding: bool = False
+    model: PreTrainedModel, name: str, shape: tuple[int, ...] | None = None, *, allow_embedding: bool = False
 ) -> nn.Module:
     """The module called `name`, checked to be Linear/Conv1D (or, with `allow_embedding`, an embedding) and, if
     given, of ΔW shape (d_out, d_in)."""
@@ -153,7 +162,7 @@ def get_target_module(
     return module
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
+def linear_module_names(model: PreTrainedModel) -> list[str]:
     """Names of every Linear/Conv1D module below the decoder (the output head excluded)."""
     head = model.get_output_embeddings()
     return [
@@ -173,18 +182,18 @@ def dense_update(update: torch.Tensor | LoraFactors, device: torch.device) -> to
 @torch.no_grad()
 def add_delta(module: nn.Module, delta: torch.Tensor) -> None:
     """W ← W + ΔW for ΔW in (d_out × d_in) orientation (W's dtype; the sum is formed in float32)."""
-    weight = module.weight
+    weight = weight_of(module)
     update = delta.T if is_conv1d(module) or isinstance(module, nn.Embedding) else delta
     weight.copy_((weight.float() + update.to(device=weight.device, dtype=torch.float32)).to(weight.dtype))
 
 
-def _shares_weight(model: nn.Module, module: nn.Module) -> bool:
+def _shares_weight(model: PreTrainedModel, module: nn.Module) -> bool:
     """True when `module`'s weight is also another module's (an input embedding tied to the output head)."""
     return any(other is not module and getattr(other, "weight", None) is module.weight for other in model.modules())
 
 
 @contextlib.contextmanager
-def merged_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFactors]) -> Iterator[nn.Module]:
+def merged_deltas(model: PreTrainedModel, deltas: Mapping[str, torch.Tensor | LoraFactors]) -> Iterator[nn.Module]:
     """Temporarily W_m ← W_m + ΔW_m for every m; the original weights are restored bit-exactly.
 
     Updates may be dense tensors or LoRA factors (formed one module at a time on the module's device, so
@@ -193,22 +202,22 @@ def merged_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFact
     only the input lookup), and its shared table is put back afterwards.
     """
     saved: dict[str, torch.Tensor] = {}
-    untied: dict[str, nn.Parameter] = {}
+    untied: dict[str, torch.Tensor] = {}
     try:
         for name, update in deltas.items():
             shape = update.shape if isinstance(update, LoraFactors) else tuple(update.shape)
             module = get_target_module(model, name, tuple(shape), allow_embedding=True)
             if isinstance(module, nn.Embedding) and _shares_weight(model, module):
-                untied[name] = module.weight
-                module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+                untied[name] = weight_of(module)
+                module.weight = nn.Parameter(weight_of(module).detach().clone(), requires_grad=False)
             else:
-                saved[name] = module.weight.detach().to("cpu", copy=True)
-            add_delta(module, dense_update(update, module.weight.device))
+                saved[name] = weight_of(module).detach().to("cpu", copy=True)
+            add_delta(module, dense_update(update, weight_of(module).device))
         yield model
     finally:
         with torch.no_grad():
             for name, weight in saved.items():
-                model.get_submodule(name).weight.copy_(weight)
+                weight_of(model.get_submodule(name)).copy_(weight)
             for name, parameter in untied.items():
                 model.get_submodule(name).weight = parameter
 
@@ -217,7 +226,7 @@ def _lora_branch(module: nn.Module, update: torch.Tensor | LoraFactors):
     """The hook adding ΔW x to `module`'s output: (x Aᵀ)(s·B)ᵀ for LoRA factors, x ΔWᵀ for a dense ΔW; an embedding
     adds row t of ΔWᵀ for token t. Factors already in the module's dtype and device (and scale 1, as concatenated
     factors are) are used as they are, without a copy."""
-    weight = module.weight
+    weight = weight_of(module)
     embedding = isinstance(module, nn.Embedding)
     if isinstance(update, LoraFactors):
         down = update.A.to(weight.device, weight.dtype)  # r × d_in
@@ -242,7 +251,7 @@ def _lora_branch(module: nn.Module, update: torch.Tensor | LoraFactors):
 
 
 @contextlib.contextmanager
-def lora_forward(model: nn.Module, deltas: Mapping[str, torch.Tensor | LoraFactors]) -> Iterator[nn.Module]:
+def lora_forward(model: PreTrainedModel, deltas: Mapping[str, torch.Tensor | LoraFactors]) -> Iterator[nn.Module]:
     """Temporarily y_m = W_m x + ΔW_m x for every m, by forward hooks (as PEFT runs an unmerged adapter).
 
     The weights are never touched, so nothing is copied and nothing needs restoring: memory grows only by the

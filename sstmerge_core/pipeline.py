@@ -129,7 +129,8 @@ def merge_all(loaded: LoadedInputs, fisher: FisherResult | None, track: JobProgr
 
 def repair_all(loaded: LoadedInputs, merges: list[MergedUpdates], track: JobProgress) -> list[MergedUpdates]:
     """The repair step on every method's merged models; progress counts the models repaired."""
-    total, repaired = sum(len(m.alphas) for m in merges), []
+    total = sum(len(m.alphas) for m in merges)
+    repaired: list[MergedUpdates] = []
     for merged in merges:
         before = sum(len(m.alphas) for m in repaired)
 
@@ -145,7 +146,7 @@ def write_all(
 ) -> list[WrittenAdapters]:
     """Every method's adapter folders; progress counts the folders written over all methods."""
     total = sum(len(m.alphas) for m in merges)
-    written = []
+    written: list[WrittenAdapters] = []
     for merged in merges:
         before = sum(len(w.dirs) for w in written)
 

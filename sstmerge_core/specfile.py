@@ -85,7 +85,7 @@ def base_model_name(value: str, names: InputNames | None) -> str:
 
 def _written_path(value: str, folder: Path, names: InputNames | None) -> str:
     """A named input as named; an absolute path as is; a relative path rebased onto `folder`."""
-    if value in (names or {}):
+    if names is not None and value in names:
         return names[value]
     if os.path.isabs(value):
         return value

@@ -151,7 +151,7 @@ def random_lora(
     )
     lora = LoraConfig(
         r=r,
-        lora_alpha=lora_alpha,
+        lora_alpha=lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scales (α/r) the same
         target_modules=target_modules or default,
         init_lora_weights=False,
         fan_in_fan_out=is_gpt2,
@@ -160,5 +160,5 @@ def random_lora(
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, lora)
-    peft_model.save_pretrained(folder, safe_serialization=True)
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)

@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from .data import Example
 from .errors import DatasetError, InputError
 from .modeling import ModelRef, is_conv1d, linear_module_names, load_base_model
 from .prompting import Encoded, encode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ def _in_layer_list(name: str) -> bool:
     return any(part.isdigit() for part in name.split("."))
 
 
-def decoder_projection_names(model: nn.Module) -> list[str]:
+def decoder_projection_names(model: PreTrainedModel) -> list[str]:
     """Short names of the Linear/Conv1D modules inside the decoder layers, in order of first appearance.
 
     A module is inside a decoder layer when its dotted name has a numeric component (an index into the
@@ -48,7 +52,7 @@ def decoder_projection_names(model: nn.Module) -> list[str]:
     return list(short)
 
 
-def resolve_target_modules(model: nn.Module, target_modules: list[str] | None) -> tuple[list[str], bool]:
+def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | None) -> tuple[list[str], bool]:
     """(target module names, fan_in_fan_out) for a LoRA on `model`.
 
     `None` means every decoder projection (detected). Each given name must match, as a full dotted name
@@ -193,7 +197,7 @@ def train_lora(
     torch.manual_seed(seed)
     config = LoraConfig(
         r=r,
-        lora_alpha=lora_alpha,
+        lora_alpha=lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scales (α/r) the same
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,
@@ -229,5 +233,5 @@ def train_lora(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir

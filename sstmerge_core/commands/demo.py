@@ -143,6 +143,7 @@ def demo(workdir: str, device: str) -> None:
     threads_given = click.get_current_context().get_parameter_source("threads") not in (None, ParameterSource.DEFAULT)
     with contextlib.nullcontext() if threads_given else one_thread(), progress_bar() as report:
         outcome = run_merge(spec, root / "merge", progress=report)
+    assert outcome.metrics_path is not None, "the demo job has an evaluation"
     metrics = json.loads(outcome.metrics_path.read_text())
     click.echo("")
     show_results(metrics)

@@ -11,9 +11,9 @@ from ..errors import InputError
 from .options import evaluation_options, evaluation_spec, metrics_table, progress_bar
 
 if TYPE_CHECKING:
-    from ..evaluation.runner import Variant
+    from ..evaluation.runner import Variant, VariantKind
 
-RESERVED_KINDS = {"before": "before", "safety": "safety"}
+RESERVED_KINDS: dict[str, VariantKind] = {"before": "before", "safety": "safety"}
 
 
 def parse_adapter_option(text: str) -> tuple[str, str]:
@@ -32,6 +32,7 @@ def parse_adapter_option(text: str) -> tuple[str, str]:
 def build_variants(adapter_options: tuple[str, ...]) -> list[Variant]:
     """The base model, then one variant per distinct label (adapters sharing a label are summed)."""
     from ..evaluation.runner import Variant
+    from ..jobspec import AdapterInput
 
     folders: dict[str, list[str]] = {}
     for option in adapter_options:
@@ -40,8 +41,9 @@ def build_variants(adapter_options: tuple[str, ...]) -> list[Variant]:
     variants = [Variant(label="base", kind="base")]
     for label, paths in folders.items():
         kind = RESERVED_KINDS.get(label, "merged")
+        adapters = tuple(AdapterInput(path=path) for path in paths)
         variants.append(
-            Variant(label=label, kind=kind, adapters=tuple(paths), method="adapter" if kind == "merged" else None)
+            Variant(label=label, kind=kind, adapters=adapters, method="adapter" if kind == "merged" else None)
         )
     return variants
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from ..errors import InputError
 from ..methods.catalog import METHOD_PARAMS, REPAIRS
-from .options import evaluation_options, evaluation_spec, metrics_table, one_line, progress_bar
+from .options import FC, evaluation_options, evaluation_spec, metrics_table, one_line, progress_bar
 
 # Fields set by dedicated flags rather than generated ones.
 _SPECIAL = {"alphas"}
@@ -74,7 +74,7 @@ def _click_type(annotation: object) -> click.ParamType | type:
     return annotation if annotation in (int, float, str, bool) else str
 
 
-def method_param_options(command: click.Command) -> click.Command:
+def method_param_options(command: FC) -> FC:
     """Add `--<param>` for every method parameter (a list parameter is a repeatable flag); `--help` shows each
     method's default. Unset flags stay None, so that a flag that does not apply to the method can be refused."""
     methods_all = set(METHOD_PARAMS)
@@ -96,7 +96,7 @@ def method_param_options(command: click.Command) -> click.Command:
 REPAIR_PREFIX = "repair_"
 
 
-def repair_param_options(command: click.Command) -> click.Command:
+def repair_param_options(command: FC) -> FC:
     """`--repair STEP`, its data flags, and `--repair-<param>` for every parameter of every repair step."""
     fields = {name: info for step in REPAIRS.values() for name, info in step.params.model_fields.items()}
     for name, info in sorted(fields.items(), reverse=True):

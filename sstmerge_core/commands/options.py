@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -39,7 +40,11 @@ class BatchSizeType(click.ParamType):
 BATCH_SIZE = BatchSizeType()
 
 
-def evaluation_options(required: bool) -> Callable[[click.Command], click.Command]:
+#: What click's option decorators take and give back: a command function, or a command already made.
+FC = TypeVar("FC", bound=Callable[..., Any] | click.Command)
+
+
+def evaluation_options(required: bool) -> Callable[[FC], FC]:
     """--harmful/--benign/--utility-eval and the judging/generation settings (sstmerge_core/evaluation/README.md)."""
     flags = [
         click.option(
@@ -128,7 +133,7 @@ def evaluation_options(required: bool) -> Callable[[click.Command], click.Comman
         ),
     ]
 
-    def decorate(command: click.Command) -> click.Command:
+    def decorate(command: FC) -> FC:
         for flag in reversed(flags):
             command = flag(command)
         return command

@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..methods.catalog import FisherParams
 from ..search.space import SearchSettings
 from .merge import _click_type, _inner, parse_weighted
-from .options import evaluation_options, evaluation_spec, one_line, progress_bar
+from .options import FC, evaluation_options, evaluation_spec, one_line, progress_bar
 
 # The data-pass settings every SST trial shares: FisherParams' own fields (the sampled Fisher keeps seed 0).
 FIXED = {name: FisherParams.model_fields[name] for name in FisherParams.__annotations__}
@@ -26,10 +26,10 @@ FROM_EVALUATION = {"split_seed", "report_fraction", "max_utility_drop", "max_ove
 SEARCH_FLAGS = {k: v for k, v in SearchSettings.model_fields.items() if k not in FROM_EVALUATION}
 
 
-def model_options(model: type[BaseModel], names: dict, *, note: str) -> typing.Callable[[click.Command], click.Command]:
+def model_options(model: type[BaseModel], names: dict, *, note: str) -> typing.Callable[[FC], FC]:
     """`--<field>` for every field of `model` in `names` (a list field is a repeatable flag), default shown."""
 
-    def decorate(command: click.Command) -> click.Command:
+    def decorate(command: FC) -> FC:
         for name, info in sorted(names.items(), reverse=True):
             repeatable = typing.get_origin(_inner(info.annotation)) is list
             default = info.get_default(call_default_factory=True)
@@ -131,7 +131,7 @@ def _rates(block: dict) -> str:
     )
 
 
-def summary_text(report: dict) -> str:
+def summary_text(report: typing.Mapping[str, typing.Any]) -> str:
     """What a user reads after a search: the split sizes, the choice on the search split and what the report split
     says of it, against linear at the same safety."""
     sizes = report["splits"]["sizes"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
@@ -25,7 +26,7 @@ from ..search.matched import front_curve, interpolate
 
 RATE_LIMITS = (-0.03, 1.03)
 DPI = 110
-REFERENCE_STYLE = {
+REFERENCE_STYLE: dict[str, dict[str, Any]] = {
     "base": {"marker": "s", "color": "0.45", "label": "base"},
     "before": {"marker": "D", "color": "black", "label": "before (base + utility)"},
     "safety": {"marker": "*", "color": "crimson", "label": "safety adapter alone", "ms": 13},

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from ..adapters import LoraFactors, load_adapter
 from ..data import Example, examples_sha256, load_examples
@@ -194,8 +194,10 @@ def evaluate_model(
         refusals[name] = refused
         refusal_rates[name] = Rate.count(refused)
         samples[name] = _refusal_samples(examples, completions, refused)
-    if metric.needs_generation:
-        completions = generate(
+    utility_completions: list[str] | list[None]
+    if metric.score is not None:  # metric.needs_generation
+        score = metric.score
+        utility_completions = generate(
             model,
             tokenizer,
             [e.prompt for e in data.utility],
@@ -203,13 +205,14 @@ def evaluate_model(
             batch_size=spec.batch_size,
             on_batch=tick("utility"),
         )
-        scores = [metric.score(c, e.response) for c, e in zip(completions, data.utility)]
+        # utility examples are loaded with require_response=True
+        scores = [score(c, cast(str, e.response)) for c, e in zip(utility_completions, data.utility)]
     else:
-        completions = [None] * len(data.utility)
+        utility_completions = [None] * len(data.utility)
         scores = response_nll(model, tokenizer, data.utility, batch_size=spec.batch_size, on_batch=tick("utility"))
     samples["utility"] = [
         {"prompt": e.prompt, "completion": c, "reference": e.response, "score": s}
-        for e, c, s in list(zip(data.utility, completions, scores))[:SAMPLES_PER_SET]
+        for e, c, s in list(zip(data.utility, utility_completions, scores))[:SAMPLES_PER_SET]
     ]
     return ModelResult(
         refusal_rates["harmful"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
 
@@ -90,13 +91,18 @@ class MergeMethod:
 IMPLEMENTATIONS: dict[str, MergeMethod] = {}
 
 
-def implements(name: str) -> Callable[[MergeFn], MergeFn]:
+#: A merge function taking the params model of its own method (a subclass of `CommonParams`).
+F = TypeVar("F", bound=Callable[..., list[ModuleResult]])
+
+
+def implements(name: str) -> Callable[[F], F]:
     """Attach the decorated function as the implementation of the declared method `name`."""
 
-    def attach(merge: MergeFn) -> MergeFn:
+    def attach(merge: F) -> F:
         if name in IMPLEMENTATIONS:
             raise ValueError(f"method {name!r} is implemented twice")
-        IMPLEMENTATIONS[name] = MergeMethod(method_info(name), merge)
+        # it is only ever called with params of `method_info(name).params`, the type its signature names
+        IMPLEMENTATIONS[name] = MergeMethod(method_info(name), cast(MergeFn, merge))
         return merge
 
     return attach

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from peft.utils import merge_utils
@@ -14,7 +15,7 @@ from ..gevp import truncated_svd
 from .base import ModuleInputs, ModuleResult, implements
 from .catalog import CommonParams, DensityParams, TiesParams
 
-Rule = Callable[[list[torch.Tensor], torch.Tensor, CommonParams], torch.Tensor]
+P = TypeVar("P", bound=CommonParams)
 
 
 def task_tensors(inputs: ModuleInputs) -> tuple[list[torch.Tensor], list[float]]:
@@ -30,16 +31,19 @@ def module_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def dense_merge(rule: Rule) -> Callable[[ModuleInputs, CommonParams, list[float]], list[ModuleResult]]:
+def dense_merge(
+    rule: Callable[[list[torch.Tensor], torch.Tensor, P], torch.Tensor],
+) -> Callable[[ModuleInputs, P, list[float]], list[ModuleResult]]:
     """A method that applies `rule(task_tensors, weights, params)` per α, then SVD back to the target rank."""
 
-    def merge(inputs: ModuleInputs, params: CommonParams, alphas: list[float]) -> list[ModuleResult]:
+    def merge(inputs: ModuleInputs, params: P, alphas: list[float]) -> list[ModuleResult]:
         tensors, weights = task_tensors(inputs)
-        has_safety = inputs.safety is not None
-        if has_safety:
-            tensors.append(inputs.safety.delta().float())
+        safety = inputs.safety
+        has_safety = safety is not None
+        if safety is not None:
+            tensors.append(safety.delta().float())
         target_rank = params.max_rank or (
-            sum(p.rank for p in inputs.utility) + (inputs.safety.rank if has_safety else 0)
+            sum(p.rank for p in inputs.utility) + (safety.rank if safety is not None else 0)
         )
         results = []
         for alpha in alphas:

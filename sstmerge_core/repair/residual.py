@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..modeling import is_conv1d, linear_module_names, num_layers
+from ..modeling import is_conv1d, linear_module_names, num_layers, weight_of
 from ..prompting import chat_prompt
 from .directions import project_out
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # The two writers of each decoder layer: Llama / Mistral / Qwen2 and GPT-2 layouts.
 WRITER_SUFFIXES = ("self_attn.o_proj", "mlp.down_proj", "attn.c_proj", "mlp.c_proj")
@@ -25,7 +29,7 @@ POSITIONAL_EMBEDDINGS = ("transformer.wpe",)
 _MARK = "\u2063sstmerge\u2063"
 
 
-def embedding_names(model: nn.Module) -> list[str]:
+def embedding_names(model: PreTrainedModel) -> list[str]:
     """The input embedding (and GPT-2's learned positional embedding), by module name."""
     token = model.get_input_embeddings()
     names = [name for name, module in model.named_modules() if module is token]
@@ -33,7 +37,7 @@ def embedding_names(model: nn.Module) -> list[str]:
     return names
 
 
-def residual_writers(model: nn.Module, *, include_embedding: bool = True) -> dict[str, nn.Module]:
+def residual_writers(model: PreTrainedModel, *, include_embedding: bool = True) -> dict[str, nn.Module]:
     """Every module whose output is added to the residual stream: each layer's attention output and MLP output
     projections, plus the embeddings when `include_embedding`. Raises `ModelError` for an unknown layout."""
     layers = num_layers(model)
@@ -50,7 +54,7 @@ def residual_writers(model: nn.Module, *, include_embedding: bool = True) -> dic
 
 def writer_weight(module: nn.Module) -> torch.Tensor:
     """W_eff as the map into the residual stream, (d_model × d_in): Linear W, Conv1D Wᵀ, embedding Eᵀ (d × V)."""
-    weight = module.weight.detach()
+    weight = weight_of(module).detach()
     return weight.T if is_conv1d(module) or isinstance(module, nn.Embedding) else weight
 
 
@@ -92,7 +96,7 @@ def _batches(tokenizer, prompts: Sequence[str], batch_size: int, device: torch.d
 
 @torch.no_grad()
 def residual_means(
-    model: nn.Module, tokenizer, prompts: Sequence[str], positions: int, batch_size: int
+    model: PreTrainedModel, tokenizer, prompts: Sequence[str], positions: int, batch_size: int
 ) -> torch.Tensor:
     """Mean residual stream entering each layer at the last `positions` prompt tokens: (L, K, d), float64."""
     if not prompts:
@@ -108,7 +112,7 @@ def residual_means(
 
 
 @torch.no_grad()
-def last_token_logits(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+def last_token_logits(model: PreTrainedModel, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """Next-token logits after each prompt (the first token of the answer): (N, V), float32 on the CPU."""
     rows = []
     for batch in _batches(tokenizer, prompts, batch_size, model.device):

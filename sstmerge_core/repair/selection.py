@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch import nn
 from ..methods.catalog import RefusalAblationParams
 from .directions import kl_divergence, refusal_log_odds
 from .residual import ablated, last_token_logits
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def choose(candidates: Sequence[CandidateScore], baseline: Scores) -> CandidateS
 
 
 def score_candidates(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     writers: dict[str, nn.Module],
     directions: dict[tuple[int, int], torch.Tensor],

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from .residual import (
     writer_weight,
 )
 from .selection import PromptSets, choose, score_candidates
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None]
@@ -105,7 +109,7 @@ def effective_writer(module: nn.Module, update: LoraFactors | None) -> torch.Ten
 
 
 def refusal_ablation(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     data: RepairData,
     params: RefusalAblationParams,
@@ -121,7 +125,7 @@ def refusal_ablation(
 
 
 def _repair(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     data: RepairData,
     params: RefusalAblationParams,
@@ -143,7 +147,7 @@ def _repair(
     if progress is not None:
         progress(0.1)
     writers = residual_writers(model, include_embedding=params.include_embedding)
-    report = {
+    report: dict[str, Any] = {
         "step": "refusal_ablation",
         "params": params.model_dump(),
         "layers": layers,
@@ -152,6 +156,7 @@ def _repair(
             name: {"fit": len(fit), "select": 0 if fixed else len(halves[name][1])} for name, fit in fits.items()
         },
     }
+    chosen: dict[str, Any] | None
     if fixed:
         chosen = {"layer": params.layer, "position": params.position}
         report |= {"chosen": chosen, "chosen_by": "given layer and position"}

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..evaluation.outcomes import Outcomes
 
@@ -44,7 +45,7 @@ class Resamples:
         return harmful[self.harmful].mean(1), benign[self.benign].mean(1), utility[self.utility].mean(1)
 
 
-def front_curve(alphas: Sequence[float], safety: Sequence[float], *values: Sequence[float]) -> tuple[Array, ...]:
+def front_curve(alphas: ArrayLike, safety: ArrayLike, *values: ArrayLike) -> tuple[Array, ...]:
     """(safety, *values) sorted by safety, from the α-ordered points up to the safest one; ties averaged."""
     order = np.argsort(np.asarray(alphas, dtype=float), kind="stable")
     s = np.asarray(safety, dtype=float)[order]

@@ -108,7 +108,9 @@ class SearchContext:
 
     @property
     def higher_is_better(self) -> bool:
-        return UTILITY_METRICS[self.loaded.evaluation.spec.utility_metric].higher_is_better
+        evaluation = self.loaded.evaluation
+        assert evaluation is not None, "a search always evaluates"
+        return UTILITY_METRICS[evaluation.spec.utility_metric].higher_is_better
 
 
 def reference_updates(loaded: LoadedInputs) -> dict[str, dict[str, LoraFactors]]:
@@ -282,6 +284,7 @@ def plan_costs(loaded: LoadedInputs, settings: SearchSettings, report_models: in
     split; the report ≈ one evaluation per model on the report split."""
     sizes = job_sizes(loaded)
     costs = stage_costs(sizes, constants_for(loaded.device))
+    assert sizes.evaluation is not None, "a search always evaluates"
     per_model = costs["evaluating"].total / max(sizes.evaluation.models, 1)
     plan = {k: v for k, v in costs.items() if k in ("loading", "fisher_utility", "fisher_safety")}
     plan["references"] = StageCost(body=2 * per_model * (1 - settings.report_fraction))
@@ -318,6 +321,7 @@ def run_search(
         track.plan(plan_costs(loaded, settings, report_models))
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
         evaluation = loaded.evaluation
+        assert evaluation is not None, "a search always evaluates"
         splits = evaluation.data.splits(settings.split_seed, settings.report_fraction)
         track.begin("references")
         search_data, report_data = (evaluation.data.subset(splits, part) for part in ("search", "report"))

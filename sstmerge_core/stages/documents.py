@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..card import model_card
 from ..report import build_report, package_version
@@ -61,7 +62,9 @@ def known_hashes(loaded: LoadedInputs) -> dict[str, str]:
     spec = loaded.spec
     hashes = {given.path: weighted.adapter.sha256 for _, given, weighted in loaded.adapters}
     for role, data in loaded.fisher_data.items():
-        hashes[spec.utility_data if role == "utility" else spec.safety_data] = data.file_sha256
+        path = spec.utility_data if role == "utility" else spec.safety_data
+        if path is not None:  # None when the spec (a search's chosen recipe) no longer reads it
+            hashes[path] = data.file_sha256
     if loaded.evaluation is not None:
         for key, digest in loaded.evaluation.file_sha256.items():
             hashes[getattr(spec.evaluation, key)] = digest
@@ -106,7 +109,9 @@ def write_documents(
     inputs = inputs_section(loaded, names)
     hashes = input_hashes(spec, known=known_hashes(loaded))
     pass_params = fisher_params(spec)
-    spec_options = dict(names=names, version=package_version(), dtype=_model_dtype(loaded), hashes=hashes)
+    spec_options: dict[str, Any] = dict(
+        names=names, version=package_version(), dtype=_model_dtype(loaded), hashes=hashes
+    )
     base_model = base_model_name(spec.base_model, names)
 
     reports = []
@@ -115,7 +120,9 @@ def write_documents(
         report = build_report(
             merged=merged,
             inputs=inputs,
-            fisher=fisher.summary(pass_params.damping) if fisher is not None and merged.method.needs_fisher else None,
+            fisher=fisher.summary(pass_params.damping)
+            if fisher is not None and pass_params is not None and merged.method.needs_fisher
+            else None,
             timings=timings,
             estimated=estimated,
             recommended=evaluation.recommended if evaluation is not None else None,

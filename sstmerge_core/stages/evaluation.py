@@ -31,6 +31,7 @@ class EvaluationResult:
 def evaluation_variants(loaded: LoadedInputs, root: Path, written: Sequence[WrittenAdapters]) -> list:
     """Base, before (base + utility), safety (base + safety), then every written adapter by method and α."""
     from ..evaluation.runner import Variant
+    from ..jobspec import AdapterInput
 
     spec = loaded.spec
     variants = [Variant("base", "base")]
@@ -45,7 +46,7 @@ def evaluation_variants(loaded: LoadedInputs, root: Path, written: Sequence[Writ
                 Variant(
                     merged.label(alpha),
                     merged.role,
-                    str(root / folder),
+                    (AdapterInput(path=str(root / folder)),),
                     method=merged.name,
                     alpha=alpha,
                     params=settings,

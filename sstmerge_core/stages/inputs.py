@@ -7,13 +7,13 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..adapters import load_adapter
 from ..cache import model_fingerprint
 from ..data import Example, examples_sha256, file_sha256, load_examples
 from ..errors import InputError
-from ..fisher import FisherConfig
+from ..fisher import Estimator, FisherConfig
 from ..jobspec import AdapterInput, EvaluationSpec, MergeSpec
 from ..merge import WeightedAdapter, module_inputs
 from ..methods.base import MergeMethod, ModuleInputs
@@ -115,7 +115,7 @@ class LoadedInputs:
 
 
 def fisher_configs(
-    params: FisherParams, utility_estimator: str, safety_estimator: str
+    params: FisherParams, utility_estimator: Estimator, safety_estimator: Estimator
 ) -> tuple[FisherConfig, FisherConfig]:
     """The utility and safety pass settings of a method's parameters."""
     common = dict(
@@ -141,7 +141,8 @@ def sample_examples(path: str, config: FisherConfig) -> list[Example]:
 
 def fisher_params(spec: MergeSpec) -> FisherParams | None:
     """The data-pass settings of the job: those of its first method (own or compared) that reads data, if any."""
-    return next((params for method, params, _ in merge_plan(spec) if method.needs_fisher), None)
+    # a method that reads data takes FisherParams (methods/catalog.py)
+    return next((cast(FisherParams, params) for method, params, _ in merge_plan(spec) if method.needs_fisher), None)
 
 
 def load_fisher_data(spec: MergeSpec, params: FisherParams) -> dict[str, FisherData]:
@@ -152,6 +153,7 @@ def load_fisher_data(spec: MergeSpec, params: FisherParams) -> dict[str, FisherD
     if missing:
         readers = [method.name for method, _, _ in merge_plan(spec) if method.needs_fisher]
         raise InputError(f"method {readers[0]!r} needs {' and '.join(missing)}")
+    assert spec.utility_data is not None and spec.safety_data is not None
     u_config, s_config = fisher_configs(
         params, getattr(params, "utility_fisher", "sampled"), getattr(params, "safety_fisher", "empirical")
     )
@@ -167,6 +169,7 @@ def load_evaluation(spec: MergeSpec) -> EvaluationInputs:
     from ..evaluation.runner import EvaluationData
 
     evaluation = spec.evaluation
+    assert evaluation is not None, "called for a job with an evaluation"
     data = EvaluationData.load(evaluation)
     merge_files = (spec.utility_data, spec.safety_data, spec.harmless_data, spec.borderline_data)
     merge_prompts = {e.prompt.strip() for path in merge_files if path for e in load_examples(path)}

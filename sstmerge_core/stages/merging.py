@@ -85,8 +85,10 @@ def merge_updates(
 def merge_plan(spec: MergeSpec) -> list[tuple[MergeMethod, CommonParams, Role]]:
     """The job's method, then each `compare_with` method other than it, with their parameters."""
     params = spec.method_params()
-    return [(get_method(spec.method), params, "merged")] + [
+    plan: list[tuple[MergeMethod, CommonParams, Role]] = [(get_method(spec.method), params, "merged")]
+    plan.extend(
         (get_method(name), baseline_params(name, params), "baseline")
         for name in dict.fromkeys(spec.compare_with)
         if name != spec.method
-    ]
+    )
+    return plan

@@ -59,7 +59,9 @@ def repair_updates(
     progress: Callable[[float, float], None] | None = None,
 ) -> MergedUpdates:
     """The repair step on the model merged at every α of `merged`; the model's weights are unchanged on return."""
-    by_alpha, reports, embeddings = {}, {}, set()
+    by_alpha: dict[float, dict[str, ModuleResult]] = {}
+    reports: dict[float, Mapping] = {}
+    embeddings: set[str] = set()
     for i, alpha in enumerate(merged.alphas):
 
         def advance(fraction: float, i: int = i) -> None:
