@@ -74,22 +74,33 @@ def _click_type(annotation: object) -> click.ParamType | type:
     return annotation if annotation in (int, float, str, bool) else str
 
 
+def is_repeatable(annotation: object) -> bool:
+    """A list field: a repeatable flag."""
+    return typing.get_origin(_inner(annotation)) is list
+
+
+def field_option(name: str, annotation: object, help: str, *, prefix: str = "") -> typing.Callable[[FC], FC]:
+    """`--<prefix><name>` (underscores as dashes) for a parameter-model field, into `<prefix><name>`: the field's
+    click type, repeatable for a list; unset it stays None, so that a flag that does not apply can be refused."""
+    return click.option(
+        f"--{(prefix + name).replace('_', '-')}",
+        prefix + name,
+        type=_click_type(annotation),
+        multiple=is_repeatable(annotation),
+        default=None,
+        help=help,
+    )
+
+
 def method_param_options(command: FC) -> FC:
     """Add `--<param>` for every method parameter (a list parameter is a repeatable flag); `--help` shows each
     method's default. Unset flags stay None, so that a flag that does not apply to the method can be refused."""
     methods_all = set(METHOD_PARAMS)
     for name, field in sorted(_param_fields().items(), reverse=True):
         scope = "all methods" if set(field.methods) == methods_all else "method " + "/".join(field.methods)
-        repeatable = typing.get_origin(_inner(field.annotation)) is list
+        repeatable = is_repeatable(field.annotation)
         notes = [scope, *(["repeatable"] if repeatable else []), f"default: {field.default_text()}"]
-        command = click.option(
-            f"--{name.replace('_', '-')}",
-            name,
-            type=_click_type(field.annotation),
-            multiple=repeatable,
-            default=None,
-            help=f"{field.description} [{'; '.join(notes)}]",
-        )(command)
+        command = field_option(name, field.annotation, f"{field.description} [{'; '.join(notes)}]")(command)
     return command
 
 
@@ -100,13 +111,9 @@ def repair_param_options(command: FC) -> FC:
     """`--repair STEP`, its data flags, and `--repair-<param>` for every parameter of every repair step."""
     fields = {name: info for step in REPAIRS.values() for name, info in step.params.model_fields.items()}
     for name, info in sorted(fields.items(), reverse=True):
-        command = click.option(
-            f"--repair-{name.replace('_', '-')}",
-            REPAIR_PREFIX + name,
-            type=_click_type(info.annotation),
-            default=None,
-            help=f"{info.description} [repair; default: {info.get_default(call_default_factory=True)}]",
-        )(command)
+        default = info.get_default(call_default_factory=True)
+        text = f"{info.description} [repair; default: {default}]"
+        command = field_option(name, info.annotation, text, prefix=REPAIR_PREFIX)(command)
     for flag, text in (
         ("--borderline-data", "Repair: borderline-benign prompts P (JSONL/CSV), held out from evaluation."),
         ("--harmless-data", "Repair: harmless prompts B (JSONL/CSV), held out from evaluation."),

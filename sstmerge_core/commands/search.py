@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import InputError
 from ..methods.catalog import FisherParams
 from ..search.space import SearchSettings
-from .merge import _click_type, _inner, parse_weighted
+from .merge import field_option, parse_weighted
 from .options import FC, evaluation_options, evaluation_spec, one_line, progress_bar
 
 # The data-pass settings every SST trial shares: FisherParams' own fields (the sampled Fisher keeps seed 0).
@@ -31,16 +31,8 @@ def model_options(model: type[BaseModel], names: dict, *, note: str) -> typing.C
 
     def decorate(command: FC) -> FC:
         for name, info in sorted(names.items(), reverse=True):
-            repeatable = typing.get_origin(_inner(info.annotation)) is list
             default = info.get_default(call_default_factory=True)
-            command = click.option(
-                f"--{name.replace('_', '-')}",
-                name,
-                type=_click_type(info.annotation),
-                multiple=repeatable,
-                default=None,
-                help=f"{info.description} [{note}; default: {default}]",
-            )(command)
+            command = field_option(name, info.annotation, f"{info.description} [{note}; default: {default}]")(command)
         return command
 
     return decorate
