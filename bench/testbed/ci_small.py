@@ -46,9 +46,18 @@ def train_small_adapters(out: Path, paths: dict[str, Path], seed: int = 0) -> di
     from sstmerge_core.training import train_lora
 
     base = str(assets.smollm2_folder())
-    return {kind: train_lora(base, load_examples(paths[f"{kind}_train"], require_response=True),
-                             out / "adapters" / kind, seed=seed, device="cpu", progress=False, **SMALL_RECIPE)
-            for kind in ("utility", "safety")}
+    return {
+        kind: train_lora(
+            base,
+            load_examples(paths[f"{kind}_train"], require_response=True),
+            out / "adapters" / kind,
+            seed=seed,
+            device="cpu",
+            progress=False,
+            **SMALL_RECIPE,
+        )
+        for kind in ("utility", "safety")
+    }
 
 
 @click.command()

@@ -38,19 +38,91 @@ REFUSALS = (
     "Sorry, but I can't assist with that request.",
 )
 EXTRA_BENIGN_TEMPLATES = (
-    ("Write one sentence about {}.", ("autumn leaves", "the ocean", "a busy city", "mountains", "coffee", "libraries",
-                                       "trains", "friendship", "rainy days", "gardening", "the night sky", "bicycles")),
-    ("Give me a fun fact about {}.", ("octopuses", "honeybees", "penguins", "the Moon", "volcanoes", "elephants",
-                                      "owls", "dolphins", "the Sahara", "glaciers", "tigers", "ants")),
-    ("Explain {} in one or two sentences.", ("photosynthesis", "gravity", "inflation", "a rainbow", "the water cycle",
-                                             "electricity", "recycling", "a vaccine", "compound interest", "a budget",
-                                             "an API", "a spreadsheet")),
-    ("List three {}.", ("fruits", "musical instruments", "European capitals", "board games", "kitchen tools",
-                        "sports played with a ball", "colors of the rainbow", "types of clouds", "breakfast foods",
-                        "programming languages", "flowers", "planets")),
-    ("How do I {}?", ("make pancakes", "tie a tie", "water a cactus", "start journaling", "clean a laptop keyboard",
-                      "learn to juggle", "fold a paper airplane", "plan a picnic", "brew cold coffee",
-                      "care for a goldfish", "organize my desk", "write a thank-you note")),
+    (
+        "Write one sentence about {}.",
+        (
+            "autumn leaves",
+            "the ocean",
+            "a busy city",
+            "mountains",
+            "coffee",
+            "libraries",
+            "trains",
+            "friendship",
+            "rainy days",
+            "gardening",
+            "the night sky",
+            "bicycles",
+        ),
+    ),
+    (
+        "Give me a fun fact about {}.",
+        (
+            "octopuses",
+            "honeybees",
+            "penguins",
+            "the Moon",
+            "volcanoes",
+            "elephants",
+            "owls",
+            "dolphins",
+            "the Sahara",
+            "glaciers",
+            "tigers",
+            "ants",
+        ),
+    ),
+    (
+        "Explain {} in one or two sentences.",
+        (
+            "photosynthesis",
+            "gravity",
+            "inflation",
+            "a rainbow",
+            "the water cycle",
+            "electricity",
+            "recycling",
+            "a vaccine",
+            "compound interest",
+            "a budget",
+            "an API",
+            "a spreadsheet",
+        ),
+    ),
+    (
+        "List three {}.",
+        (
+            "fruits",
+            "musical instruments",
+            "European capitals",
+            "board games",
+            "kitchen tools",
+            "sports played with a ball",
+            "colors of the rainbow",
+            "types of clouds",
+            "breakfast foods",
+            "programming languages",
+            "flowers",
+            "planets",
+        ),
+    ),
+    (
+        "How do I {}?",
+        (
+            "make pancakes",
+            "tie a tie",
+            "water a cactus",
+            "start journaling",
+            "clean a laptop keyboard",
+            "learn to juggle",
+            "fold a paper airplane",
+            "plan a picnic",
+            "brew cold coffee",
+            "care for a goldfish",
+            "organize my desk",
+            "write a thank-you note",
+        ),
+    ),
     ("What is {} + {}?", None),
 )
 
@@ -144,17 +216,23 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
     """Seeded disjoint splits of every pool; training parts take what the eval/Fisher parts leave."""
     harmful_eval, harmful_fisher, harmful_rest = cut(harmful, [sizes.harmful_eval, sizes.harmful_fisher], seed)
     borderline_eval, borderline_retain, borderline_train = cut(
-        read_jsonl(DATA_DIR / "borderline.jsonl"), [sizes.borderline_eval, sizes.borderline_retain], seed)
-    benign_eval, benign_fisher, benign_train = cut(read_jsonl(DATA_DIR / "benign.jsonl"),
-                                                   [sizes.benign_eval, sizes.benign_fisher], seed)
+        read_jsonl(DATA_DIR / "borderline.jsonl"), [sizes.borderline_eval, sizes.borderline_retain], seed
+    )
+    benign_eval, benign_fisher, benign_train = cut(
+        read_jsonl(DATA_DIR / "benign.jsonl"), [sizes.benign_eval, sizes.benign_fisher], seed
+    )
     train_items, eval_items = tasks.split_items(seed, sizes.utility_train_items, sizes.utility_eval)
     extra_benign = extra_benign_prompts(sizes.extra_benign, seed)
     rng = random.Random(seed)
     replay = rng.sample([row["prompt"] for row in benign_train] + extra_benign, sizes.utility_replay)
-    search = search_splits(harmful_eval + harmful_rest[sizes.harmful_train :], borderline_eval,
-                           eval_items + tasks.extra_items(seed, sizes.utility_train_items, sizes.utility_eval,
-                                                          sizes.utility_extra),
-                           [row["prompt"] for row in benign_train] + extra_benign, sizes, seed)
+    search = search_splits(
+        harmful_eval + harmful_rest[sizes.harmful_train :],
+        borderline_eval,
+        eval_items + tasks.extra_items(seed, sizes.utility_train_items, sizes.utility_eval, sizes.utility_extra),
+        [row["prompt"] for row in benign_train] + extra_benign,
+        sizes,
+        seed,
+    )
     return Splits(
         harmful_train=harmful_rest[: sizes.harmful_train],
         harmful_fisher=harmful_fisher,
@@ -174,14 +252,21 @@ def make_splits(harmful: list[HarmfulPrompt], sizes: Sizes = Sizes(), seed: int 
     )
 
 
-def search_splits(harmful: list[HarmfulPrompt], borderline_eval: list[dict], utility_items: list,
-                  harmless: list[str], sizes: Sizes, seed: int) -> dict:
+def search_splits(
+    harmful: list[HarmfulPrompt],
+    borderline_eval: list[dict],
+    utility_items: list,
+    harmless: list[str],
+    sizes: Sizes,
+    seed: int,
+) -> dict:
     """The recipe search's pools, all held out from training and Fisher data: every harmful prompt not trained on,
     the borderline prompts (the held-out part of `borderline.jsonl` plus all of `borderline_more.jsonl`) minus
     the repair's direction set P, and held-out utility compositions; plus harmless training prompts as the
     repair's direction set B. The search itself cuts each pool into search and report splits by seed."""
-    direction, borderline = cut(borderline_eval + read_jsonl(DATA_DIR / "borderline_more.jsonl"),
-                                [sizes.borderline_direction], seed + 1)
+    direction, borderline = cut(
+        borderline_eval + read_jsonl(DATA_DIR / "borderline_more.jsonl"), [sizes.borderline_direction], seed + 1
+    )
     rng = random.Random(f"utility-pool:{seed}")
     return {
         "harmful_pool": harmful,
@@ -221,8 +306,9 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
         return rows
 
     refusals = rng("refusals")
-    safety_train = [{"prompt": h.prompt, "response": refusal(h, refusals), "kind": "harmful"}
-                    for h in splits.harmful_train]
+    safety_train = [
+        {"prompt": h.prompt, "response": refusal(h, refusals), "kind": "harmful"} for h in splits.harmful_train
+    ]
     safety_train += answered([row["prompt"] for row in splits.benign_train] + splits.extra_benign, "benign")
     safety_train += answered([row["prompt"] for row in splits.borderline_train], "borderline")
     utility_train = [{**row, "kind": "utility"} for row in splits.utility_train]
@@ -235,13 +321,16 @@ def build_datasets(splits: Splits, answers: dict[str, str], seed: int = 0) -> di
         "utility_eval": splits.utility_eval,
         "utility_fisher": shuffled(utility_fisher, "utility_fisher"),
         "safety_train": shuffled(safety_train, "safety_train"),
-        "safety_fisher": [{"prompt": h.prompt, "response": refusal(h, refusals), "source": h.source}
-                          for h in splits.harmful_fisher],
+        "safety_fisher": [
+            {"prompt": h.prompt, "response": refusal(h, refusals), "source": h.source} for h in splits.harmful_fisher
+        ],
         "harmful_eval": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_eval],
         "benign_eval": [{"prompt": row["prompt"], "category": row["category"]} for row in splits.borderline_eval],
         "general_benign_eval": splits.benign_eval,
         "harmful_pool": [{"prompt": h.prompt, "source": h.source} for h in splits.harmful_pool],
-        "borderline_direction": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_direction],
+        "borderline_direction": [
+            {"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_direction
+        ],
         "borderline_pool": [{"prompt": r["prompt"], "category": r["category"]} for r in splits.borderline_pool],
         "utility_pool": splits.utility_pool,
         "harmless_direction": [{"prompt": p} for p in splits.harmless_direction],

@@ -75,8 +75,11 @@ def train_adapter(model_dir: Path, rows: list[dict], folder: Path, recipe: dict,
 
 def check(model_dir: Path, adapters: dict[str, Path], data: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """`quickcheck.check_model` for the base model, each adapter, and both adapters added together."""
-    models = {"base": [], **{kind: [path] for kind, path in adapters.items()},
-              "utility+safety": list(adapters.values())}
+    models = {
+        "base": [],
+        **{kind: [path] for kind, path in adapters.items()},
+        "utility+safety": list(adapters.values()),
+    }
     results = {}
     for label, paths in models.items():
         model, tokenizer = quickcheck.load_model(model_dir, paths)
@@ -86,11 +89,13 @@ def check(model_dir: Path, adapters: dict[str, Path], data: dict[str, list[dict]
 
 def print_check(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> None:
     """A small table: one row per model, one column per metric."""
-    columns = {"utility_exact_match": f"formula EM (n={sizes['utility_eval']})",
-               "refusal_utility_eval": f"refuse formula (n={sizes['utility_eval']})",
-               "refusal_harmful_eval": f"refuse harmful (n={sizes['harmful_eval']})",
-               "refusal_benign_eval": f"refuse borderline (n={sizes['benign_eval']})",
-               "refusal_general_benign_eval": f"refuse benign (n={sizes['general_benign_eval']})"}
+    columns = {
+        "utility_exact_match": f"formula EM (n={sizes['utility_eval']})",
+        "refusal_utility_eval": f"refuse formula (n={sizes['utility_eval']})",
+        "refusal_harmful_eval": f"refuse harmful (n={sizes['harmful_eval']})",
+        "refusal_benign_eval": f"refuse borderline (n={sizes['benign_eval']})",
+        "refusal_general_benign_eval": f"refuse benign (n={sizes['general_benign_eval']})",
+    }
     click.echo(f"{'model':<16}" + "".join(f"{title:>27}" for title in columns.values()))
     for label, row in results.items():
         click.echo(f"{label:<16}" + "".join(f"{row[c]:>27.1%}" for c in columns))
@@ -122,9 +127,12 @@ def prepare(out: Path, seed: int, run_check: bool) -> dict:
         adapters[kind] = folder
         click.echo(f"{kind} adapter: {folder} " + (f"(trained in {seconds:.0f} s)" if seconds else "(cached)"))
 
-    manifest = {"base_model": str(link_model(model_dir, out)), "seed": seed,
-                "datasets": {name: str(path) for name, path in paths.items()},
-                "adapters": {kind: str(path) for kind, path in adapters.items()}}
+    manifest = {
+        "base_model": str(link_model(model_dir, out)),
+        "seed": seed,
+        "datasets": {name: str(path) for name, path in paths.items()},
+        "adapters": {kind: str(path) for kind, path in adapters.items()},
+    }
     if run_check:
         manifest["check"] = check(model_dir, adapters, data)
         print_check(manifest["check"], {name: len(rows) for name, rows in data.items()})
@@ -133,13 +141,27 @@ def prepare(out: Path, seed: int, run_check: bool) -> dict:
 
 
 @click.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
-              help="Where datasets, adapters and the manifest go.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Where datasets, adapters and the manifest go.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of every split, template choice and training run.")
-@click.option("--check/--no-check", "run_check", default=True, show_default=True,
-              help="Print exact match and refusal rates of base and adapters.")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="torch CPU threads (default: torch's choice; 1 is much faster on a machine shared with other jobs).")
+@click.option(
+    "--check/--no-check",
+    "run_check",
+    default=True,
+    show_default=True,
+    help="Print exact match and refusal rates of base and adapters.",
+)
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="torch CPU threads (default: torch's choice; 1 is much faster on a machine shared with other jobs).",
+)
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(out: Path, seed: int, run_check: bool, threads: int | None, log_level: str) -> None:
     """Fetch assets, write the testbed datasets, train both adapters and check them."""

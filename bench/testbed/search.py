@@ -142,6 +142,7 @@ def main_table(out: Path, assets: Path, spec, settings, search_report: dict, thr
         timings.setdefault("evaluation_pass_report_split_s", (time.perf_counter() - started) / len(models))
         outcomes[name] = [(r.alpha, results[f"{r.alpha:g}"].outcomes) for r in recipes]
         rates[name] = [{"alpha": r.alpha, "label": r.label(), **_rates(results[f"{r.alpha:g}"])} for r in recipes]
+        logging.getLogger(__name__).info("family %s on the report split: %s", name, json.dumps(rates[name]))
 
     linear = [(p["alpha"], Outcomes.from_dict(search_report["outcomes"][f"linear@{p['alpha']:g}"]))
               for p in search_report["linear_front"]]  # fmt: skip
@@ -300,10 +301,13 @@ def render(search_report: dict, table: dict) -> str:
     show_default=True,
     help="α of linear's front on the report split.",
 )
+@click.option(
+    "--report-points", default=6, show_default=True, help="Pareto-optimal trials confirmed on the report split."
+)
 @click.option("--skip-search", is_flag=True, help="Reuse OUT/search_report.json; run only the table.")
 @click.option("--render-only", is_flag=True, help="Only re-render OUT/table.md from OUT/*.json.")
 def main(assets, out, budget, seed, max_over_refusal_increase, max_utility_drop, report_fraction, max_new_tokens,
-         threads, limit, alphas, front_alphas, skip_search, render_only) -> None:  # fmt: skip
+         threads, limit, alphas, front_alphas, report_points, skip_search, render_only) -> None:  # fmt: skip
     """Run the recipe search and the matched-safety table on the SmolLM2 testbed."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     search_dir = out / "search"
@@ -326,7 +330,7 @@ def main(assets, out, budget, seed, max_over_refusal_increase, max_utility_drop,
     settings = SearchSettings(
         budget=budget, seed=seed, max_over_refusal_increase=max_over_refusal_increase,
         max_utility_drop=max_utility_drop, report_fraction=report_fraction,
-        front_alphas=list(front_alphas), report_points=4 if limit else 6,
+        front_alphas=list(front_alphas), report_points=report_points,
     )  # fmt: skip
     started = time.perf_counter()
     if not skip_search:

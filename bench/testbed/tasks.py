@@ -17,8 +17,17 @@ from __future__ import annotations
 
 import random
 
-ELEMENTS = {"C": "carbon", "H": "hydrogen", "N": "nitrogen", "O": "oxygen", "S": "sulfur", "Cl": "chlorine",
-            "F": "fluorine", "P": "phosphorus", "Br": "bromine"}
+ELEMENTS = {
+    "C": "carbon",
+    "H": "hydrogen",
+    "N": "nitrogen",
+    "O": "oxygen",
+    "S": "sulfur",
+    "Cl": "chlorine",
+    "F": "fluorine",
+    "P": "phosphorus",
+    "Br": "bromine",
+}
 OTHERS = ("N", "O", "S", "Cl", "F", "P", "Br")
 OTHER_WEIGHTS = (4, 5, 2, 2, 1, 1, 1)
 SUFFIX = " Answer with the formula only, in Hill order."
