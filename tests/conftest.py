@@ -1,13 +1,15 @@
-"""Shared fixtures: tiny models built from configs (no download) and random LoRA adapters."""
+"""Shared fixtures: tiny models built from configs (no download), random LoRA adapters and small data sets.
+Shared helper functions live in tests/helpers (imported as `tests.helpers.<module>`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from sstmerge_core.tiny import build_tiny_model, random_lora
+from tests.helpers.files import write_jsonl
+from tests.helpers.models import load_with_bases
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +21,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +47,9 @@ def llama_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
             tiny_llama, root / "safety", seed=2, r=3, target_modules=["q_proj", "v_proj", "down_proj"]
         ),
     }
+
+
+@pytest.fixture(scope="module")
+def model_and_bases(tiny_llama):
+    """The tiny Llama with fixed random bases on `tests.helpers.models.MODULES` (one load per test module)."""
+    return load_with_bases(tiny_llama)

@@ -20,24 +20,11 @@ from sstmerge_core.data import load_examples, scan_rows
 from sstmerge_core.errors import AdapterError, DatasetError, InputError
 from sstmerge_core.stages.writing import FLOAT32_MAX, check_finite
 from sstmerge_core.untrusted import UntrustedValueError, loads
+from tests.helpers.files import safetensors_bytes
 
 MODULE = "model.layers.0.self_attn.q_proj"
 A_KEY, B_KEY = f"base_model.model.{MODULE}.lora_A.weight", f"base_model.model.{MODULE}.lora_B.weight"
 CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "bias": "none"}
-
-
-def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], edit=None, data_suffix: bytes = b"") -> bytes:
-    """A safetensors file of (dtype name, array) tensors; `edit(header)` may corrupt the header first."""
-    header, blobs, offset = {}, [], 0
-    for name, (dtype, array) in tensors.items():
-        blob = array.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if edit is not None:
-        edit(header)
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs) + data_suffix
 
 
 def factors(rank: int = 2, d: int = 8, dtype: str = "F32", np_dtype=np.float32) -> dict[str, tuple[str, np.ndarray]]:

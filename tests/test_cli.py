@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from sstmerge_core.cli import main
+from tests.helpers.files import write_jsonl
 
 
 @pytest.fixture
@@ -286,8 +287,6 @@ def test_bad_eval_batch_size_exits_2(args, value, tmp_path, capsys):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_every_written_file_follows_the_umask(args, tmp_path, capsys, umask):
     import os
-
-    from tests.conftest import write_jsonl
 
     evaluation = tmp_path / "evaluation"
     evaluation.mkdir()

@@ -9,12 +9,10 @@ import torch
 from sstmerge_core.adapters import load_adapter
 from sstmerge_core.data import Example
 from sstmerge_core.fisher import FisherConfig, ScoredLogits, collect_factors, micro_batches, sample_labels
-from sstmerge_core.gevp import orthonormal_basis
-from sstmerge_core.modeling import linear_shape, load_base_model, lora_forward, merged_deltas
+from sstmerge_core.modeling import load_base_model, lora_forward, merged_deltas
 from sstmerge_core.prompting import Encoded
 from sstmerge_core.tiny import random_lora
 
-MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
 EXAMPLES = [
     Example(f"How do I bake bread number {i}?", "Mix flour and water, then bake." if i % 3 else None) for i in range(7)
 ]
@@ -38,20 +36,6 @@ def test_lora_forward_matches_merged_weights_and_touches_nothing(tiny_models, tm
     assert not torch.allclose(merged, plain, atol=1e-3)  # the adapter matters
     torch.testing.assert_close(hooked, merged, rtol=1e-5, atol=1e-5)
     assert torch.equal(after, plain)  # the hooks are gone
-
-
-@pytest.fixture(scope="module")
-def model_and_bases(tiny_llama):
-    model, tokenizer = load_base_model(str(tiny_llama), "cpu", "float32")
-    g = torch.Generator().manual_seed(0)
-    bases = {}
-    for name in MODULES:
-        d_out, d_in = linear_shape(model.get_submodule(name))
-        bases[name] = (
-            orthonormal_basis(torch.randn(d_in, 3, generator=g)).float(),
-            orthonormal_basis(torch.randn(d_out, 2, generator=g)).float(),
-        )
-    return model, tokenizer, bases
 
 
 def _close(a, b) -> None:

@@ -8,29 +8,12 @@ import torch
 
 from sstmerge_core.data import Example
 from sstmerge_core.fisher import FisherConfig, collect_factors, encode_examples
-from sstmerge_core.gevp import orthonormal_basis
-from sstmerge_core.modeling import linear_shape, load_base_model
 
 EXAMPLES = [
     Example("How do I bake bread?", "Mix flour and water."),
     Example("What is the capital of France? Answer briefly.", "Paris."),
     Example("Explain photosynthesis.", "Plants turn light into sugar."),
 ]
-MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
-
-
-@pytest.fixture(scope="module")
-def model_and_bases(tiny_llama):
-    model, tokenizer = load_base_model(str(tiny_llama), device="cpu", dtype="float32")
-    g = torch.Generator().manual_seed(0)
-    bases = {}
-    for name in MODULES:
-        d_out, d_in = linear_shape(model.get_submodule(name))
-        bases[name] = (
-            orthonormal_basis(torch.randn(d_in, 3, generator=g)).float(),
-            orthonormal_basis(torch.randn(d_out, 2, generator=g)).float(),
-        )
-    return model, tokenizer, bases
 
 
 def per_sequence_grads(model, ids: list[int], start: int, bases, labels: list[int] | None = None, position=None):

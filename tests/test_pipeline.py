@@ -15,6 +15,7 @@ from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.modeling import load_base_model, merged_deltas
 from sstmerge_core.pipeline import run_merge
 from sstmerge_core.tiny import random_lora
+from tests.helpers.files import write_jsonl
 
 PARAMS = {"continuation_tokens": 6, "max_length": 64, "batch_size": 4}
 
@@ -138,8 +139,6 @@ def test_cancellation_stops_at_a_stage_boundary(tiny_llama, llama_adapters, merg
 
 @pytest.fixture(scope="module")
 def eval_files(tmp_path_factory):
-    from conftest import write_jsonl
-
     root = tmp_path_factory.mktemp("eval")
     return {
         "harmful": write_jsonl(
@@ -311,8 +310,6 @@ def test_python_api_matches_the_pipeline(tiny_llama, llama_adapters, merge_data,
 
 
 def test_max_samples_takes_a_seeded_subset_across_the_file(tmp_path):
-    from conftest import write_jsonl
-
     from sstmerge_core.fisher import FisherConfig
     from sstmerge_core.stages.inputs import sample_examples as _load_data
 

@@ -22,7 +22,6 @@ from service_helpers import (
     tar_dir,
     upload_adapter,
     upload_dataset,
-    write_jsonl,
     zip_dir,
 )
 from sqlalchemy import create_engine, text
@@ -31,6 +30,7 @@ from sqlalchemy.engine import make_url
 from app.domain.settings import Settings
 from app.main import create_app
 from sstmerge_core.tiny import build_tiny_model, random_lora
+from tests.helpers.files import write_jsonl
 
 POSTGRES_URL = os.environ.get("SSTMERGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SSTMERGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from app.domain.settings import Settings
+from tests.helpers.files import write_jsonl
 
 API_KEYS = {"acme": "key-acme-7c1f0d2b9e", "globex": "key-globex-4a8e6f3d1c"}
 OPS_TOKEN = "ops-token-5b2e9a0c7d"
@@ -143,11 +143,6 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 SLOW_PARAMS = {"alphas": [0.5, 1.0], "max_samples": 400, "max_length": 64, "continuation_tokens": 32}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
 import tarfile
 import zipfile
 
@@ -27,6 +26,7 @@ from sqlalchemy import func, select
 
 from app.domain.db.models import Adapter, Dataset, Job
 from app.domain.db.session import session_scope
+from tests.helpers.files import safetensors_bytes
 
 pytestmark = pytest.mark.service
 
@@ -48,19 +48,6 @@ def stored_state(settings) -> tuple[int, int, int, list[str]]:
     root = settings.resolved_storage_dir
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
     return (*counts, [f for f in files if "/jobs/" not in f])
-
-
-def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], edit=None) -> bytes:
-    header, blobs, offset = {}, [], 0
-    for name, (dtype, array) in tensors.items():
-        blob = array.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if edit is not None:
-        edit(header)
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
 
 
 def lora(rank: int = 2, dtype: str = "F32", np_dtype=np.float32) -> dict[str, tuple[str, np.ndarray]]:
