@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import kill_process_group, stop_process_group
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -181,14 +183,8 @@ class ApiServer:
     def kill(self) -> None:
         """SIGKILL, as an OOM kill or a lost node would."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        kill_process_group(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process_group(self.proc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from app.domain.settings import Settings
 from tests.helpers.files import write_jsonl
+from tests.helpers.processes import kill_process_group, stop_process_group
 
 API_KEYS = {"acme": "key-acme-7c1f0d2b9e", "globex": "key-globex-4a8e6f3d1c"}
 OPS_TOKEN = "ops-token-5b2e9a0c7d"
@@ -59,6 +59,15 @@ def upload_dataset(client, tenant: str, path: Path, name: str | None = None):
     data = {"name": name} if name else {}
     with path.open("rb") as handle:
         return client.post("/datasets", headers=auth(tenant), files={"file": (path.name, handle)}, data=data)
+
+
+def upload_merge_inputs(client, assets, tenant: str = "acme") -> dict[str, str]:
+    """Upload the utility and safety adapters and data sets of `assets` (the conftest's `Assets`), unnamed and
+    unchecked: {"utility": id, "safety": id, "data:utility": id, "data:safety": id}, as `merge_body` takes them."""
+    ids = {name: upload_adapter(client, tenant, assets.archives[name]).json()["id"] for name in ("utility", "safety")}
+    for name in ("utility", "safety"):
+        ids[f"data:{name}"] = upload_dataset(client, tenant, assets.data[name]).json()["id"]
+    return ids
 
 
 def wait_for(client, tenant: str, job_id: str, until=TERMINAL, timeout: float = 240.0, check=None) -> dict:
@@ -130,18 +139,11 @@ class WorkerProcess:
         )
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        kill_process_group(self.proc)
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         self._log.close()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from service_helpers import API_KEYS, merge_body
 from transformers import AutoModelForCausalLM
 
 from app.client import ApiError, Client, JobFailed
+from tests.helpers.processes import stop_process_group
 
 pytestmark = pytest.mark.service
 
@@ -56,12 +56,7 @@ def served(assets, tmp_path_factory):
                 time.sleep(0.3)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, timeout=60)
 
 
 @pytest.fixture(scope="module")

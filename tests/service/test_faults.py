@@ -25,6 +25,7 @@ from service_helpers import (
     settings_env,
     upload_adapter,
     upload_dataset,
+    upload_merge_inputs,
     wait_for,
 )
 from sqlalchemy import select
@@ -132,12 +133,7 @@ def test_jobs_survive_a_database_outage(private_postgres, assets, redis_url, tmp
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            ids = {
-                name: upload_adapter(client, "acme", assets.archives[name]).json()["id"]
-                for name in ("utility", "safety")
-            }
-            for name in ("utility", "safety"):
-                ids[f"data:{name}"] = upload_dataset(client, "acme", assets.data[name]).json()["id"]
+            ids = upload_merge_inputs(client, assets)
             warm = client.post("/merges", headers=auth("acme"), json=merge_body(ids)).json()["id"]
             assert wait_for(client, "acme", warm, timeout=180)["status"] == "succeeded"  # the worker is consuming
             jobs = [client.post("/merges", headers=auth("acme"), json=merge_body(ids)).json()["id"] for _ in range(3)]
@@ -347,9 +343,5 @@ def test_delete_and_submit_race_sqlite(assets, tmp_path):
         device="cpu",
     )
     with TestClient(create_app(sqlite)) as client:
-        ids = {
-            name: upload_adapter(client, "acme", assets.archives[name]).json()["id"] for name in ("utility", "safety")
-        }
-        for name in ("utility", "safety"):
-            ids[f"data:{name}"] = upload_dataset(client, "acme", assets.data[name]).json()["id"]
+        ids = upload_merge_inputs(client, assets)
         _exactly_one_side_wins(_race(client, sqlite, ids, assets.archives["safety"], assets.data["safety"], 30))

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import API_KEYS, OPS_TOKEN, auth, merge_body, upload_adapter, upload_dataset
+from service_helpers import API_KEYS, OPS_TOKEN, auth, merge_body, upload_adapter, upload_dataset, upload_merge_inputs
 from sqlalchemy import update
 
 from app.domain.db.models import Job, utcnow
@@ -196,11 +196,7 @@ def test_recovery_in_embedded_mode(assets, tmp_path):
         device="cpu",
     )
     with TestClient(create_app(embedded)) as client:
-        ids = {
-            name: upload_adapter(client, "acme", assets.archives[name]).json()["id"] for name in ("utility", "safety")
-        }
-        for name in ("utility", "safety"):
-            ids[f"data:{name}"] = upload_dataset(client, "acme", assets.data[name]).json()["id"]
+        ids = upload_merge_inputs(client, assets)
         job_id = client.post("/merges", headers=auth("acme"), json=merge_body(ids)).json()["id"]
     broker = sqlite3.connect(embedded.data_dir / "broker.db")
 

@@ -16,8 +16,7 @@ from service_helpers import (
     WorkerProcess,
     auth,
     merge_body,
-    upload_adapter,
-    upload_dataset,
+    upload_merge_inputs,
     wait_for,
 )
 
@@ -119,11 +118,7 @@ def test_job_with_s3_storage(settings, s3_endpoint, bucket, assets, tmp_path):
         }
     )
     with TestClient(create_app(s3)) as client:
-        ids = {
-            name: upload_adapter(client, "acme", assets.archives[name]).json()["id"] for name in ("utility", "safety")
-        }
-        for name in ("utility", "safety"):
-            ids[f"data:{name}"] = upload_dataset(client, "acme", assets.data[name]).json()["id"]
+        ids = upload_merge_inputs(client, assets)
         job_id = client.post("/merges", headers=auth("acme"), json=merge_body(ids)).json()["id"]
         worker = WorkerProcess(s3.model_copy(update={"data_dir": tmp_path / "worker-data"}), tmp_path / "worker.log")
         try:
