@@ -12,7 +12,7 @@ Generated tokens are counted up to and including the first end-of-sequence token
 ratios; goal ≥ 0.9) and whether the completions are identical. A third run, the evaluation's batches on the
 merged weights, separates what the hooks cost from what the batching gains.
 
-    .venv/bin/python bench/eval_throughput.py [--assets bench/assets] [--prompts 96] [--repeats 3] [--threads 2]
+    .venv/bin/python -m bench.eval_throughput [--assets bench/assets] [--prompts 96] [--repeats 3] [--threads 2]
 
 With `bench/assets/testbed.json` (SmolLM2-135M-Instruct and its adapters; `python -m bench.testbed.prepare`) it
 runs on the held-out harmful and benign prompts; otherwise on a small random Llama.
@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def plain_generate(model, tokenizer, texts: list[str], batch_size: int, max_new_tokens: int, eos: list[int]):

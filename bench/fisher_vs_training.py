@@ -7,29 +7,26 @@ Times, side by side in one process and interleaved, over the same batches:
 Prints median and spread of each over repetitions and the ratios fisher / train_*. On a CPU only the
 ratios are meaningful (these machines are noisy); absolute times are reported for reference.
 
-    .venv/bin/python bench/fisher_vs_training.py --examples 32 --batch-size 8 --repeats 3
+    .venv/bin/python -m bench.fisher_vs_training --examples 32 --batch-size 8 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.testbed.assets import smollm2_folder  # noqa: E402
-from sstmerge_core.adapters import load_adapter  # noqa: E402
-from sstmerge_core.data import Example  # noqa: E402
-from sstmerge_core.fisher import FisherConfig, collect_factors, encode_examples, pad_batch  # noqa: E402
-from sstmerge_core.merge import WeightedAdapter, module_inputs, span_bases  # noqa: E402
-from sstmerge_core.modeling import load_base_model  # noqa: E402
-from sstmerge_core.tiny import random_lora  # noqa: E402
+from bench.testbed.assets import smollm2_folder
+from sstmerge_core.adapters import load_adapter
+from sstmerge_core.data import Example
+from sstmerge_core.fisher import FisherConfig, collect_factors, encode_examples, pad_batch
+from sstmerge_core.merge import WeightedAdapter, module_inputs, span_bases
+from sstmerge_core.modeling import load_base_model
+from sstmerge_core.tiny import random_lora
 
 
 def make_examples(n: int) -> list[Example]:

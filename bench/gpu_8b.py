@@ -10,8 +10,8 @@ tokens:
 Memory stays bounded: ΔU is added one module at a time from its factors (originals kept in CPU memory),
 hooks keep only r×r sums, and `--layer-group` can split the layers over several passes.
 
-    python bench/gpu_8b.py                         # the full report on a GPU (a few minutes on an H100/H200)
-    python bench/gpu_8b.py --layers 2 --hidden 256 --mlp 512 --heads 4 --kv-heads 2 --vocab 1024 \
+    python -m bench.gpu_8b                         # the full report on a GPU (a few minutes on an H100/H200)
+    python -m bench.gpu_8b --layers 2 --hidden 256 --mlp 512 --heads 4 --kv-heads 2 --vocab 1024 \
         --samples 8 --seq-len 32 --device cpu      # smoke run of the same code path on a CPU
 """
 
@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sstmerge_core.adapters import LoraFactors  # noqa: E402
-from sstmerge_core.fisher import SpanHooks, frozen_parameters  # noqa: E402
-from sstmerge_core.gevp import orthonormal_basis  # noqa: E402
-from sstmerge_core.methods.base import FisherFactors, ModuleInputs  # noqa: E402
-from sstmerge_core.methods.catalog import SSTParams  # noqa: E402
-from sstmerge_core.methods.sst import project  # noqa: E402
-from sstmerge_core.modeling import linear_shape, merged_deltas  # noqa: E402
+from sstmerge_core.adapters import LoraFactors
+from sstmerge_core.fisher import SpanHooks, frozen_parameters
+from sstmerge_core.gevp import orthonormal_basis
+from sstmerge_core.methods.base import FisherFactors, ModuleInputs
+from sstmerge_core.methods.catalog import SSTParams
+from sstmerge_core.methods.sst import project
+from sstmerge_core.modeling import linear_shape, merged_deltas
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -23,9 +23,9 @@ afterwards every job queued in the database must have one message in its broker.
 
 The load generator shares the machine with the servers: compare rows of one run (ratios), not absolute numbers.
 
-    .venv/bin/python bench/load_service.py                     # c = 1 8 32 64, 3 s × 3 repetitions, 1 process
-    .venv/bin/python bench/load_service.py --workers 2          # every server with 2 processes
-    .venv/bin/python bench/load_service.py --with-redis-pg      # also PostgreSQL + Redis
+    .venv/bin/python -m bench.load_service                     # c = 1 8 32 64, 3 s × 3 repetitions, 1 process
+    .venv/bin/python -m bench.load_service --workers 2          # every server with 2 processes
+    .venv/bin/python -m bench.load_service --with-redis-pg      # also PostgreSQL + Redis
 """
 
 from __future__ import annotations
@@ -50,10 +50,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from app.client import Client
 
-from app.client import Client  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = "tiny-llama"
 WRK_HINT = "wrk is not installed: apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS)"

@@ -8,29 +8,26 @@ Timed, each including writing the merged adapter to disk:
   PEFT add_weighted_adapter with combination_type svd, ties_svd, linear — + save_pretrained.
 Prints the median over repeats and each method's time ÷ each PEFT time.
 
-    .venv/bin/python bench/merge_vs_peft.py --repeats 3
+    .venv/bin/python -m bench.merge_vs_peft --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.testbed.assets import smollm2_folder  # noqa: E402
-from sstmerge_core.adapters import load_adapter, save_adapter  # noqa: E402
-from sstmerge_core.merge import WeightedAdapter, merge_modules, module_inputs, span_bases  # noqa: E402
-from sstmerge_core.methods.base import FisherFactors  # noqa: E402
-from sstmerge_core.methods.catalog import parse_params  # noqa: E402
-from sstmerge_core.methods.registry import get_method  # noqa: E402
-from sstmerge_core.tiny import random_lora  # noqa: E402
+from bench.testbed.assets import smollm2_folder
+from sstmerge_core.adapters import load_adapter, save_adapter
+from sstmerge_core.merge import WeightedAdapter, merge_modules, module_inputs, span_bases
+from sstmerge_core.methods.base import FisherFactors
+from sstmerge_core.methods.catalog import parse_params
+from sstmerge_core.methods.registry import get_method
+from sstmerge_core.tiny import random_lora
 
 OURS = {
     "sst (soft)": ("sst", {"selection": "soft"}),

@@ -11,7 +11,7 @@ any job pays). On the SmolLM2 testbed (`bench/assets/testbed.json`, made by `pyt
 the job uses the testbed's adapters and data; without it, a small random Llama (its weights are so small that
 the interpreter dominates, so read the excess over the floor rather than the ratio) with random adapters.
 
-    .venv/bin/python bench/peak_memory.py [--assets bench/assets] [--alpha 0.5 --alpha 1.0] [--limit 32]
+    .venv/bin/python -m bench.peak_memory [--assets bench/assets] [--alpha 0.5 --alpha 1.0] [--limit 32]
 """
 
 from __future__ import annotations

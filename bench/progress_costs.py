@@ -12,7 +12,7 @@ largest gap |shown − elapsed share| over the job, next to the same for the fix
 (loading 0.05, Fisher 0.35 + 0.15, merging 0.1, writing 0.05, evaluation 0.3), replayed on the measured stage
 boundaries with each stage advancing linearly in time (which flatters them).
 
-    .venv/bin/python bench/progress_costs.py --threads 2
+    .venv/bin/python -m bench.progress_costs --threads 2
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sstmerge_core.jobspec import EvaluationSpec, MergeSpec  # noqa: E402
-from sstmerge_core.pipeline import run_merge  # noqa: E402
-from sstmerge_core.tiny import build_tiny_model, random_lora  # noqa: E402
+from sstmerge_core.jobspec import EvaluationSpec, MergeSpec
+from sstmerge_core.pipeline import run_merge
+from sstmerge_core.tiny import build_tiny_model, random_lora
 
 SIZES = {"tiny": dict(hidden=64, layers=2), "small": dict(hidden=384, layers=6)}
 OLD_WEIGHTS = {"loading": 0.05, "fisher_utility": 0.35, "fisher_safety": 0.15, "merging": 0.1, "writing": 0.05}

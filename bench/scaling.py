@@ -15,8 +15,8 @@ machine only ever adds time. Expected:
 model O(N·L·d²), hooks O(N·M·d·r), gevp O(M·r³), projection O(M·d·r²) (N scored tokens, L layers, M modules).
 On a CPU only ratios and slopes are meaningful (machines are noisy); absolute times are for reference.
 
-    .venv/bin/python bench/scaling.py            # all factors, 5 repeats (about 3 minutes on 2 cores)
-    .venv/bin/python bench/scaling.py --quick    # fewer settings, 2 repeats (about a minute)
+    .venv/bin/python -m bench.scaling            # all factors, 5 repeats (about 3 minutes on 2 cores)
+    .venv/bin/python -m bench.scaling --quick    # fewer settings, 2 repeats (about a minute)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import logging
 import math
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,17 +32,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sstmerge_core.adapters import load_adapter  # noqa: E402
-from sstmerge_core.data import Example  # noqa: E402
-from sstmerge_core.fisher import FisherConfig, accumulate_outer, collect_factors, encode_examples  # noqa: E402
-from sstmerge_core.gevp import eigenbasis, factorize  # noqa: E402
-from sstmerge_core.merge import WeightedAdapter, module_inputs, span_bases  # noqa: E402
-from sstmerge_core.methods.catalog import SSTParams  # noqa: E402
-from sstmerge_core.methods.sst import selection_weights  # noqa: E402
-from sstmerge_core.modeling import load_base_model  # noqa: E402
-from sstmerge_core.tiny import build_tiny_model, random_lora  # noqa: E402
+from sstmerge_core.adapters import load_adapter
+from sstmerge_core.data import Example
+from sstmerge_core.fisher import FisherConfig, accumulate_outer, collect_factors, encode_examples
+from sstmerge_core.gevp import eigenbasis, factorize
+from sstmerge_core.merge import WeightedAdapter, module_inputs, span_bases
+from sstmerge_core.methods.catalog import SSTParams
+from sstmerge_core.methods.sst import selection_weights
+from sstmerge_core.modeling import load_base_model
+from sstmerge_core.tiny import build_tiny_model, random_lora
 
 TERMS = ("fisher", "model", "hook_math", "gevp", "projection")
 LABELS = {

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import load_service, scaling
 
-from bench import load_service, scaling  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fit_slope_recovers_power_laws():
@@ -65,7 +64,8 @@ def test_load_service_embedded_smoke():
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "bench" / "load_service.py"),
+            "-m",
+            "bench.load_service",
             "--seconds",
             "1",
             "--repeats",

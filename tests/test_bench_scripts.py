@@ -15,7 +15,8 @@ def test_gpu_8b_script_smoke(tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "bench" / "gpu_8b.py"),
+            "-m",
+            "bench.gpu_8b",
             "--layers",
             "2",
             "--hidden",
@@ -42,6 +43,7 @@ def test_gpu_8b_script_smoke(tmp_path):
         check=True,
         capture_output=True,
         timeout=300,
+        cwd=ROOT,
     )
     report = json.loads(out.read_text())
     assert report["modules"] == 14 and report["fisher_tokens_per_s"] > 0
