@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sstmerge_core.adapter_format import refuse_pickles
@@ -16,10 +15,8 @@ from sstmerge_core.errors import AdapterError
 from . import archives
 from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
 from .db.models import Adapter, new_id
-from .errors import Conflict, InvalidInput, TooLarge, UpstreamFailed, not_found
-from .jobs_index import active_references, lock_for_delete
-from .pagination import page_of, paginate
-from .requests import well_formed_id
+from .errors import InvalidInput, TooLarge, UpstreamFailed
+from .inputs import delete_input, get_input, list_inputs
 from .settings import Settings
 from .storage import Storage
 from .uploads import display_name, recorded_size, save_stream, staging_dir, stored_with_row, upload_source
@@ -139,22 +136,12 @@ def create_from_hub(
 
 
 def list_adapters(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Adapter], str | None]:
-    rows = session.scalars(paginate(select(Adapter).where(Adapter.tenant_id == tenant), Adapter, limit, cursor)).all()
-    return page_of(list(rows), limit)
+    return list_inputs(session, Adapter, tenant, limit, cursor)
 
 
 def get_adapter(session: Session, tenant: str, adapter_id: str) -> Adapter:
-    adapter = session.get(Adapter, adapter_id) if well_formed_id(adapter_id) else None
-    if adapter is None or adapter.tenant_id != tenant:
-        raise not_found("adapter", adapter_id)
-    return adapter
+    return get_input(session, Adapter, tenant, adapter_id)
 
 
 def delete_adapter(session: Session, storage: Storage, tenant: str, adapter_id: str) -> None:
-    adapter = lock_for_delete(session, Adapter, tenant, adapter_id)
-    jobs = active_references(session, tenant, adapter_id=adapter_id)
-    if jobs:
-        raise Conflict(f"adapter {adapter_id} is used by unfinished jobs", code="in_use", details={"jobs": jobs})
-    session.delete(adapter)
-    session.commit()
-    storage.delete_prefix(adapter.storage_prefix)
+    delete_input(session, storage, Adapter, tenant, adapter_id)

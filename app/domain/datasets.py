@@ -7,17 +7,15 @@ import logging
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sstmerge_core.data import file_sha256, load_hub_examples, scan_rows
 from sstmerge_core.errors import DatasetError
 
 from .db.models import Dataset, new_id
-from .errors import Conflict, InvalidInput, not_found
-from .jobs_index import active_references, lock_for_delete
-from .pagination import page_of, paginate
-from .requests import DatasetSource, well_formed_id
+from .errors import InvalidInput
+from .inputs import delete_input, get_input, list_inputs
+from .requests import DatasetSource
 from .settings import Settings
 from .storage import Storage
 from .uploads import display_name, recorded_size, save_stream, staging_dir, stored_with_row, upload_source
@@ -110,22 +108,12 @@ def create_from_hub(
 
 
 def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
-    rows = session.scalars(paginate(select(Dataset).where(Dataset.tenant_id == tenant), Dataset, limit, cursor)).all()
-    return page_of(list(rows), limit)
+    return list_inputs(session, Dataset, tenant, limit, cursor)
 
 
 def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id) if well_formed_id(dataset_id) else None
-    if dataset is None or dataset.tenant_id != tenant:
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return get_input(session, Dataset, tenant, dataset_id)
 
 
 def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: str) -> None:
-    dataset = lock_for_delete(session, Dataset, tenant, dataset_id)
-    jobs = active_references(session, tenant, dataset_id=dataset_id)
-    if jobs:
-        raise Conflict(f"dataset {dataset_id} is used by unfinished jobs", code="in_use", details={"jobs": jobs})
-    session.delete(dataset)
-    session.commit()
-    storage.delete_prefix(dataset.storage_key.rsplit("/", 1)[0])
+    delete_input(session, storage, Dataset, tenant, dataset_id)
