@@ -21,6 +21,8 @@ from pathlib import Path
 
 import click
 
+from sstmerge_core.logs import configure as configure_logging
+
 from . import assets, datasets, quickcheck
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
@@ -167,7 +169,7 @@ def main(out: Path, seed: int, run_check: bool, threads: int | None, log_level: 
     """Fetch assets, write the testbed datasets, train both adapters and check them."""
     import torch
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level)
     if threads:
         torch.set_num_threads(threads)
     prepare(out.resolve(), seed, run_check)

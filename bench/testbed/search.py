@@ -24,6 +24,8 @@ from pathlib import Path
 
 import click
 
+from sstmerge_core.logs import configure as configure_logging
+
 ALPHAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 FRONT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 TARGETS = (0.80, 0.90)
@@ -309,7 +311,7 @@ def render(search_report: dict, table: dict) -> str:
 def main(assets, out, budget, seed, max_over_refusal_increase, max_utility_drop, report_fraction, max_new_tokens,
          threads, limit, alphas, front_alphas, report_points, skip_search, render_only) -> None:  # fmt: skip
     """Run the recipe search and the matched-safety table on the SmolLM2 testbed."""
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("INFO")
     search_dir = out / "search"
     if render_only:
         report = json.loads((search_dir / "search_report.json").read_text())
