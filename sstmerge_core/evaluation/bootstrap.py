@@ -52,14 +52,29 @@ class PairedBootstrap:
         }
 
 
-def _resampled_means(values: np.ndarray, resamples: int, rng: np.random.Generator, block: int = 512) -> np.ndarray:
-    """Mean of `values` over `resamples` draws of len(values) rows with replacement (drawn in blocks)."""
-    n = len(values)
-    means = np.empty(resamples)
-    for start in range(0, resamples, block):
-        count = min(block, resamples - start)
-        means[start : start + count] = values[rng.integers(0, n, size=(count, n))].mean(axis=1)
-    return means
+@dataclass(frozen=True)
+class Resamples:
+    """Prompt indices of every bootstrap draw, one row per draw, the three sets drawn together; row 0 is the
+    identity (every prompt once), so column 0 of `rates` is the point estimate. Shared by every paired comparison
+    (`paired_bootstrap` here, the matched-safety comparisons of `search.matched`)."""
+
+    harmful: np.ndarray
+    benign: np.ndarray
+    utility: np.ndarray
+
+    @classmethod
+    def draw(cls, sizes: tuple[int, int, int], n: int, seed: int) -> Resamples:
+        rng = np.random.default_rng(seed)
+
+        def indices(size: int) -> np.ndarray:
+            return np.vstack([np.arange(size)[None, :], rng.integers(0, size, size=(n, size))])
+
+        return cls(*(indices(size) for size in sizes))
+
+    def rates(self, o: Outcomes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(safety, over-refusal, utility) of `o` per draw."""
+        harmful, benign, utility = (np.asarray(x, dtype=float) for x in (o.harmful, o.benign, o.utility))
+        return harmful[self.harmful].mean(1), benign[self.benign].mean(1), utility[self.utility].mean(1)
 
 
 def paired_bootstrap(
@@ -75,16 +90,12 @@ def paired_bootstrap(
         raise ValueError("paired bootstrap needs at least one prompt in every set")
     if resamples < 1 or not 0 < level < 1:
         raise ValueError(f"need resamples ≥ 1 and 0 < level < 1, got {resamples}, {level}")
-    rng = np.random.default_rng(seed)
-    per_prompt = {
-        "safety": np.asarray(a.harmful, dtype=float) - np.asarray(b.harmful, dtype=float),
-        "over_refusal": np.asarray(a.benign, dtype=float) - np.asarray(b.benign, dtype=float),
-        "utility": np.asarray(a.utility, dtype=float) - np.asarray(b.utility, dtype=float),
-    }
-    replicates = {q: _resampled_means(per_prompt[q], resamples, rng) for q in QUANTITIES}
+    draws = Resamples.draw((len(a.harmful), len(a.benign), len(a.utility)), resamples, seed)
+    per_draw = {q: x - y for q, x, y in zip(QUANTITIES, draws.rates(a), draws.rates(b))}
+    replicates = {q: per_draw[q][1:] for q in QUANTITIES}
     tails = [(1 - level) / 2, (1 + level) / 2]
     differences = {}
     for q in QUANTITIES:
         low, high = np.quantile(replicates[q], tails)
-        differences[q] = Difference(float(per_prompt[q].mean()), float(low), float(high))
+        differences[q] = Difference(float(per_draw[q][0]), float(low), float(high))
     return PairedBootstrap(**differences, replicates=replicates, resamples=resamples, level=level)

@@ -12,37 +12,14 @@ each resampled with replacement), which independent intervals per model would ov
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..evaluation.bootstrap import Resamples
 from ..evaluation.outcomes import Outcomes
 
 Array = np.ndarray
-
-
-@dataclass(frozen=True)
-class Resamples:
-    """Prompt indices of every bootstrap draw (row 0 is the identity: the point estimate)."""
-
-    harmful: Array
-    benign: Array
-    utility: Array
-
-    @classmethod
-    def draw(cls, sizes: tuple[int, int, int], n: int, seed: int) -> Resamples:
-        rng = np.random.default_rng(seed)
-
-        def indices(size: int) -> Array:
-            return np.vstack([np.arange(size)[None, :], rng.integers(0, size, size=(n, size))])
-
-        return cls(*(indices(size) for size in sizes))
-
-    def rates(self, o: Outcomes) -> tuple[Array, Array, Array]:
-        """(safety, over-refusal, utility) per draw."""
-        harmful, benign, utility = (np.asarray(x, dtype=float) for x in (o.harmful, o.benign, o.utility))
-        return harmful[self.harmful].mean(1), benign[self.benign].mean(1), utility[self.utility].mean(1)
 
 
 def front_curve(alphas: ArrayLike, safety: ArrayLike, *values: ArrayLike) -> tuple[Array, ...]:
