@@ -36,6 +36,18 @@ class Tolerances:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def excess(
+        self, *, utility_drop: float, over_refusal_increase: float, over_refusal: float, over_refusal_cap: float | None
+    ) -> dict[str, float]:
+        """By how much each bound is broken (≤ 0 where it holds): the utility drop and the over-refusal increase
+        over their tolerances, and the over-refusal over the safety adapter's own (`over_refusal_cap`)."""
+        excess = {"utility_drop": utility_drop - self.utility_drop}
+        if self.over_refusal_increase is not None:
+            excess["over_refusal_increase"] = over_refusal_increase - self.over_refusal_increase
+        if over_refusal_cap is not None:
+            excess["over_refusal_above_safety_adapter"] = over_refusal - over_refusal_cap
+        return excess
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -91,12 +103,14 @@ def _exclusion(c: Candidate, tolerances: Tolerances, safety_cap: float | None) -
 
 def _excess(c: Candidate, tolerances: Tolerances, safety_cap: float | None) -> float:
     """By how much `c` breaks its worst bound on utility or over-refusal (≤ 0 when it meets them all)."""
-    excess = [c.utility_drop - tolerances.utility_drop]
-    if tolerances.over_refusal_increase is not None:
-        excess.append(c.over_refusal_increase - tolerances.over_refusal_increase)
-    if safety_cap is not None:
-        excess.append(c.over_refusal - safety_cap)
-    return max(excess)
+    return max(
+        tolerances.excess(
+            utility_drop=c.utility_drop,
+            over_refusal_increase=c.over_refusal_increase,
+            over_refusal=c.over_refusal,
+            over_refusal_cap=safety_cap,
+        ).values()
+    )
 
 
 def _order(main_method: str | None):

@@ -21,6 +21,7 @@ from ..adapters import LoraFactors
 from ..errors import InputError
 from ..evaluation.derived import Scores, dominates
 from ..evaluation.metrics import UTILITY_METRICS
+from ..evaluation.recommend import EPSILON, Tolerances
 from ..evaluation.runner import EvaluationData, ModelResult
 from ..jobspec import MergeSpec, RepairSpec
 from ..merge import utility_deltas
@@ -142,25 +143,23 @@ def trial_repair(merged: MergedUpdates) -> dict | None:
 
 def judge_trial(ctx: SearchContext, number: int, recipe: Recipe, result: ModelResult, seconds: float, repair) -> Trial:
     """Scores against the references and the constraints of the objective."""
-    settings = ctx.settings
     scores, before = result.scores(ctx.higher_is_better), ctx.before.scores(ctx.higher_is_better)
     utility_drop = before.utility - scores.utility
     increase = scores.over_refusal - before.over_refusal
-    feasible = (
-        increase <= settings.max_over_refusal_increase
-        and utility_drop <= settings.max_utility_drop
-        and scores.over_refusal <= ctx.safety.over_refusal.rate
-    )
+    feasible = all(v <= EPSILON for v in bounds(ctx, utility_drop, increase, scores.over_refusal).values())
     return Trial(number, recipe, result, scores, utility_drop, increase, feasible, seconds, repair)
 
 
-def constraints(trial: Trial, ctx: SearchContext) -> dict[str, float]:
-    """optuna's constraint values (≤ 0 is feasible)."""
-    return {
-        "over_refusal_increase": trial.over_refusal_increase - ctx.settings.max_over_refusal_increase,
-        "utility_drop": trial.utility_drop - ctx.settings.max_utility_drop,
-        "over_refusal_above_safety_adapter": trial.scores.over_refusal - ctx.safety.over_refusal.rate,
-    }
+def bounds(ctx: SearchContext, utility_drop: float, over_refusal_increase: float, over_refusal: float) -> dict:
+    """By how much each bound of the objective is broken (≤ 0 where it holds): the recommendation rule's bounds
+    (`Tolerances.excess`) with the search's tolerances and the safety adapter's over-refusal as the cap."""
+    tolerances = Tolerances(ctx.settings.max_utility_drop, ctx.settings.max_over_refusal_increase)
+    return tolerances.excess(
+        utility_drop=utility_drop,
+        over_refusal_increase=over_refusal_increase,
+        over_refusal=over_refusal,
+        over_refusal_cap=ctx.safety.over_refusal.rate,
+    )
 
 
 def make_sampler(settings: SearchSettings):
@@ -207,7 +206,8 @@ def run_trials(
 
         result = score_updates(ctx.loaded, {"trial": merged.updates(recipe.alpha)}, data=ctx.search, progress=advance)
         trial = judge_trial(ctx, number, recipe, result["trial"], time.perf_counter() - started, trial_repair(merged))
-        for key, value in constraints(trial, ctx).items():
+        excess = bounds(ctx, trial.utility_drop, trial.over_refusal_increase, trial.scores.over_refusal)
+        for key, value in excess.items():
             handle.set_constraint(key, value)
         study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
         trials.append(trial)
