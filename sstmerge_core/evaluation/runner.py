@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Literal, cast, get_args
 from ..adapters import LoraFactors, load_adapter
 from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
+from ..files import write_atomic
 from ..jobspec import AdapterInput, EvaluationSpec
 from ..modeling import load_base_model, lora_forward, resolve_device
 from .derived import Scores, derived_metrics, pareto_flags
@@ -471,23 +470,6 @@ def evaluate_variants(
         "recommended": recommended,
         "samples": {label: r.samples for label, r in results.items()},
     }
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write `payload` to a temporary file beside `path`, then rename it over `path` (readers never see half).
-
-    The file is created with mode 0666 less the process umask, like any file `open()` creates (0644 by default).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_outputs(metrics: dict, json_path: str | Path, png_path: str | Path | None) -> None:

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..evaluation.runner import ModelResult, write_atomic
+from ..evaluation.runner import ModelResult
+from ..files import write_atomic
 
 if TYPE_CHECKING:
     from ..evaluation.splits import Splits
