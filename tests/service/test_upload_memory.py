@@ -1,11 +1,11 @@
 """Bounded memory of uploads, measured on a live `sstmerge serve --no-worker` process (PostgreSQL, one API process):
 a 1 GiB pax header in a small .tar.gz and an 80 MB JSONL upload keep the API's peak RSS within a bound over its idle
-RSS, and `/healthz` keeps answering meanwhile.
+RSS, and `/healthz` answers while the JSONL upload is in flight (the event loop is not blocked by it).
 
 Peak RSS is the kernel's high-water mark (`VmHWM`), reset before the uploads through `/proc/<pid>/clear_refs`. The
-bounds are functional, not performance claims, with a wide margin for a loaded 2-core machine: before the
-streaming checks, the pax header took the API from 0.3 to 1.6 GB and stalled /healthz for 18 s, and a 79 MB JSONL
-upload cost about 8 times its size.
+memory bound is functional, with a wide margin: before the streaming checks, the pax header took the API from 0.3 to
+1.6 GB and stalled /healthz for 18 s, and a 79 MB JSONL upload cost about 8 times its size. Latencies are printed,
+never asserted (they measure the machine); what is asserted is that answers arrive *during* the upload.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from service_helpers import auth, settings_env
 pytestmark = pytest.mark.service
 
 PEAK_OVER_IDLE_BYTES = 300 << 20
-HEALTHZ_BOUND_S = 0.1  # the median answer (measured here: a few ms; p95 under 100 ms)
-HEALTHZ_STALL_S = 2.0  # every answer (measured: max 12–240 ms on the shared machine; 18–20 s stalls before)
 
 
 def pax_bomb(path: Path, header_bytes: int = 1 << 30) -> Path:
@@ -72,23 +70,23 @@ def memory(pid: int) -> dict[str, int]:
 
 
 class HealthProbe(threading.Thread):
-    """GET /healthz every 20 ms on its own connection; records each answer's latency."""
+    """GET /healthz every 20 ms on its own connection; records each answer's (start, end) on the monotonic clock."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.latencies, self.failures = url, [], []
+        self.url, self.answers, self.failures = url, [], []
         self.stop = threading.Event()
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self.stop.is_set():
-                start = time.perf_counter()
+                start = time.monotonic()
                 try:
                     ok = client.get("/healthz").status_code == 200
                 except httpx.HTTPError as exc:
                     ok = False
                     self.failures.append(repr(exc))
-                self.latencies.append(time.perf_counter() - start)
+                self.answers.append((start, time.monotonic()))
                 if not ok:
                     self.failures.append("status")
                 self.stop.wait(0.02)
@@ -129,6 +127,18 @@ def upload(client: httpx.Client, kind: str, path: Path) -> httpx.Response:
         return client.post(f"/{kind}", headers=auth("acme"), files={"file": (path.name, handle)})
 
 
+def timed_upload(client: httpx.Client, kind: str, path: Path) -> tuple[httpx.Response, tuple[float, float]]:
+    """The upload's response and its (start, end) on the monotonic clock."""
+    start = time.monotonic()
+    response = upload(client, kind, path)
+    return response, (start, time.monotonic())
+
+
+def answered_within(answers: list[tuple[float, float]], window: tuple[float, float]) -> int:
+    """How many probe requests both started and finished inside `window`."""
+    return sum(window[0] <= start and end <= window[1] for start, end in answers)
+
+
 def test_archive_bomb_and_large_jsonl_stay_in_bounded_memory(live_api, tmp_path_factory):
     url, pid = live_api
     folder = tmp_path_factory.mktemp("memory")
@@ -147,14 +157,14 @@ def test_archive_bomb_and_large_jsonl_stay_in_bounded_memory(live_api, tmp_path_
         probe.start()
         try:
             time.sleep(0.5)
-            refused = upload(client, "adapters", bomb)
-            stored = upload(client, "datasets", rows)
+            refused, bomb_window = timed_upload(client, "adapters", bomb)
+            stored, rows_window = timed_upload(client, "datasets", rows)
             time.sleep(0.5)
         finally:
             probe.stop.set()
             probe.join(30)
     peak = memory(pid)["VmHWM"]
-    latencies = sorted(probe.latencies)
+    latencies = sorted(end - start for start, end in probe.answers)
     report = {
         "bomb_bytes": bomb.stat().st_size,
         "jsonl_bytes": rows.stat().st_size,
@@ -164,10 +174,15 @@ def test_archive_bomb_and_large_jsonl_stay_in_bounded_memory(live_api, tmp_path_
         "healthz_median_ms": round(1000 * latencies[len(latencies) // 2], 1),
         "healthz_p95_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
         "healthz_max_ms": round(1000 * latencies[-1], 1),
+        "bomb_upload_s": round(bomb_window[1] - bomb_window[0], 2),
+        "healthz_during_bomb": answered_within(probe.answers, bomb_window),
+        "jsonl_upload_s": round(rows_window[1] - rows_window[0], 2),
+        "healthz_during_jsonl": answered_within(probe.answers, rows_window),
     }
     print("upload memory:", json.dumps(report))
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "archive_too_large", refused.text
     assert stored.status_code == 201 and stored.json()["rows"] > 300_000, stored.text
     assert peak - idle < PEAK_OVER_IDLE_BYTES, report
-    assert not probe.failures and len(latencies) > 20, (probe.failures[:5], report)
-    assert latencies[len(latencies) // 2] < HEALTHZ_BOUND_S and latencies[-1] < HEALTHZ_STALL_S, report
+    assert not probe.failures, (probe.failures[:5], report)
+    # an event loop blocked by the upload answers nothing while the upload runs (the bomb is refused at its header)
+    assert report["healthz_during_jsonl"] >= 1, report
