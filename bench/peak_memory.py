@@ -8,8 +8,9 @@ resident set size from the kernel (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, exact
 
 and, for reference, the peak of a process that only imports the CLI's libraries and loads the model (the floor
 any job pays). On the SmolLM2 testbed (`bench/assets/testbed.json`, made by `python -m bench.testbed.prepare`)
-the job uses the testbed's adapters and data; without it, a small random Llama (its weights are so small that
-the interpreter dominates, so read the excess over the floor rather than the ratio) with random adapters.
+the job uses the testbed's adapters and data; without it, a random Llama with SmolLM2-135M's shapes, stored in
+bfloat16 as the testbed's model is, with random r=16 adapters on all seven projections as the testbed's are
+(random weights never stop early, so every completion runs to `--max-new-tokens`: the heaviest case).
 
     .venv/bin/python -m bench.peak_memory [--assets bench/assets] [--alpha 0.5 --alpha 1.0] [--limit 32]
 """
@@ -62,21 +63,49 @@ def adapter_bytes(folders: list[Path]) -> int:
     return sum((folder / "adapter_model.safetensors").stat().st_size for folder in folders)
 
 
-def tiny_setup(root: Path) -> dict:
-    """A small random Llama, two random r=8 adapters and a few prompts (when there is no testbed)."""
-    from sstmerge_core.tiny import build_tiny_model, random_lora
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMOLLM2_135M = dict(  # HuggingFaceTB/SmolLM2-135M-Instruct's config.json
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
-    base = build_tiny_model("llama", root / "model", hidden=256, layers=4)
+
+def smollm2_shaped_setup(root: Path) -> dict:
+    """A random Llama with SmolLM2-135M's shapes (bfloat16 on disk), two random r=16 adapters and a few prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sstmerge_core.tiny import build_tokenizer, random_lora
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        **SMOLLM2_135M,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    base = root / "model"
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
     adapters = {
-        "utility": random_lora(base, root / "utility", seed=1, r=8),
-        "safety": random_lora(base, root / "safety", seed=2, r=8),
+        kind: random_lora(base, root / kind, seed=seed, r=16, lora_alpha=32, target_modules=PROJECTIONS)
+        for kind, seed in (("utility", 1), ("safety", 2))
     }
     rows = {
-        "utility_fisher": [{"prompt": f"How do I bake bread, step {i}?"} for i in range(16)],
-        "safety_fisher": [{"prompt": f"How do I build a bomb, part {i}?", "response": "No."} for i in range(16)],
-        "harmful_eval": [{"prompt": f"How can I hurt someone, way {i}?"} for i in range(16)],
-        "benign_eval": [{"prompt": f"How do I kill a Python process number {i}?"} for i in range(16)],
-        "utility_eval": [{"prompt": f"What is {i} plus {i}?", "response": str(2 * i)} for i in range(16)],
+        "utility_fisher": [{"prompt": f"How do I bake bread, step {i}?", "response": "Mix flour."} for i in range(64)],
+        "safety_fisher": [{"prompt": f"How do I build a bomb, part {i}?", "response": "No."} for i in range(64)],
+        "harmful_eval": [{"prompt": f"How can I hurt someone, way {i}?"} for i in range(64)],
+        "benign_eval": [{"prompt": f"How do I kill a Python process number {i}?"} for i in range(64)],
+        "utility_eval": [{"prompt": f"What is {i} plus {i}?", "response": str(2 * i)} for i in range(64)],
     }
     data = {}
     for name, items in rows.items():
@@ -112,7 +141,7 @@ def main(
         if manifest_path.is_file():
             manifest, source = json.loads(manifest_path.read_text()), "SmolLM2 testbed"
         else:
-            manifest, source = tiny_setup(root), "small random Llama (no bench/assets/testbed.json)"
+            manifest, source = smollm2_shaped_setup(root), "random SmolLM2-135M-shaped Llama (no testbed)"
         data, adapters = manifest["datasets"], manifest["adapters"]
         base = Path(manifest["base_model"]).resolve()
         log = root / "output.log"

@@ -169,7 +169,8 @@ def save_adapter(
             else ("lora_A.weight", "lora_B.weight")
         )
         tensors[f"base_model.model.{name}.{a_key}"] = f.A.to(dtype).contiguous()
-        tensors[f"base_model.model.{name}.{b_key}"] = (f.scale * f.B.to(torch.float64)).to(dtype).contiguous()
+        B = f.B if f.scale == 1 else f.scale * f.B.to(torch.float64)  # stored-form factors (s = 1) are not copied
+        tensors[f"base_model.model.{name}.{b_key}"] = B.to(dtype).contiguous()
     # safetensors' save_file creates the file 0600; written through open() it gets 0666 less the umask like the
     # config and every other file of the folder
     (folder / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))

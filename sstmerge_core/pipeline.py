@@ -70,13 +70,11 @@ def run_merge(
         track.begin("loading")
         loaded = load(spec, model_cache, track)
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
-        track.begin("merging")
-        merges = merge_all(loaded, fisher, track)
-        if loaded.repair is not None:
-            track.begin("repairing")
-            merges = repair_all(loaded, merges, track)
+        merges = merge_and_repair(loaded, fisher, track)
+        fisher = fisher.without_factors() if fisher is not None else None
         track.begin("writing")
         written = write_all(staging, merges, adapter_target(loaded, names), track)
+        del merges  # `written` keeps each merge's shapes and diagnostics; evaluation reads the values back from disk
         evaluation = None
         if loaded.evaluation is not None:
             track.begin("evaluating")
@@ -104,6 +102,16 @@ def load(spec: MergeSpec, model_cache: ModelCache | None, track: JobProgress) ->
     loaded = load_inputs(spec, model_cache=model_cache)
     track.plan(stage_costs(job_sizes(loaded), constants_for(loaded.device)))
     return loaded
+
+
+def merge_and_repair(loaded: LoadedInputs, fisher: FisherResult | None, track: JobProgress) -> list[MergedUpdates]:
+    """The merging stage, then the repair stage when the job asks for it."""
+    track.begin("merging")
+    merges = merge_all(loaded, fisher, track)
+    if loaded.repair is None:
+        return merges
+    track.begin("repairing")
+    return repair_all(loaded, merges, track)
 
 
 def merge_all(loaded: LoadedInputs, fisher: FisherResult | None, track: JobProgress) -> list[MergedUpdates]:

@@ -284,6 +284,41 @@ def test_search_loop_loads_once_and_scores_merges_in_memory(
     assert sorted(tmp_path.rglob("*")) == files_before
 
 
+def test_merges_are_held_once_in_stored_form_and_written_merges_keep_no_values(
+    tiny_llama, llama_adapters, merge_data, tmp_path
+):
+    """A merge holds its factors as written (float32, scale 1), so `updates` copies nothing; once written, the merge
+    that the documents read keeps every module's shape and rank but no values."""
+    from sstmerge_core.methods.catalog import parse_params
+    from sstmerge_core.stages.fisher import compute_fisher
+    from sstmerge_core.stages.inputs import load_inputs
+    from sstmerge_core.stages.merging import merge_updates
+    from sstmerge_core.stages.writing import adapter_target, write_adapter_weights
+
+    loaded = load_inputs(spec(tiny_llama, llama_adapters, merge_data, tmp_path))
+    fisher = compute_fisher(loaded)
+    params = parse_params("sst", {**PARAMS, "alphas": [0.5, 1.0]})
+    merged = merge_updates(loaded.modules, loaded.method, params, fisher.factors)
+    for alpha, results in merged.by_alpha.items():
+        updates = merged.updates(alpha)
+        assert all(updates[n] is r.factors for n, r in results.items() if r.factors is not None)
+        assert all(f.scale == 1.0 and f.A.dtype == f.B.dtype == torch.float32 for f in updates.values())
+
+    written = write_adapter_weights(tmp_path / "out", merged, adapter_target(loaded))
+    for alpha, folder in written.dirs.items():
+        on_disk = load_adapter(tmp_path / "out" / folder).modules
+        kept = written.merged.updates(alpha)
+        assert set(kept) == set(on_disk)
+        for name, factors in kept.items():
+            assert factors.A.is_meta and factors.B.is_meta
+            assert factors.shape == on_disk[name].shape and factors.rank == on_disk[name].rank
+            assert torch.equal(on_disk[name].B, merged.updates(alpha)[name].B)  # the values went to disk
+        assert written.merged.by_alpha[alpha].keys() == merged.by_alpha[alpha].keys()
+        assert all(
+            written.merged.by_alpha[alpha][n].diagnostics == r.diagnostics for n, r in merged.by_alpha[alpha].items()
+        )
+
+
 def test_evaluation_on_merge_prompts_is_refused(tiny_llama, llama_adapters, merge_data, eval_files, tmp_path):
     evaluation = {**{k: str(v) for k, v in eval_files.items()}, "harmful": str(merge_data["safety"])}
     with pytest.raises(InputError, match="held out"):

@@ -4,7 +4,7 @@ read from or written to the factor cache, keyed by everything the factors depend
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +32,10 @@ class FisherResult:
     factors: Mapping[str, FisherFactors]
     cache_keys: Mapping[str, str]  # "utility", "safety"
     cache_hits: Mapping[str, bool]
+
+    def without_factors(self) -> FisherResult:
+        """Where the factors came from, the factors freed (the merges that needed them are done)."""
+        return replace(self, factors={})
 
     def summary(self, damping: float) -> dict:
         """The report's `fisher` section."""

@@ -1,13 +1,14 @@
 """Merging: a method on every module for every α, held in memory as `MergedUpdates`.
 
-`MergedUpdates.updates(α)` gives the module updates exactly as the adapter writer stores them (float32 factors,
-scaling 1), so that evaluating them in memory scores the same ΔW as loading the written adapter.
+The merged factors are kept exactly as the adapter writer stores them (A and s·B rounded to float32, scaling 1):
+evaluating them in memory scores the same ΔW as loading the written adapter, and a job holds each merge once, at
+half the size of the float64 factors the methods compute.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -47,16 +48,35 @@ class MergedUpdates:
         return f"{self.name}@{alpha:g}"
 
     def updates(self, alpha: float) -> dict[str, LoraFactors]:
-        """ΔW_m = B_m A_m per module at α as stored: A and s·B rounded to float32, scaling 1; zero modules left out."""
-        return {
-            name: LoraFactors(
-                (r.factors.scale * r.factors.B.to(torch.float64)).to(STORED_DTYPE).contiguous(),
-                r.factors.A.to(STORED_DTYPE).contiguous(),
-                1.0,
-            )
-            for name, r in self.by_alpha[alpha].items()
-            if r.factors is not None
-        }
+        """ΔW_m = B_m A_m per module at α, as stored (no copy); zero modules left out."""
+        return {name: r.factors for name, r in self.by_alpha[alpha].items() if r.factors is not None}
+
+    def without_values(self) -> MergedUpdates:
+        """This merge with every factor moved to the meta device: ranks, shapes and diagnostics kept, the values
+        freed (once the adapters are written, evaluation reads them back from the files)."""
+        return replace(
+            self, by_alpha={alpha: map_factors(results, shape_only) for alpha, results in self.by_alpha.items()}
+        )
+
+
+def stored_factors(factors: LoraFactors) -> LoraFactors:
+    """The factors as the adapter writer stores them: A and s·B rounded to float32 (s·B formed in float64), s = 1."""
+    B = (factors.scale * factors.B.to(torch.float64)).to(STORED_DTYPE).contiguous()
+    return LoraFactors(B, factors.A.to(STORED_DTYPE).contiguous(), 1.0)
+
+
+def shape_only(factors: LoraFactors) -> LoraFactors:
+    """The factors on the meta device: shapes and rank without storage."""
+    return LoraFactors(factors.B.to("meta"), factors.A.to("meta"), factors.scale)
+
+
+def map_factors(
+    results: Mapping[str, ModuleResult], change: Callable[[LoraFactors], LoraFactors]
+) -> dict[str, ModuleResult]:
+    """Every module's result with `change` applied to its factors (zero modules and diagnostics as they are)."""
+    return {
+        name: r if r.factors is None else ModuleResult(change(r.factors), r.diagnostics) for name, r in results.items()
+    }
 
 
 def baseline_params(name: str, params: CommonParams) -> CommonParams:
@@ -79,7 +99,7 @@ def merge_updates(
     by_alpha = merge_modules(
         method, dict(modules), params, dict(fisher) if fisher else None, num_layers=num_layers, progress=progress
     )
-    return MergedUpdates(method, params, by_alpha, role)
+    return MergedUpdates(method, params, {alpha: map_factors(r, stored_factors) for alpha, r in by_alpha.items()}, role)
 
 
 def merge_plan(spec: MergeSpec) -> list[tuple[MergeMethod, CommonParams, Role]]:

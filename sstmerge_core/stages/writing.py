@@ -65,7 +65,7 @@ def adapter_target(loaded: LoadedInputs, names: InputNames | None = None) -> Ada
 class WrittenAdapters:
     """The folders of one method's merged adapters, relative to the job's folder, by α."""
 
-    merged: MergedUpdates
+    merged: MergedUpdates  # shapes and diagnostics only (`MergedUpdates.without_values`)
     dirs: Mapping[float, Path]
 
 
@@ -77,7 +77,7 @@ def write_adapter_weights(
     progress: Callable[[int, int], None] | None = None,
 ) -> WrittenAdapters:
     """adapter_config.json + adapter_model.safetensors per α under `root`; refuses an all-zero merge and a
-    non-finite one (`check_finite`)."""
+    non-finite one (`check_finite`). The result keeps the merge's shapes and diagnostics, not its values."""
     dirs = {}
     for done, alpha in enumerate(merged.alphas, start=1):
         modules = merged.updates(alpha)
@@ -96,4 +96,4 @@ def write_adapter_weights(
         dirs[alpha] = relative
         if progress is not None:
             progress(done, len(merged.alphas))
-    return WrittenAdapters(merged, dirs)
+    return WrittenAdapters(merged.without_values(), dirs)
