@@ -51,6 +51,10 @@ def test_search_scores_trials_on_the_search_split_and_confirms_on_the_report_spl
     assert "no trial saw" in report["splits"]["statement"]
     for trial in trials:
         assert trial["recipe"]["method"] in ("sst", "linear")
+    # the warm start: SST and linear at α = 0.5, 1, 1.5 (constant, no repair) come first, within the budget
+    assert [(t["recipe"]["method"], t["recipe"]["params"]["alphas"]) for t in trials] == [
+        ("sst", [0.5]), ("linear", [0.5]), ("sst", [1.0]), ("linear", [1.0]), ("sst", [1.5])
+    ]  # fmt: skip
     # trials were scored on the search split, the report entries on the report split
     assert report["references"]["search"]["before"]["safety"]["n"] == 4
     assert report["references"]["report"]["before"]["safety"]["n"] == 4

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sstmerge_core.evaluation.outcomes import Outcomes
 from sstmerge_core.search.matched import at_safety, front_curve, interpolate, matched_difference
 from sstmerge_core.search.recipe import Recipe
-from sstmerge_core.search.space import SearchSettings, suggest_recipe
+from sstmerge_core.search.space import SearchSettings, suggest_recipe, warm_start_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -23,6 +23,8 @@ def test_settings_refuse_bad_values():
         {"budget": 0},
         {"max_over_refusal_increase": -0.1},
         {"front_alphas": [float("nan"), 1.0]},
+        {"warm_start_alphas": [-1.0]},
+        {"warm_start_alphas": []},
         {"report_fraction": 1.0},
         {"extra": 1},
     ):
@@ -55,6 +57,27 @@ def test_every_drawn_recipe_is_valid_and_only_carries_the_parameters_it_uses():
     fresh = optuna.create_study().ask()
     no_repair = suggest_recipe(fresh, SearchSettings(repair="always"), base_params={}, num_layers=30, can_repair=False)
     assert no_repair.repair is None
+
+
+def test_warm_start_trials_are_each_method_at_its_defaults_then_the_sampler_takes_over():
+    settings = SearchSettings(methods=["sst", "linear", "ties"], alpha_min=0.75, warm_start_alphas=[1.5, 0.5, 1.0])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for fixed in warm_start_trials(settings):
+        study.enqueue_trial(fixed)
+    drawn = []
+    for _ in range(8):
+        trial = study.ask()
+        drawn.append(suggest_recipe(trial, settings, base_params={}, num_layers=30, can_repair=True))
+        study.tell(trial, 0.0)
+    # 0.5 is below alpha_min: two α × three methods, α ascending, then sampled trials
+    assert [(r.method, r.alpha) for r in drawn[:6]] == [(m, a) for a in (1.0, 1.5) for m in ("sst", "linear", "ties")]
+    for recipe in drawn[:6]:
+        p = recipe.method_params()
+        assert p.schedule == "constant" and recipe.repair is None
+        assert p == type(p)(alphas=[recipe.alpha])  # the method's defaults, nothing else
+    assert any(r.method_params().schedule != "constant" or r.repair is not None for r in drawn[6:])
+    assert warm_start_trials(settings.model_copy(update={"warm_start": False})) == []
+    assert warm_start_trials(settings.model_copy(update={"schedules": ["linear"]})) == []
 
 
 def test_recipe_needs_one_alpha():

@@ -43,7 +43,7 @@ from ..stages.writing import adapter_target, write_adapter_weights
 from .matched import matched_difference
 from .recipe import Recipe
 from .report import search_report, write_search_files
-from .space import SearchSettings, suggest_recipe
+from .space import SearchSettings, suggest_recipe, warm_start_trials
 
 log = logging.getLogger(__name__)
 TrialCallback = Callable[[dict], None]
@@ -186,6 +186,8 @@ def run_trials(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = ctx.settings
     study = optuna.create_study(direction="maximize", sampler=make_sampler(settings))
+    for fixed in warm_start_trials(settings):
+        study.enqueue_trial(fixed)
     trials: list[Trial] = []
     for number in range(settings.budget):
         started = time.perf_counter()

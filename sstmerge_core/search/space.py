@@ -53,6 +53,13 @@ class SearchSettings(BaseModel):
     front_alphas: list[float] | None = Field(
         default=None, min_length=2, max_length=32, description="α of linear's reference front (default: a grid)"
     )
+    warm_start: bool = Field(
+        default=True,
+        description="first trials: each method at its defaults at every warm-start α, constant schedule, no repair",
+    )
+    warm_start_alphas: list[float] = Field(
+        default=[0.5, 1.0, 1.5], min_length=1, max_length=16, description="α of the warm-start trials"
+    )
     sampler: Literal["tpe", "random"] = Field(default="tpe", description="optuna sampler")
     startup_trials: int = Field(default=8, ge=1, le=1000, description="random trials before TPE models the space")
 
@@ -66,11 +73,11 @@ class SearchSettings(BaseModel):
             raise ValueError("methods must be distinct")
         return methods
 
-    @field_validator("front_alphas")
+    @field_validator("front_alphas", "warm_start_alphas")
     @classmethod
     def _finite(cls, alphas: list[float] | None) -> list[float] | None:
         if alphas is not None and not all(math.isfinite(a) and 0 <= a <= 100 for a in alphas):
-            raise ValueError("front α values must be finite and within [0, 100]")
+            raise ValueError("α values must be finite and within [0, 100]")
         return alphas
 
     @model_validator(mode="after")
@@ -84,6 +91,27 @@ class SearchSettings(BaseModel):
         if self.front_alphas:
             return sorted(set(self.front_alphas))
         return [round(self.alpha_max * i / 9, 4) for i in range(10)]
+
+
+def warm_start_trials(settings: SearchSettings) -> list[dict[str, Any]]:
+    """The fixed values of the first trials: every searched method with its default parameters at each warm-start α
+    within [alpha_min, alpha_max], constant schedule, no repair — the sweep a user would run by hand, so that the
+    search's choice is never less safe on the search split than the best feasible point of that sweep. None when
+    `warm_start` is off or the constant schedule is not searched."""
+    if not settings.warm_start or "constant" not in settings.schedules:
+        return []
+    alphas = sorted({a for a in settings.warm_start_alphas if settings.alpha_min <= a <= settings.alpha_max})
+    trials = []
+    for alpha in alphas:
+        for method in settings.methods:
+            fixed: dict[str, Any] = {"method": method, "alpha": alpha, "schedule": "constant", "repair": False}
+            defaults = CATALOG[method].params.model_fields
+            if method == "sst":
+                fixed |= {"selection": "soft", "beta": defaults["beta"].default}
+            elif method in DENSITY_METHODS:
+                fixed["density"] = defaults["density"].default
+            trials.append(fixed)
+    return trials
 
 
 def suggest_recipe(
