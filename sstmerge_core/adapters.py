@@ -52,6 +52,12 @@ class LoraFactors:
         B, A = self.B.double(), self.A.double()
         return abs(self.scale) * float(torch.sqrt(torch.clamp(torch.trace((B.T @ B) @ (A @ A.T)), min=0)))
 
+    def as_stored(self, dtype: torch.dtype = torch.float32) -> LoraFactors:
+        """The factors as an adapter file holds them: A and s·B in `dtype` (s·B formed in float64), scale 1; no copy
+        of factors that already are."""
+        B = self.B if self.scale == 1 else self.scale * self.B.to(torch.float64)
+        return LoraFactors(B.to(dtype).contiguous(), self.A.to(dtype).contiguous(), 1.0)
+
     def scaled(self, weight: float) -> LoraFactors:
         """The factors of weight · ΔW."""
         return LoraFactors(self.B, self.A, self.scale * weight)
@@ -168,9 +174,9 @@ def save_adapter(
             if name in embedding_modules
             else ("lora_A.weight", "lora_B.weight")
         )
-        tensors[f"base_model.model.{name}.{a_key}"] = f.A.to(dtype).contiguous()
-        B = f.B if f.scale == 1 else f.scale * f.B.to(torch.float64)  # stored-form factors (s = 1) are not copied
-        tensors[f"base_model.model.{name}.{b_key}"] = B.to(dtype).contiguous()
+        stored = f.as_stored(dtype)
+        tensors[f"base_model.model.{name}.{a_key}"] = stored.A
+        tensors[f"base_model.model.{name}.{b_key}"] = stored.B
     # safetensors' save_file creates the file 0600; written through open() it gets 0666 less the umask like the
     # config and every other file of the folder
     (folder / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))

@@ -64,9 +64,13 @@ class Trial:
     scores: Scores  # utility oriented so that higher is better
     utility_drop: float
     over_refusal_increase: float
-    feasible: bool
+    excess: Mapping[str, float]  # by how much each bound is broken (≤ 0 where it holds): optuna's constraints
     seconds: float
     repair: Mapping[str, Any] | None
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= EPSILON for v in self.excess.values())
 
     def to_dict(self) -> dict:
         return {
@@ -146,8 +150,8 @@ def judge_trial(ctx: SearchContext, number: int, recipe: Recipe, result: ModelRe
     scores, before = result.scores(ctx.higher_is_better), ctx.before.scores(ctx.higher_is_better)
     utility_drop = before.utility - scores.utility
     increase = scores.over_refusal - before.over_refusal
-    feasible = all(v <= EPSILON for v in bounds(ctx, utility_drop, increase, scores.over_refusal).values())
-    return Trial(number, recipe, result, scores, utility_drop, increase, feasible, seconds, repair)
+    excess = bounds(ctx, utility_drop, increase, scores.over_refusal)
+    return Trial(number, recipe, result, scores, utility_drop, increase, excess, seconds, repair)
 
 
 def bounds(ctx: SearchContext, utility_drop: float, over_refusal_increase: float, over_refusal: float) -> dict:
@@ -208,8 +212,7 @@ def run_trials(
 
         result = score_updates(ctx.loaded, {"trial": merged.updates(recipe.alpha)}, data=ctx.search, progress=advance)
         trial = judge_trial(ctx, number, recipe, result["trial"], time.perf_counter() - started, trial_repair(merged))
-        excess = bounds(ctx, trial.utility_drop, trial.over_refusal_increase, trial.scores.over_refusal)
-        for key, value in excess.items():
+        for key, value in trial.excess.items():
             handle.set_constraint(key, value)
         study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
         trials.append(trial)

@@ -1,6 +1,6 @@
 """Merging: a method on every module for every α, held in memory as `MergedUpdates`.
 
-The merged factors are kept exactly as the adapter writer stores them (A and s·B rounded to float32, scaling 1):
+The merged factors are kept exactly as the adapter writer stores them (`LoraFactors.as_stored`: float32, scale 1):
 evaluating them in memory scores the same ΔW as loading the written adapter, and a job holds each merge once, at
 half the size of the float64 factors the methods compute.
 """
@@ -11,8 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import torch
-
 from ..adapters import LoraFactors
 from ..jobspec import MergeSpec
 from ..merge import merge_modules
@@ -21,7 +19,6 @@ from ..methods.catalog import CommonParams, parse_params
 from ..methods.registry import get_method
 
 Role = Literal["merged", "baseline"]
-STORED_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -59,12 +56,6 @@ class MergedUpdates:
         )
 
 
-def stored_factors(factors: LoraFactors) -> LoraFactors:
-    """The factors as the adapter writer stores them: A and s·B rounded to float32 (s·B formed in float64), s = 1."""
-    B = (factors.scale * factors.B.to(torch.float64)).to(STORED_DTYPE).contiguous()
-    return LoraFactors(B, factors.A.to(STORED_DTYPE).contiguous(), 1.0)
-
-
 def shape_only(factors: LoraFactors) -> LoraFactors:
     """The factors on the meta device: shapes and rank without storage."""
     return LoraFactors(factors.B.to("meta"), factors.A.to("meta"), factors.scale)
@@ -99,7 +90,8 @@ def merge_updates(
     by_alpha = merge_modules(
         method, dict(modules), params, dict(fisher) if fisher else None, num_layers=num_layers, progress=progress
     )
-    return MergedUpdates(method, params, {alpha: map_factors(r, stored_factors) for alpha, r in by_alpha.items()}, role)
+    stored = {alpha: map_factors(results, LoraFactors.as_stored) for alpha, results in by_alpha.items()}
+    return MergedUpdates(method, params, stored, role)
 
 
 def merge_plan(spec: MergeSpec) -> list[tuple[MergeMethod, CommonParams, Role]]:

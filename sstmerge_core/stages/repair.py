@@ -13,7 +13,7 @@ from ..jobspec import MergeSpec
 from ..methods.base import ModuleResult
 from ..methods.catalog import RefusalAblationParams
 from ..repair.step import RepairData, refusal_ablation
-from .merging import MergedUpdates, map_factors, stored_factors
+from .merging import MergedUpdates, map_factors
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def repair_updates(
         outcome = refusal_ablation(
             model, tokenizer, repair.data, repair.params, merged=merged.updates(alpha), progress=advance
         )
-        by_alpha[alpha] = map_factors(with_repair(merged.by_alpha[alpha], outcome.factors), stored_factors)
+        by_alpha[alpha] = map_factors(with_repair(merged.by_alpha[alpha], outcome.factors), LoraFactors.as_stored)
         reports[alpha] = outcome.report
         embeddings |= outcome.embedding_modules
     return dataclasses.replace(merged, by_alpha=by_alpha, repairs=reports, embedding_modules=frozenset(embeddings))
