@@ -124,7 +124,9 @@ def repair_lines(step: Mapping | None) -> list[str]:
         return []
     params = step["params"]
     chosen = step.get("chosen")
-    if chosen is None:
+    if "summary" in step:  # a step that words its own outcome
+        what = step["summary"]
+    elif chosen is None:
         what = f"no direction was ablated: {step.get('reason', 'no candidate qualified')}."
     else:
         what = (

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .methods.catalog import CATALOG, REPAIRS, CommonParams, RefusalAblationParams, parse_params, parse_repair
+from .methods.catalog import CATALOG, REPAIRS, CommonParams, parse_params, parse_repair
 
 UtilityMetric = Literal["exact_match", "contains", "rouge_l", "nll"]
 
@@ -82,10 +82,9 @@ class RepairSpec(BaseModel):
         parse_repair(self.method, self.params)
         return self
 
-    def step_params(self) -> RefusalAblationParams:
-        params = parse_repair(self.method, self.params)
-        assert isinstance(params, RefusalAblationParams)
-        return params
+    def step_params(self) -> BaseModel:
+        """The step's parameters, as its declared parameter class."""
+        return parse_repair(self.method, self.params)
 
 
 class MergeSpec(BaseModel):

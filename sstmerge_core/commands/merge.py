@@ -112,7 +112,8 @@ def repair_param_options(command: FC) -> FC:
     fields = {name: info for step in REPAIRS.values() for name, info in step.params.model_fields.items()}
     for name, info in sorted(fields.items(), reverse=True):
         default = info.get_default(call_default_factory=True)
-        text = f"{info.description} [repair; default: {default}]"
+        steps = "/".join(step for step, declared in REPAIRS.items() if name in declared.params.model_fields)
+        text = f"{info.description} [repair {steps}; default: {default}]"
         command = field_option(name, info.annotation, text, prefix=REPAIR_PREFIX)(command)
     for flag, text in (
         ("--borderline-data", "Repair: borderline-benign prompts P (JSONL/CSV), held out from evaluation."),
@@ -131,12 +132,17 @@ def repair_param_options(command: FC) -> FC:
 def given_repair(options: dict) -> dict | None:
     """The repair step and its parameters as given, or None; a repair parameter without --repair is an error."""
     params = {
-        k.removeprefix(REPAIR_PREFIX): v for k, v in options.items() if k.startswith(REPAIR_PREFIX) and v is not None
+        k.removeprefix(REPAIR_PREFIX): list(v) if isinstance(v, tuple) else v
+        for k, v in options.items()
+        if k.startswith(REPAIR_PREFIX) and v is not None and v != ()
     }
     if options.get("repair") is None:
         if params or options.get("harmless_data") or options.get("borderline_data"):
             raise InputError("--repair-*, --harmless-data and --borderline-data need --repair")
         return None
+    foreign = [k for k in params if k not in REPAIRS[options["repair"]].params.model_fields]
+    if foreign:
+        raise InputError(f"--repair-{foreign[0].replace('_', '-')} does not apply to repair step {options['repair']}")
     return {"method": options["repair"], "params": params}
 
 

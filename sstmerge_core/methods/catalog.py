@@ -272,3 +272,59 @@ class RefusalAblationParams(BaseModel):
     )
     batch_size: int = Field(default=16, ge=1, le=1024, description="prompts per forward pass")
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the subsample and the fit/select split")
+
+
+@repair_step(
+    "answer_alignment",
+    description=(
+        "Make answering follow a harmfulness probe: per chosen layer, fit a benign probe (harmful vs harmless and "
+        "borderline) and an answer probe (refused vs answered) on the merged model's residual stream, and add to the "
+        "layer's MLP output projection the minimum-norm rank-1 update that sets the answer score to a target "
+        "following the benign score (ridge least squares), as rank-1 LoRA factors."
+    ),
+    reference="after LLM-VA, https://arxiv.org/abs/2601.19487 (docs/repair.md)",
+)
+class AnswerAlignmentParams(BaseModel):
+    """ΔW = c v̂_a uᵀ on the MLP output projection of each chosen layer ℓ, u the ridge least-squares solution of
+    s_a(h + v̂_a uᵀx) = τ(s_b(h)) on the fitting prompts (docs/repair.md)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    strength: float = Field(default=1.0, ge=0, le=1, description="c: ΔW = c v̂_a uᵀ (0: no change, 1: meet the targets)")
+    ridge: float = Field(
+        default=0.01, ge=0, le=1e3, description="ρ/mean‖x‖²: u = argmin Σ(uᵀx_i − r_i)² + ρ‖u‖² (0: pseudo-inverse)"
+    )
+    layers: list[Annotated[int, Field(ge=0, le=4096)]] | None = Field(
+        default=None, min_length=1, max_length=64, description="edit these layers (default: selected by probe accuracy)"
+    )
+    num_layers: int = Field(default=1, ge=1, le=64, description="how many layers are selected when `layers` is unset")
+    layer_stride: int = Field(default=1, ge=1, le=64, description="candidate layers are every this-many-th layer")
+    max_layer_fraction: float = Field(
+        default=0.8, gt=0, le=1, description="candidate layers ℓ < this fraction of L (the last layers are skipped)"
+    )
+    targets: Literal["benign_score", "benign_sign"] = Field(
+        default="benign_score",
+        description="answer-score target τ: clip(s_b, −m, m) (`benign_score`) or m·sign(s_b) (`benign_sign`)",
+    )
+    margin: float = Field(default=4.0, gt=0, le=50, description="m: the bound (or size) of the target log-odds τ")
+    refusal_threshold: float = Field(
+        default=0.0,
+        ge=-50,
+        le=50,
+        description="a prompt counts as refused when its first-token refusal log-odds exceed this (0: p_R > 1/2)",
+    )
+    probe_c: float = Field(
+        default=1.0, gt=0, le=1e6, description="C of the logistic probes (inverse L2 strength, on standardized inputs)"
+    )
+    max_samples: int = Field(
+        default=128, ge=4, le=10_000, description="prompts used per set (harmful, harmless, borderline)"
+    )
+    batch_size: int = Field(default=16, ge=1, le=1024, description="prompts per forward pass")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the subsample and the fit/held-out split")
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and len(set(layers)) != len(layers):
+            raise ValueError("layers must be distinct")
+        return layers

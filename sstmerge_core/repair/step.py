@@ -64,11 +64,12 @@ class RepairOutcome:
         return bool(self.factors)
 
 
-def refusal_token_ids(tokenizer, refusals: Sequence[str]) -> torch.Tensor:
+def refusal_token_ids(tokenizer, refusals: Sequence[str], step: str = "refusal_ablation") -> torch.Tensor:
     """R: the distinct first tokens of the refusal responses."""
-    first = {ids[0] for ids in tokenizer(list(refusals), add_special_tokens=False)["input_ids"] if ids}
+    encoded = tokenizer(list(refusals), add_special_tokens=False)["input_ids"] if refusals else []
+    first = {ids[0] for ids in encoded if ids}
     if not first:
-        raise InputError("refusal_ablation needs safety data with responses (refusals) to define the refusal tokens")
+        raise InputError(f"{step} needs safety data with responses (refusals) to define the refusal tokens")
     return torch.tensor(sorted(first))
 
 

@@ -6,22 +6,65 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
 
 from ..adapters import LoraFactors
 from ..data import load_examples
 from ..jobspec import MergeSpec
 from ..methods.base import ModuleResult
-from ..methods.catalog import RefusalAblationParams
-from ..repair.step import RepairData, refusal_ablation
+from ..methods.catalog import REPAIRS
+from ..repair.answer_step import alignment_passes, answer_alignment
+from ..repair.step import RepairData, RepairOutcome, candidate_grid, refusal_ablation
 from .merging import MergedUpdates, map_factors
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What the cost model counts of a step on one merged model: prompts per set at most, passes over the halves
+    beyond the first two (`progress.RepairSize.candidates`), prompts per forward pass."""
+
+    max_samples: int
+    candidates: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class RepairStep:
+    """How the stage runs a repair step declared in `methods.catalog.REPAIRS`: `run(model, tokenizer, data, params,
+    merged=…, progress=…)`, and `plan(params, layers, post-instruction tokens)` for the cost model."""
+
+    run: Callable[..., RepairOutcome]
+    plan: Callable[[Any, int, int], PassPlan]
+
+
+# The implementation of every declared repair step, by name.
+STEPS: dict[str, RepairStep] = {
+    "refusal_ablation": RepairStep(
+        refusal_ablation, lambda p, layers, k: PassPlan(p.max_samples, len(candidate_grid(layers, k, p)), p.batch_size)
+    ),
+    "answer_alignment": RepairStep(
+        answer_alignment, lambda p, layers, _k: PassPlan(p.max_samples, alignment_passes(layers, p), p.batch_size)
+    ),
+}
+
+
+def step_of(params: BaseModel) -> str:
+    """The name of the repair step whose parameter class `params` is an instance of."""
+    return next(name for name, info in REPAIRS.items() if type(params) is info.params)
 
 
 @dataclass(frozen=True)
 class RepairInputs:
     """The step's parameters and prompt sets (H: the safety data, with its refusals; B: harmless; P: borderline)."""
 
-    params: RefusalAblationParams
+    params: BaseModel  # a step's parameter class (`methods.catalog.REPAIRS`); it names the step
     data: RepairData
+
+    @property
+    def step(self) -> RepairStep:
+        return STEPS[step_of(self.params)]
 
 
 def load_repair_inputs(spec: MergeSpec) -> RepairInputs | None:
@@ -40,7 +83,7 @@ def load_repair_inputs(spec: MergeSpec) -> RepairInputs | None:
 
 
 def with_repair(results: Mapping[str, ModuleResult], factors: Mapping[str, LoraFactors]) -> dict[str, ModuleResult]:
-    """Each module's merged factors with the repair's factors concatenated (ΔW + ΔW_abl, exact)."""
+    """Each module's merged factors with the repair's factors concatenated (ΔW + ΔW_repair, exact)."""
     combined = dict(results)
     for name, extra in factors.items():
         current = combined.get(name)
@@ -68,7 +111,7 @@ def repair_updates(
             if progress is not None:
                 progress(i + fraction, len(merged.alphas))
 
-        outcome = refusal_ablation(
+        outcome = repair.step.run(
             model, tokenizer, repair.data, repair.params, merged=merged.updates(alpha), progress=advance
         )
         by_alpha[alpha] = map_factors(with_repair(merged.by_alpha[alpha], outcome.factors), LoraFactors.as_stored)

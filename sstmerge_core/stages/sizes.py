@@ -109,17 +109,16 @@ def repair_size(loaded: LoadedInputs, models: int) -> RepairSize | None:
         return None
     from ..data import Example
     from ..repair.residual import post_instruction_length
-    from ..repair.step import candidate_grid
 
-    params, data = repair.params, repair.data
+    data = repair.data
     prompts = [Example(p) for p in [*data.harmful, *data.harmless, *data.borderline]]
-    layers = model_size(loaded.model).layers
+    plan = repair.step.plan(repair.params, model_size(loaded.model).layers, post_instruction_length(loaded.tokenizer))
     return RepairSize(
         models=models,
-        prompts=min(params.max_samples, max(len(data.harmful), len(data.harmless), len(data.borderline))),
+        prompts=min(plan.max_samples, max(len(data.harmful), len(data.harmless), len(data.borderline))),
         prompt_tokens=mean_tokens(loaded.tokenizer, prompts, 4096, responses=False),
-        candidates=len(candidate_grid(layers, post_instruction_length(loaded.tokenizer), params)),
-        batch_size=params.batch_size,
+        candidates=plan.candidates,
+        batch_size=plan.batch_size,
     )
 
 
