@@ -94,7 +94,9 @@ def test_probe_is_sklearns_decision_function_in_raw_coordinates():
 
 def test_targets_follow_the_benign_score():
     s_b = torch.tensor([-9.0, -1.0, 0.0, 2.5, 7.0], dtype=torch.float64)
-    torch.testing.assert_close(answer_targets(s_b, "benign_score", 4.0), torch.tensor([-4.0, -1.0, 0.0, 2.5, 4.0]).double())
+    torch.testing.assert_close(
+        answer_targets(s_b, "benign_score", 4.0), torch.tensor([-4.0, -1.0, 0.0, 2.5, 4.0]).double()
+    )
     torch.testing.assert_close(answer_targets(s_b, "benign_sign", 3.0), torch.tensor([-3.0, -3, 3, 3, 3]).double())
 
 
@@ -246,7 +248,9 @@ def test_answer_alignment_reports_its_choice_and_is_deterministic(chat_model, me
         min(best["benign"]["held_out"], best["answer"]["held_out"])
     )
     assert set(first.factors) == {chosen["module"]} and first.factors[chosen["module"]].rank == 1
-    assert set(report["after"]) == set(report["before"]) == {"harmful", "harmless", "borderline"}
+    held_out = report["held_out"]
+    assert set(held_out["after"]) == set(held_out["before"]) == {"harmful", "harmless", "borderline"}
+    assert held_out["after"] != held_out["before"]
     assert report == second.report | {"seconds": report["seconds"]}
     for name, factors in first.factors.items():
         assert torch.equal(factors.A, second.factors[name].A) and torch.equal(factors.B, second.factors[name].B)

@@ -83,8 +83,12 @@ def last_token_activations(
 
         return hook
 
-    handles = [decoder_layer(model, writers[layer]).register_forward_hook(keep_output(residual[layer])) for layer in residual]
-    handles += [model.get_submodule(writers[layer]).register_forward_pre_hook(keep_input(inputs[layer])) for layer in inputs]
+    handles = [
+        decoder_layer(model, writers[layer]).register_forward_hook(keep_output(residual[layer])) for layer in residual
+    ]
+    handles += [
+        model.get_submodule(writers[layer]).register_forward_pre_hook(keep_input(inputs[layer])) for layer in inputs
+    ]
     try:
         for batch in _batches(tokenizer, prompts, batch_size, model.device):
             logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]

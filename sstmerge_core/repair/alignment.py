@@ -68,7 +68,9 @@ def balanced_accuracy(score: torch.Tensor, positive: torch.Tensor) -> float | No
     if score.numel() == 0:
         return None
     predicted = score > 0
-    recalls = [float((predicted[positive == cls] == cls).double().mean()) for cls in (True, False) if (positive == cls).any()]
+    recalls = [
+        float((predicted[positive == cls] == cls).double().mean()) for cls in (True, False) if (positive == cls).any()
+    ]
     return sum(recalls) / len(recalls)
 
 

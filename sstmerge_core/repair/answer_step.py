@@ -108,7 +108,12 @@ def splits(data: RepairData, params: AnswerAlignmentParams) -> tuple[Split, Spli
 
 
 def fit_layer_probes(
-    layer: int, fit: LastToken, held: LastToken, split: tuple[Split, Split], answered: tuple[torch.Tensor, ...], c: float
+    layer: int,
+    fit: LastToken,
+    held: LastToken,
+    split: tuple[Split, Split],
+    answered: tuple[torch.Tensor, ...],
+    c: float,
 ) -> LayerProbes:
     """The benign and answer probes of one layer on the fit half, with their balanced accuracies on both halves."""
     (fit_split, held_split), (fit_answered, held_answered) = split, answered
@@ -205,7 +210,7 @@ def _align(
         "layers": num_layers(model),
         "prompts": {name: {"fit": fit_split.sizes[name], "held_out": held_split.sizes[name]} for name in SETS},
         "refused": {"fit": int((~answered[0]).sum()), "held_out": int((~answered[1]).sum())},
-        "before": _refusals(held_split, held.refusal, params.refusal_threshold),
+        "held_out": {"before": _refusals(held_split, held.refusal, params.refusal_threshold)},
     }
     if progress is not None:
         progress(0.3)
@@ -225,14 +230,18 @@ def _align(
             f"log-odds > {params.refusal_threshold:g}): an answer direction needs both refused and answered prompts"
         )
         return done(reason, {}, f"nothing was changed: {reason}.")
-    probes = [fit_layer_probes(layer, fit, held, (fit_split, held_split), answered, params.probe_c) for layer in candidates]
+    probes = [
+        fit_layer_probes(layer, fit, held, (fit_split, held_split), answered, params.probe_c) for layer in candidates
+    ]
     report["candidates"] = [{"layer": p.layer, **p.accuracy} for p in probes]
     usable = [p for p in probes if p.answer.norm > 0]
     if params.layers is not None:
         chosen = sorted(usable, key=lambda p: p.layer)
         report["chosen_by"] = "given layers"
     else:
-        chosen = sorted(sorted(usable, key=lambda p: p.rank_key, reverse=True)[: params.num_layers], key=lambda p: p.layer)
+        chosen = sorted(
+            sorted(usable, key=lambda p: p.rank_key, reverse=True)[: params.num_layers], key=lambda p: p.layer
+        )
         report["chosen_by"] = "held-out probe accuracy: min(benign, answer), then benign, then the lower layer"
     if not chosen:
         return done("no layer has a non-zero answer direction", {}, "nothing was changed: no answer direction.")
@@ -252,7 +261,7 @@ def _align(
             progress(0.3 + 0.6 * (i + 1) / len(chosen))
     with lora_forward(model, edits):
         after = read(held_split, [])
-    report["after"] = _refusals(held_split, after.refusal, params.refusal_threshold)
+    report["held_out"]["after"] = _refusals(held_split, after.refusal, params.refusal_threshold)
     layers = ", ".join(str(p.layer) for p in chosen)
     summary = (
         f"the answer score of layer(s) {layers} set to follow the benign score ({params.targets}, m = "

@@ -46,8 +46,30 @@ def test_search_and_repair_fields_are_validated_at_submit(api, inputs):
     response = api.post("/merges", headers=auth("acme"), json=missing)
     assert response.status_code == 422 and response.json()["error"]["code"] == "dataset_not_found"
     methods = api.get("/methods").json()
-    assert [r["name"] for r in methods["repairs"]] == ["refusal_ablation"]
-    assert "strength" in methods["repairs"][0]["params_schema"]["properties"]
+    repairs = {r["name"]: r for r in methods["repairs"]}
+    assert {"refusal_ablation", "answer_alignment"} <= set(repairs)
+    assert "strength" in repairs["refusal_ablation"]["params_schema"]["properties"]
+    alignment = repairs["answer_alignment"]["params_schema"]["properties"]
+    assert {"strength", "ridge", "layers", "targets", "margin"} <= set(alignment)
+    assert alignment["strength"]["maximum"] == 1 and alignment["ridge"]["minimum"] == 0
+
+
+@pytest.mark.parametrize(
+    "params, named",
+    [
+        ({"strength": 1.5}, "strength"),
+        ({"ridge": -1}, "ridge"),
+        ({"layers": [1, 1]}, "layers"),
+        ({"targets": "labels"}, "targets"),
+        ({"layer": 1}, "layer"),  # refusal_ablation's parameter, not this step's
+    ],
+)
+def test_bad_answer_alignment_params_are_422_naming_the_input(api, inputs, params, named):
+    body = merge_body(inputs, repair={"method": "answer_alignment", "params": params}, **repair_inputs(inputs))
+    response = api.post("/merges", headers=auth("acme"), json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "validation_error" and named in error["details"][0]["loc"]
 
 
 def test_search_job_streams_trials_and_serves_its_report_and_the_chosen_adapter(api, worker, inputs):
