@@ -199,11 +199,18 @@ def test_writers_and_activations_are_the_layer_outputs_and_mlp_inputs(chat_model
     torch.testing.assert_close(four.refusal, refusal_log_odds(logits, ids).double(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("ridge", [0.0, 0.05])
-def test_edited_answer_scores_meet_their_targets_in_a_real_forward_pass(chat_model, merged, ridge):
+@pytest.mark.parametrize("family, ridge", [("llama", 0.0), ("llama", 0.05), ("gpt2", 0.0), ("qwen2", 0.0)])
+def test_edited_answer_scores_meet_their_targets_in_a_real_forward_pass(family, ridge, chat_model, merged, tiny_models):
     """With the edit applied by hooks, the answer scores of the fitting prompts at the edited layer equal the ridge
-    least-squares fit of the targets computed by scipy; at ridge 0 (fewer prompts than inputs) they are the targets."""
-    _, model, tokenizer = chat_model
+    least-squares fit of the targets computed by scipy; at ridge 0 (fewer prompts than inputs) they are the targets.
+    GPT-2's writer is a Conv1D (`mlp.c_proj`)."""
+    if family == "llama":
+        _, model, tokenizer = chat_model
+    else:
+        model, tokenizer = load_base_model(str(tiny_models[family]), "cpu", "float32")
+        merged = {}
+    writer = mlp_writers(model)[1]
+    assert writer.endswith("mlp.c_proj" if family == "gpt2" else "mlp.down_proj")
     threshold = median_threshold(model, tokenizer, merged)
     params = AnswerAlignmentParams(layers=[1], ridge=ridge, refusal_threshold=threshold, max_samples=24)
     ids = refusal_token_ids(tokenizer, REFUSALS)
@@ -215,13 +222,14 @@ def test_edited_answer_scores_meet_their_targets_in_a_real_forward_pass(chat_mod
         probes = fit_layer_probes(1, fit, held, (fit_split, held_split), answered, 1.0)
         now = last_token_activations(model, tokenizer, fit_split.prompts, [1], ids, 8, writer_inputs=True)
         factors, numbers = edit_layer(probes, fit.residual[1], now, params)
-        with lora_forward(model, {"model.layers.1.mlp.down_proj": factors}):
+        with lora_forward(model, {writer: factors}):
             edited = last_token_activations(model, tokenizer, fit_split.prompts, [1], ids, 8)
     s_after = probes.answer.score(edited.residual[1]).numpy()
     s_before = probes.answer.score(now.residual[1]).numpy()
     targets = answer_targets(probes.benign.score(fit.residual[1]), "benign_score", params.margin).numpy()
     # independent: scipy's ridge solution for the writer inputs and the shifts r = (τ − s_a)/‖w_a‖
     X, norm = now.writer_inputs[1].numpy(), probes.answer.norm
+    assert X.shape[0] < X.shape[1]
     rho = ridge * float((X * X).sum(1).mean())
     u = _ridge_by_scipy(X, (targets - s_before) / norm, rho)
     np.testing.assert_allclose(s_after, s_before + norm * (X @ u), rtol=1e-4, atol=1e-4)
@@ -313,6 +321,15 @@ def test_written_adapter_reloads_in_peft_with_the_edited_weights(chat_model, mer
     torch.testing.assert_close(baked, theirs.float(), atol=1e-4, rtol=1e-4)
     plain = last_token_logits(model, tokenizer, BORDERLINE[:3], 3)
     assert not torch.allclose(plain, ours, atol=1e-3)
+
+
+def test_non_finite_activations_fail_with_a_code(chat_model):
+    """A merged update that overflows the residual stream is refused before any probe is fitted."""
+    _, model, tokenizer = chat_model
+    huge = {"model.layers.0.mlp.down_proj": LoraFactors(torch.full((32, 1), 1e30), torch.full((1, 72), 1e30))}
+    with pytest.raises(InputError, match="not finite") as caught:
+        answer_alignment(model, tokenizer, DATA, AnswerAlignmentParams(), merged=huge)
+    assert caught.value.code == "non_finite_result"
 
 
 def test_bad_inputs_are_refused_naming_the_input(chat_model):

@@ -109,7 +109,10 @@ REPAIR_PREFIX = "repair_"
 
 def repair_param_options(command: FC) -> FC:
     """`--repair STEP`, its data flags, and `--repair-<param>` for every parameter of every repair step."""
-    fields = {name: info for step in REPAIRS.values() for name, info in step.params.model_fields.items()}
+    fields: dict = {}
+    for step in REPAIRS.values():  # a name several steps share keeps its first declaration's type and text
+        for name, info in step.params.model_fields.items():
+            fields.setdefault(name, info)
     for name, info in sorted(fields.items(), reverse=True):
         default = info.get_default(call_default_factory=True)
         steps = "/".join(step for step, declared in REPAIRS.items() if name in declared.params.model_fields)

@@ -152,6 +152,17 @@ def edit_layer(
     return factors, numbers
 
 
+def check_finite(read: LastToken) -> None:
+    """Refuse (code non_finite_result) activations or refusal scores of the merged model that are not finite."""
+    parts = {f"layer {layer}": h for layer, h in read.residual.items()}
+    parts |= {f"layer {layer}'s MLP input": x for layer, x in read.writer_inputs.items()}
+    for where, values in {**parts, "refusal score": read.refusal}.items():
+        if not bool(torch.isfinite(values).all()):
+            raise InputError(
+                f"{STEP}: the merged model's {where} at the last prompt token is not finite", code="non_finite_result"
+            )
+
+
 def _rms(values: torch.Tensor) -> float:
     return float(values.double().square().mean().sqrt())
 
@@ -203,6 +214,8 @@ def _align(
         )
 
     fit, held = read(fit_split, candidates), read(held_split, candidates)
+    check_finite(fit)
+    check_finite(held)
     answered = (fit.refusal <= params.refusal_threshold, held.refusal <= params.refusal_threshold)
     report: dict[str, Any] = {
         "step": STEP,
@@ -254,6 +267,7 @@ def _align(
     for i, probe in enumerate(chosen):
         with lora_forward(model, edits):
             now = read(fit_split, [probe.layer], inputs=True)
+        check_finite(now)
         factors, numbers = edit_layer(probe, fit.residual[probe.layer], now, params)
         edits[writers[probe.layer]] = factors
         report["chosen"].append({"layer": probe.layer, "module": writers[probe.layer], **probe.accuracy, **numbers})
