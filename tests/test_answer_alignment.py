@@ -233,6 +233,12 @@ def test_edited_answer_scores_meet_their_targets_in_a_real_forward_pass(family, 
     rho = ridge * float((X * X).sum(1).mean())
     u = _ridge_by_scipy(X, (targets - s_before) / norm, rho)
     np.testing.assert_allclose(s_after, s_before + norm * (X @ u), rtol=1e-4, atol=1e-4)
+    # minimum norm on the real activations: the written uᵀ (the factor A) has no part in the null space of X
+    written = factors.A[0].numpy()
+    null = scipy.linalg.null_space(X)
+    assert null.shape[1] >= X.shape[1] - X.shape[0] and np.linalg.norm(null.T @ written) < 1e-9 * np.linalg.norm(
+        written
+    )
     if ridge == 0.0:
         np.testing.assert_allclose(s_after, targets, rtol=1e-4, atol=1e-4)
         assert numbers["target_rms"]["after"] < 1e-6

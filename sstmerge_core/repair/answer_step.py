@@ -231,6 +231,8 @@ def _align(
     def done(reason: str | None, factors: dict[str, LoraFactors], summary: str) -> RepairOutcome:
         report["seconds"] = round(time.perf_counter() - started, 2)
         report["summary"] = summary
+        if progress is not None:
+            progress(1.0)
         if reason is not None:
             report.update(chosen=None, reason=reason)
             log.info("answer alignment skipped", extra={"reason": reason})
