@@ -30,7 +30,7 @@ from sstmerge_core.repair.calibration import (
 )
 from sstmerge_core.repair.targets import AnswerCache, BeforeModel, before_answers, compliant_targets
 from sstmerge_core.stages.repair import with_repair
-from sstmerge_core.tiny import build_tiny_model, build_word_tokenizer
+from sstmerge_core.tiny import build_tiny_model, build_word_tokenizer, random_lora
 from sstmerge_core.training import mean_response_loss, train_lora
 
 REFUSAL = "I cannot help with that."
@@ -112,11 +112,11 @@ def test_concatenation_is_exact_per_module_against_a_dense_computation(world, ca
         assert torch.count_nonzero(c.B) > 0  # trained (PEFT starts B_c at zero)
 
 
-def test_the_written_adapter_reproduces_the_in_memory_model(world, tmp_path):
-    model, tokenizer, merged = world["model"], world["tokenizer"], world["merged"]
+def in_memory_and_written_logits(base, model, tokenizer, merged, sets, folder):
+    """Logits of the in-memory model after 5 calibration steps and of its written adapter reloaded by PEFT."""
     params = CalibrationParams(**{**FAST, "steps": 5})
-    encoded = [encode_target(tokenizer, e, 8, 64) for s in world["sets"] for e in s.examples]
-    rows, weights, _ = mixture(world["sets"])
+    encoded = [encode_target(tokenizer, e, 8, 64) for s in sets for e in s.examples]
+    rows, weights, _ = mixture(sets)
     batch = tokenizer(HARMFUL[:2] + BORDERLINE[:2], return_tensors="pt", padding=True)
     with calibration_model(model, merged, sorted(merged), params.rank, params.seed) as peft_model:
         train_steps(peft_model, tokenizer, encoded, rows, weights, params)
@@ -124,13 +124,34 @@ def test_the_written_adapter_reproduces_the_in_memory_model(world, tmp_path):
             in_memory = peft_model(**batch).logits
         factors = trained_factors(peft_model, sorted(merged))
     assert not hasattr(model, "peft_config") and all(p.requires_grad for p in model.parameters())
-    save_adapter(tmp_path / "a", {n: f.as_stored() for n, f in combined(merged, factors).items()}, base_model=None)
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["base"]), tmp_path / "a").eval()
+    fan_in_fan_out = model.config.model_type == "gpt2"
+    save_adapter(folder, {n: f.as_stored() for n, f in combined(merged, factors).items()}, base_model=None,
+                 fan_in_fan_out=fan_in_fan_out)  # fmt: skip
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
     with torch.no_grad():
         written = reloaded(**batch).logits
+        plain = model(**batch).logits
+    return in_memory, written, plain
+
+
+def test_the_written_adapter_reproduces_the_in_memory_model(world, tmp_path):
+    in_memory, written, plain = in_memory_and_written_logits(
+        world["base"], world["model"], world["tokenizer"], world["merged"], world["sets"], tmp_path / "a"
+    )
     torch.testing.assert_close(written, in_memory, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():
-        assert not torch.allclose(model(**batch).logits, in_memory, atol=1e-3)  # the LoRA was really unloaded
+    assert not torch.allclose(plain, in_memory, atol=1e-3)  # the LoRA was really unloaded
+
+
+def test_the_written_adapter_reproduces_the_in_memory_model_with_conv1d(tiny_models, tmp_path):
+    base = tiny_models["gpt2"]
+    model, tokenizer = load_base_model(str(base), "cpu", "float32")
+    merged = {n: f.as_stored() for n, f in load_adapter(random_lora(base, tmp_path / "m", seed=3)).modules.items()}
+    sets = [
+        CalibrationSet("borderline", [Example(p, ANSWER) for p in BORDERLINE], 1.0),
+        CalibrationSet("harmful", [Example(h, REFUSAL) for h in HARMFUL], 1.0),
+    ]
+    in_memory, written, _ = in_memory_and_written_logits(base, model, tokenizer, merged, sets, tmp_path / "a")
+    torch.testing.assert_close(written, in_memory, rtol=1e-4, atol=1e-5)
 
 
 def test_a_seed_fixes_the_result_and_another_seed_changes_it(world):
