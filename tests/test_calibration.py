@@ -219,3 +219,13 @@ def test_before_answers_are_cached_and_refusals_dropped(world, tmp_path: Path):
     assert answers[0] == answers[1] and judge.is_refusal(answers[0])
     assert [e.response for e in targets.examples] == [ANSWER]
     assert (targets.dropped_refusals, targets.dropped_empty, targets.generated) == (2, 1, 0)
+
+
+def test_a_non_finite_trained_weight_is_refused_naming_the_module():
+    from sstmerge_core.repair.calibration import check_factors
+
+    good = LoraFactors(torch.ones(4, 2), torch.ones(2, 3))
+    check_factors({"a": good})
+    with pytest.raises(InputError, match="module b is not finite") as error:
+        check_factors({"a": good, "b": LoraFactors(torch.ones(4, 2), torch.full((2, 3), float("inf")))})
+    assert error.value.code == "non_finite_result"

@@ -12,6 +12,7 @@ target tokens. The repaired module is W + ΔW + s·B_c A_c, i.e. the LoRA [B | s
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -32,6 +33,7 @@ from ..training import MAX_GRAD_NORM, collate, encode_examples, linear_schedule,
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+log = logging.getLogger(__name__)
 LORA_SCALE = 2.0  # s = lora_alpha / r_c
 Progress = Callable[[int, int], None]
 
@@ -121,14 +123,22 @@ def trained_factors(peft_model, targets: Sequence[str]) -> dict[str, LoraFactors
 
 
 def train_steps(
-    peft_model, tokenizer, encoded: Sequence[Encoded], rows: list[int], weights: list[float], params, on_step=None
+    peft_model,
+    tokenizer,
+    encoded: Sequence[Encoded],
+    rows: list[int],
+    weights: list[float],
+    params,
+    on_step: Progress | None = None,
+    losses: list[float] | None = None,
 ) -> list[float]:
-    """`params.steps` AdamW steps on batches drawn from `rows` by `weights` (seeded); the loss of every step.
-    Raises `InputError` (code non_finite_result) at the first non-finite loss."""
+    """`params.steps` AdamW steps on batches drawn from `rows` by `weights` (seeded); the loss of every step,
+    appended to `losses` as they come. Raises `InputError` (code non_finite_result) at the first non-finite loss."""
     parameters = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=params.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(params.steps))
-    rng, losses = random.Random(params.seed), []
+    rng = random.Random(params.seed)
+    losses = [] if losses is None else losses
     for step in range(1, params.steps + 1):
         batch = [encoded[i] for i in rng.choices(rows, weights=weights, k=params.batch_size)]
         loss = response_loss(peft_model, collate(batch, tokenizer.pad_token_id))
@@ -193,8 +203,17 @@ def calibrate(
     encoded = [
         encode_target(tokenizer, e, params.max_target_tokens, params.max_length) for s in sets for e in s.examples
     ]
+    every = max(1, params.steps // 10)
+    losses: list[float] = []
+
+    def on_step(step: int, steps: int) -> None:
+        if step % every == 0 or step == steps:
+            log.info("calibration", extra={"step": step, "steps": steps, "loss": round(losses[-1], 4)})
+        if progress is not None:
+            progress(step, steps)
+
     with calibration_model(model, merged, targets, params.rank, params.seed) as peft_model:
-        losses = train_steps(peft_model, tokenizer, encoded, rows, weights, params, progress)
+        train_steps(peft_model, tokenizer, encoded, rows, weights, params, on_step, losses)
         factors = trained_factors(peft_model, targets)
     check_factors(factors)
     report |= {
