@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..adapters import LoraFactors, load_adapter
 from ..cache import default_cache_dir, model_fingerprint
 from ..data import Example, load_examples
@@ -196,13 +198,18 @@ def calibrate_updates(
             sets,
             params,
             merged=merged.updates(alpha),
-            targets=sorted(set(merged.by_alpha[alpha]) - merged.embedding_modules),
+            targets=linear_targets(model, merged.by_alpha[alpha]),
             progress=on_step,
         )
         by_alpha[alpha] = map_factors(with_repair(merged.by_alpha[alpha], outcome.factors), LoraFactors.as_stored)
         reports[alpha] = {**outcome.report, **made.get("report", {})}
         advance(1.0)
     return dataclasses.replace(merged, by_alpha=by_alpha, repairs=reports)
+
+
+def linear_targets(model, modules: Mapping[str, Any]) -> list[str]:
+    """The merged adapter's Linear/Conv1D modules (an embedding LoRA of an input adapter is not calibrated)."""
+    return sorted(name for name in modules if not isinstance(model.get_submodule(name), nn.Embedding))
 
 
 def calibration_size(inputs: CalibrationInputs, tokenizer, models: int) -> CalibrationSize:
