@@ -122,6 +122,8 @@ def repair_lines(step: Mapping | None) -> list[str]:
     """The repair step's choice for this adapter (docs/repair.md), when the merge was repaired."""
     if not step:
         return []
+    if step["step"] == "calibration":
+        return calibration_lines(step)
     params = step["params"]
     chosen = step.get("chosen")
     if "summary" in step:  # a step that words its own outcome
@@ -135,6 +137,26 @@ def repair_lines(step: Mapping | None) -> list[str]:
             f"and λ = {params['lam']:g}" + ("" if params["include_embedding"] else " (token embedding left out)") + "."
         )
     return ["## Repair", "", f"`{step['step']}`: {what}", ""]
+
+
+def calibration_lines(step: Mapping) -> list[str]:
+    """The calibration step's training for this adapter: rank, steps, loss, the sets and their dropped targets."""
+    params = step["params"]
+    if not step.get("trained"):
+        return ["## Repair", "", f"`calibration`: nothing was trained ({step.get('reason', 'steps = 0')}).", ""]
+    loss = step["loss"]
+    what = (
+        f"a rank-{params['rank']} LoRA trained for {params['steps']} steps (learning rate {params['learning_rate']:g}, "
+        f"batch {params['batch_size']}, seed {params['seed']}) on the merged model and concatenated to it; "
+        f"loss {loss['first_tenth_mean']:.4g} → {loss['last_tenth_mean']:.4g} (means of the first and last tenth)."
+    )
+    lines = ["## Repair", "", f"`calibration`: {what}", "", "| set | rows | used | generated | dropped refusals |"]
+    lines.append("|---|---|---|---|---|")
+    for name, s in step.get("sets", {}).items():
+        share = step.get("mixture", {}).get(name)
+        label = f"{name} ({share:.0%} of a batch)" if share is not None else f"{name} (not used)"
+        lines.append(f"| {label} | {s['rows']} | {s['used']} | {s['generated']} | {s.get('dropped_refusals', 0)} |")
+    return [*lines, ""]
 
 
 def model_card(

@@ -117,7 +117,7 @@ class MergeSpec(BaseModel):
         if CATALOG[self.method].needs_fisher and not (self.utility_data and self.safety_data):
             raise ValueError(f"method {self.method!r} needs utility_data and safety_data")
         if self.repair is not None:
-            missing = [k for k in ("safety_data", "harmless_data", "borderline_data") if not getattr(self, k)]
+            missing = [k for k in REPAIRS[self.repair.method].needs if not getattr(self, k)]
             if missing:
                 raise ValueError(f"repair {self.repair.method!r} needs {', '.join(missing)}")
         elif self.harmless_data or self.borderline_data:

@@ -110,6 +110,20 @@ class RepairSize:
 
 
 @dataclass(frozen=True)
+class CalibrationSize:
+    """The calibration step: the `before` model's answers to `generated` prompts once, then on each of `models`
+    merged models `steps` training steps (forward + backward) on `batch_size` rows of `tokens` tokens."""
+
+    models: int
+    steps: int
+    batch_size: int
+    tokens: float
+    generated: int
+    prompt_tokens: float
+    new_tokens: int
+
+
+@dataclass(frozen=True)
 class MergeRun:
     """One method's merge: how many α and whether it works on dense ΔW."""
 
@@ -128,7 +142,7 @@ class JobSizes:
     merges: Sequence[MergeRun]  # the job's method first, then the compare_with methods
     fisher: Mapping[str, PassSize] = field(default_factory=dict)  # "utility", "safety"
     evaluation: EvaluationSize | None = None
-    repair: RepairSize | None = None
+    repair: RepairSize | CalibrationSize | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,12 @@ def repair_cost(model: ModelSize, size: RepairSize, k: CostConstants) -> StageCo
     return StageCost(body=size.models * sets * (1 + size.candidates + 1))
 
 
+def calibration_cost(model: ModelSize, size: CalibrationSize, k: CostConstants) -> StageCost:
+    answers = _generation(model, size.generated, size.prompt_tokens, size.new_tokens, 16, k)
+    step = _call(model, size.batch_size * size.tokens, k) * (1 + k.c_backward)
+    return StageCost(body=answers + size.models * size.steps * step)
+
+
 def stage_costs(sizes: JobSizes, k: CostConstants = CPU) -> dict[str, StageCost]:
     """Expected cost of every stage the job runs, in the order they run."""
     costs = {
@@ -215,7 +235,9 @@ def stage_costs(sizes: JobSizes, k: CostConstants = CPU) -> dict[str, StageCost]
     if sizes.fisher:  # ΔU is added to the model for the passes and taken out again
         costs["fisher_utility"] = replace(costs["fisher_utility"], lead=costs["fisher_utility"].lead + 2 * apply)
     costs["merging"] = merge_cost(sizes.shapes, sizes.merges, k)
-    if sizes.repair is not None:
+    if isinstance(sizes.repair, CalibrationSize):
+        costs["repairing"] = calibration_cost(sizes.model, sizes.repair, k)
+    elif sizes.repair is not None:
         costs["repairing"] = repair_cost(sizes.model, sizes.repair, k)
     adapters = sum(run.alphas for run in sizes.merges)
     costs["writing"] = StageCost(body=adapters * (2 * k.c_file + apply / 10))

@@ -27,7 +27,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
 from sstmerge_core.jobspec import EvaluationSettings, RepairSpec
-from sstmerge_core.methods.catalog import CATALOG, parse_params
+from sstmerge_core.methods.catalog import CATALOG, REPAIRS, parse_params
 from sstmerge_core.schedules import SCALE_BOUND
 from sstmerge_core.search.space import SearchSettings
 from sstmerge_core.untrusted import quote
@@ -128,8 +128,9 @@ class MergeRequest(BaseModel):
     )
     repair: RepairSpec | None = Field(
         default=None,
-        description="a post-merge repair step applied to every merged model (docs/repair.md); it reads the safety "
-        "dataset and the harmless and borderline datasets",
+        description="a post-merge repair step applied to every merged model (docs/repair.md): `refusal_ablation` "
+        "reads the safety, harmless and borderline datasets; `calibration` the safety and borderline datasets, and "
+        "the utility and harmless datasets when given",
     )
     harmless_dataset_id: ResourceId | None = Field(default=None, description="repair: harmless prompts B")
     borderline_dataset_id: ResourceId | None = Field(default=None, description="repair: borderline-benign prompts P")
@@ -142,12 +143,16 @@ class MergeRequest(BaseModel):
     @model_validator(mode="after")
     def _inputs_fit_the_job(self) -> MergeRequest:
         repair_data = self.harmless_dataset_id and self.borderline_dataset_id
-        if self.repair is not None and not (repair_data and self.safety_dataset_id):
-            raise ValueError("a repair needs safety_dataset_id, harmless_dataset_id and borderline_dataset_id")
-        if (self.harmless_dataset_id or self.borderline_dataset_id) and not repair_data:
-            raise ValueError("harmless_dataset_id and borderline_dataset_id go together")
-        if repair_data and self.repair is None and self.search is None:
-            raise ValueError("harmless_dataset_id and borderline_dataset_id are inputs of a repair or a search")
+        if self.repair is not None:
+            needed = [f"{key.removesuffix('_data')}_dataset_id" for key in REPAIRS[self.repair.method].needs]
+            missing = [key for key in needed if not getattr(self, key)]
+            if missing:
+                raise ValueError(f"repair {self.repair.method!r} needs {', '.join(missing)}")
+        elif self.harmless_dataset_id or self.borderline_dataset_id:
+            if not repair_data:
+                raise ValueError("harmless_dataset_id and borderline_dataset_id go together")
+            if self.search is None:
+                raise ValueError("harmless_dataset_id and borderline_dataset_id are inputs of a repair or a search")
         if self.search is not None and self.evaluation is None:
             raise ValueError("a search needs `evaluation`: its trials are scored on the search split")
         if self.search is not None and (self.compare_with or self.repair is not None):

@@ -109,15 +109,14 @@ REPAIR_PREFIX = "repair_"
 
 def repair_param_options(command: FC) -> FC:
     """`--repair STEP`, its data flags, and `--repair-<param>` for every parameter of every repair step."""
-    fields: dict = {}
-    for step in REPAIRS.values():  # a name several steps share keeps its first declaration's type and text
+    fields: dict[str, ParamField] = {}
+    for step in REPAIRS.values():
         for name, info in step.params.model_fields.items():
-            fields.setdefault(name, info)
-    for name, info in sorted(fields.items(), reverse=True):
-        default = info.get_default(call_default_factory=True)
-        steps = "/".join(step for step, declared in REPAIRS.items() if name in declared.params.model_fields)
-        text = f"{info.description} [repair {steps}; default: {default}]"
-        command = field_option(name, info.annotation, text, prefix=REPAIR_PREFIX)(command)
+            field = fields.setdefault(name, ParamField(info.annotation, info.description or "", {}))
+            field.defaults[step.name] = info.get_default(call_default_factory=True)
+    for name, field in sorted(fields.items(), reverse=True):
+        text = f"{field.description} [repair {'/'.join(field.methods)}; default: {field.default_text()}]"
+        command = field_option(name, field.annotation, text, prefix=REPAIR_PREFIX)(command)
     for flag, text in (
         ("--borderline-data", "Repair: borderline-benign prompts P (JSONL/CSV), held out from evaluation."),
         ("--harmless-data", "Repair: harmless prompts B (JSONL/CSV), held out from evaluation."),
@@ -127,8 +126,9 @@ def repair_param_options(command: FC) -> FC:
         "--repair",
         type=click.Choice(sorted(REPAIRS)),
         default=None,
-        help="A post-merge repair step applied to every merged model (docs/repair.md); it reads --safety-data "
-        "(harmful prompts and their refusals), --harmless-data and --borderline-data.",
+        help="A post-merge repair step applied to every merged model (docs/repair.md); refusal_ablation reads "
+        "--safety-data (harmful prompts and their refusals), --harmless-data and --borderline-data; calibration "
+        "reads --safety-data and --borderline-data, and --utility-data (retain rows) and --harmless-data when given.",
     )(command)
 
 

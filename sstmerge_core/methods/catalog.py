@@ -194,6 +194,9 @@ def parse_params(method: str, params: dict) -> CommonParams:
     return method_info(method).params.model_validate(params)
 
 
+REPAIR_DATA = ("safety_data", "harmless_data", "borderline_data")
+
+
 @dataclass(frozen=True)
 class RepairInfo:
     """A post-merge repair step: it changes a merged model, whatever method made it."""
@@ -202,9 +205,16 @@ class RepairInfo:
     params: type[BaseModel]
     description: str
     reference: str
+    needs: tuple[str, ...] = REPAIR_DATA  # the job's data inputs the step cannot run without
+    reads: tuple[str, ...] = ()  # further data inputs it reads when given
 
     def params_schema(self) -> dict[str, Any]:
         return self.params.model_json_schema()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every data input the step reads: what it needs, then what it reads when given."""
+        return self.needs + self.reads
 
 
 REPAIRS: dict[str, RepairInfo] = {}
@@ -212,13 +222,16 @@ R = TypeVar("R", bound=type[BaseModel])
 MAX_POSITIONS = 16
 
 
-def repair_step(name: str, *, description: str, reference: str) -> Callable[[R], R]:
-    """Declare the decorated parameter class as the parameters of repair step `name`."""
+def repair_step(
+    name: str, *, description: str, reference: str, needs: tuple[str, ...] = REPAIR_DATA, reads: tuple[str, ...] = ()
+) -> Callable[[R], R]:
+    """Declare the decorated parameter class as the parameters of repair step `name`, which cannot run without the
+    job's data inputs `needs` (MergeSpec field names) and also reads `reads` when they are given."""
 
     def declare(params: R) -> R:
         if name in REPAIRS:
             raise ValueError(f"repair step {name!r} is declared twice")
-        REPAIRS[name] = RepairInfo(name, params, description, reference)
+        REPAIRS[name] = RepairInfo(name, params, description, reference, needs, reads)
         return params
 
     return declare
@@ -328,3 +341,50 @@ class AnswerAlignmentParams(BaseModel):
         if layers is not None and len(set(layers)) != len(layers):
             raise ValueError("layers must be distinct")
         return layers
+
+
+@repair_step(
+    "calibration",
+    description=(
+        "Fine-tune a new LoRA on the frozen merged model: borderline-benign prompts with the `before` model's own "
+        "answers, harmful prompts with their refusals and retain rows with their answers; the trained factors are "
+        "concatenated to the merged ones (ranks add)."
+    ),
+    reference="https://arxiv.org/abs/2410.12999 (docs/repair.md)",
+    needs=("safety_data", "borderline_data"),
+    reads=("utility_data", "harmless_data"),
+)
+class CalibrationParams(BaseModel):
+    """Train ΔW_c = s·B_c A_c (rank r_c, s = 2) on the merged model W + ΔW for `steps` AdamW steps of token
+    cross-entropy on targets, batches drawn from the mixture of the four sets by their weights (docs/repair.md)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    rank: int = Field(
+        default=8, ge=1, le=256, description="r_c: rank of the calibration LoRA (the adapter's grows by r_c)"
+    )
+    steps: int = Field(default=100, ge=0, le=100_000, description="optimiser steps (0: the merge is left as it is)")
+    learning_rate: float = Field(
+        default=2e-4, gt=0, le=1, description="AdamW peak learning rate (linear warm-up over 5 % of steps, then decay)"
+    )
+    batch_size: int = Field(default=8, ge=1, le=1024, description="examples per step, drawn from the mixture")
+    max_target_tokens: int = Field(
+        default=64, ge=1, le=4096, description="tokens of each target (and of the `before` model's answers)"
+    )
+    max_length: int = Field(default=512, ge=8, le=32_768, description="tokens per example (prompt + target)")
+    max_samples: int = Field(
+        default=512, ge=1, le=100_000, description="rows used per set (a seeded subsample of larger sets)"
+    )
+    borderline_weight: float = Field(
+        default=1.0, gt=0, le=100, description="mixture weight of the borderline prompts P (compliant targets)"
+    )
+    harmful_weight: float = Field(
+        default=1.0, gt=0, le=100, description="mixture weight of the harmful prompts H (the safety data's refusals)"
+    )
+    retain_weight: float = Field(
+        default=1.0, ge=0, le=100, description="mixture weight of the retain rows (the utility data), when given"
+    )
+    harmless_weight: float = Field(
+        default=0.5, ge=0, le=100, description="mixture weight of the harmless prompts B, when given"
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the subsample, the LoRA init and the batches")

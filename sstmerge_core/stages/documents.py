@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..card import model_card
+from ..methods.catalog import REPAIRS
 from ..report import build_report, package_version
 from ..specfile import SPEC_FILE, InputNames, base_model_name, display_name, input_hashes, write_spec_file
 from .evaluation import EvaluationResult
@@ -74,9 +75,10 @@ def known_hashes(loaded: LoadedInputs) -> dict[str, str]:
 
 
 def data_unread_by(spec) -> dict:
-    """The data inputs a re-run of one adapter of a method without data passes does not read (the repair step still
-    reads the safety data)."""
-    return {"utility_data": None} if spec.repair is not None else {"utility_data": None, "safety_data": None}
+    """The data inputs a re-run of one adapter of a method without data passes does not read (those the repair step
+    reads are kept)."""
+    kept = REPAIRS[spec.repair.method].inputs if spec.repair is not None else ()
+    return {key: None for key in ("utility_data", "safety_data") if key not in kept}
 
 
 def _model_dtype(loaded: LoadedInputs) -> str:

@@ -171,14 +171,20 @@ def load_evaluation(spec: MergeSpec) -> EvaluationInputs:
     evaluation = spec.evaluation
     assert evaluation is not None, "called for a job with an evaluation"
     data = EvaluationData.load(evaluation)
-    merge_files = (spec.utility_data, spec.safety_data, spec.harmless_data, spec.borderline_data)
-    merge_prompts = {e.prompt.strip() for path in merge_files if path for e in load_examples(path)}
+    merge_files = {
+        key: getattr(spec, key) for key in ("utility_data", "safety_data", "harmless_data", "borderline_data")
+    }
+    merge_prompts = {key: {e.prompt.strip() for e in load_examples(path)} for key, path in merge_files.items() if path}
     for name, examples in (("harmful", data.harmful), ("benign", data.benign), ("utility_eval", data.utility)):
-        shared = sum(e.prompt.strip() in merge_prompts for e in examples)
-        if shared:
+        rows = [
+            i for i, e in enumerate(examples, start=1) if any(e.prompt.strip() in p for p in merge_prompts.values())
+        ]
+        if rows:
+            inputs = [k for k, p in merge_prompts.items() if any(examples[i - 1].prompt.strip() in p for i in rows)]
+            shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
             raise InputError(
-                f"evaluation set {name!r} shares {shared} prompt(s) with the merge or repair data; "
-                "evaluation prompts must be held out"
+                f"evaluation set {name!r} shares {len(rows)} prompt(s) with the merge or repair data "
+                f"({', '.join(inputs)}; rows {shown} of {name!r}); evaluation prompts must be held out"
             )
     files = {name: file_sha256(Path(getattr(evaluation, name))) for name in ("harmful", "benign", "utility_eval")}
     return EvaluationInputs(
@@ -199,7 +205,7 @@ def load_inputs(spec: MergeSpec, *, model_cache: ModelCache | None = None) -> Lo
     pass_params = fisher_params(spec)
     fisher_data = load_fisher_data(spec, pass_params) if pass_params is not None else {}
     evaluation = load_evaluation(spec) if spec.evaluation is not None else None
-    repair = load_repair_inputs(spec)
+    repair = load_repair_inputs(spec, judge=evaluation.judge if evaluation is not None else None)
     ref = ModelRef.parse(spec.base_model)
     cache = model_cache or ModelCache()
     cached = cache.holds(ref, spec.device, spec.dtype)

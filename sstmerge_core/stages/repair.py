@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -18,6 +18,9 @@ from ..methods.catalog import REPAIRS
 from ..repair.answer_step import alignment_passes, answer_alignment
 from ..repair.step import RepairData, RepairOutcome, candidate_grid, refusal_ablation
 from .merging import MergedUpdates, map_factors
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationInputs
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,16 @@ class RepairInputs:
         return STEPS[step_of(self.params)]
 
 
-def load_repair_inputs(spec: MergeSpec) -> RepairInputs | None:
-    """The repair's data, read at loading so that a bad file fails before any pass; None without a repair."""
+def load_repair_inputs(spec: MergeSpec, *, judge: Any = None) -> Any:
+    """The repair's data, read at loading so that a bad file fails before any pass; None without a repair. (The
+    calibration step's are `stages.calibration.CalibrationInputs`; `judge`, the job's refusal judge, filters its
+    targets.)"""
     if spec.repair is None:
         return None
+    if spec.repair.method == "calibration":
+        from .calibration import load_calibration_inputs
+
+        return load_calibration_inputs(spec, judge)
     assert spec.safety_data and spec.harmless_data and spec.borderline_data  # MergeSpec checks it
     safety = load_examples(spec.safety_data, require_response=True)
     data = RepairData(
@@ -97,11 +106,15 @@ def repair_updates(
     model,
     tokenizer,
     merged: MergedUpdates,
-    repair: RepairInputs,
+    repair: RepairInputs | CalibrationInputs,
     *,
     progress: Callable[[float, float], None] | None = None,
 ) -> MergedUpdates:
     """The repair step on the model merged at every α of `merged`; the model's weights are unchanged on return."""
+    from .calibration import CalibrationInputs, calibrate_updates
+
+    if isinstance(repair, CalibrationInputs):
+        return calibrate_updates(model, tokenizer, merged, repair, progress=progress)
     by_alpha: dict[float, dict[str, ModuleResult]] = {}
     reports: dict[float, Mapping] = {}
     embeddings: set[str] = set()

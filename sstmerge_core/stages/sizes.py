@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cache import FisherCache
 from ..data import Example
-from ..progress import EvaluationSize, JobSizes, MergeRun, ModelSize, PassSize, RepairSize
+from ..progress import CalibrationSize, EvaluationSize, JobSizes, MergeRun, ModelSize, PassSize, RepairSize
 from ..prompting import chat_prompt, encode
 from .fisher import fisher_cache_keys
 from .inputs import LoadedInputs
@@ -102,11 +102,16 @@ def cached_passes(loaded: LoadedInputs) -> set[str]:
     return {role for role, key in fisher_cache_keys(loaded).items() if cache.path(key).is_file()}
 
 
-def repair_size(loaded: LoadedInputs, models: int) -> RepairSize | None:
-    """The repair step's passes: prompts per set, their length, and the (layer, position) candidates scored."""
+def repair_size(loaded: LoadedInputs, models: int) -> RepairSize | CalibrationSize | None:
+    """The repair step's passes: prompts per set, their length, and the (layer, position) candidates scored (the
+    calibration step: its answers and training steps)."""
     repair = loaded.repair
     if repair is None:
         return None
+    from .calibration import CalibrationInputs, calibration_size
+
+    if isinstance(repair, CalibrationInputs):
+        return calibration_size(repair, loaded.tokenizer, models)
     from ..data import Example
     from ..repair.residual import post_instruction_length
 

@@ -47,11 +47,14 @@ def test_search_and_repair_fields_are_validated_at_submit(api, inputs):
     assert response.status_code == 422 and response.json()["error"]["code"] == "dataset_not_found"
     methods = api.get("/methods").json()
     repairs = {r["name"]: r for r in methods["repairs"]}
-    assert {"refusal_ablation", "answer_alignment"} <= set(repairs)
+    assert {"refusal_ablation", "answer_alignment", "calibration"} <= set(repairs)
     assert "strength" in repairs["refusal_ablation"]["params_schema"]["properties"]
     alignment = repairs["answer_alignment"]["params_schema"]["properties"]
     assert {"strength", "ridge", "layers", "targets", "margin"} <= set(alignment)
     assert alignment["strength"]["maximum"] == 1 and alignment["ridge"]["minimum"] == 0
+    calibration = repairs["calibration"]["params_schema"]["properties"]
+    assert calibration["rank"]["default"] == 8 and calibration["steps"]["minimum"] == 0
+    assert {"learning_rate", "batch_size", "max_target_tokens", "seed", "borderline_weight"} <= set(calibration)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +73,40 @@ def test_bad_answer_alignment_params_are_422_naming_the_input(api, inputs, param
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "validation_error" and named in error["details"][0]["loc"]
+
+
+def test_calibration_inputs_are_validated_at_submit_naming_the_input(api, inputs):
+    borderline = {"borderline_dataset_id": inputs["data:borderline"]}
+    cases = [
+        (merge_body(inputs, repair={"method": "calibration"}), "borderline_dataset_id"),  # no P
+        (merge_body(inputs, method="linear", params={}, safety_dataset_id=None, repair={"method": "calibration"},
+                    **borderline), "safety_dataset_id"),  # no H
+        (merge_body(inputs, repair={"method": "calibration", "params": {"rank": 0}}, **borderline), "rank"),
+        (merge_body(inputs, repair={"method": "calibration", "params": {"strength": 1}}, **borderline), "strength"),
+    ]  # fmt: skip
+    for body, named in cases:
+        response = api.post("/merges", headers=auth("acme"), json=body)
+        assert response.status_code == 422 and named in response.text, (body, response.text)
+
+
+def test_calibration_job_runs_with_borderline_data_alone(api, worker, inputs):
+    body = merge_body(
+        inputs,
+        method="linear",
+        params={"alphas": [1.0]},
+        repair={"method": "calibration", "params": {"steps": 3, "rank": 2, "max_target_tokens": 4}},
+        borderline_dataset_id=inputs["data:borderline"],
+    )
+    response = api.post("/merges", headers=auth("acme"), json=body)
+    assert response.status_code == 202, response.text
+    job = wait_for(api, "acme", response.json()["id"], timeout=600)
+    assert job["status"] == "succeeded", job
+    adapter = api.get(f"/merges/{job['id']}/adapter", headers=auth("acme"))
+    files = zipfile.ZipFile(io.BytesIO(adapter.content))
+    report = json.loads(files.read("merge_report.json"))
+    step = report["repair"]["1"]
+    assert step["step"] == "calibration" and step["trained"] and step["sets"]["borderline"]["rows"] == 6
+    assert json.loads(files.read("merge_spec.json"))["repair"]["method"] == "calibration"
 
 
 def test_search_job_streams_trials_and_serves_its_report_and_the_chosen_adapter(api, worker, inputs):
