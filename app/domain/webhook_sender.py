@@ -59,6 +59,20 @@ class Outcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+THREAD = "webhooks"
+
+
+class _QuietRequests(logging.Filter):
+    """Drops httpx's `HTTP Request: POST <url>` lines of the webhook thread: a URL's query may hold the receiver's
+    token (the sender logs the host only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != THREAD
+
+
+_QUIET = _QuietRequests()
+
+
 class WebhookSender:
     def __init__(self, settings: Settings) -> None:
         self.settings, self.url = settings, settings.resolved_database_url
@@ -181,7 +195,8 @@ class WebhookSender:
                 return
 
     def start(self) -> None:
-        threading.Thread(target=self.run, name="webhooks", daemon=True).start()
+        logging.getLogger("httpx").addFilter(_QUIET)  # once: a filter is kept once however often it is added
+        threading.Thread(target=self.run, name=THREAD, daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()

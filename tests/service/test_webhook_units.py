@@ -78,9 +78,7 @@ def hook_settings(tmp_path) -> Settings:
 
 def add_job(settings: Settings, url: str | None, tenant: str = "acme", status: str = "queued") -> str:
     with session_scope(settings.resolved_database_url) as session:
-        job = Job(
-            tenant_id=tenant, queue="q", request={"webhook_url": url}, request_sha256="0" * 64, status=status
-        )
+        job = Job(tenant_id=tenant, queue="q", request={"webhook_url": url}, request_sha256="0" * 64, status=status)
         session.add(job)
         session.flush()
         return job.id

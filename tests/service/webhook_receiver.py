@@ -3,6 +3,7 @@ script says and verifies every request's signature with `standardwebhooks.Webhoo
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ class Received:
 @dataclass
 class Receiver:
     """`script`: what to answer to the 1st, 2nd, … request: an HTTP status, `("redirect", location)` or `"hang"`
-    (no answer until `release` is set); requests beyond the script get 200."""
+    (no answer until `release` is set); requests beyond the script get 200. `port` 0: a free one."""
 
     secret: str | None = None
     script: list = field(default_factory=list)
+    port: int = 0
     received: list[Received] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -52,7 +54,7 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -60,6 +62,13 @@ class Receiver:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @staticmethod
+    def free_port() -> int:
+        """A port nothing listens on now (for a receiver that is down, started there later)."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
 
     def _record(self, path: str, headers: dict[str, str], body: bytes):
         payload, error = None, None
