@@ -19,6 +19,7 @@ from app.domain.queue import RUN_MERGE_TASK, JobQueue
 from app.domain.retention import LOCKED_GRACE, expire_jobs
 from app.domain.settings import Settings
 from app.domain.storage import Storage, StorageError, get_storage
+from app.domain.webhook_sender import WebhookSender
 from sstmerge_core.cache import FisherCache
 from sstmerge_core.pipeline import ModelCache
 
@@ -104,11 +105,15 @@ def sweep_worker_leftovers(settings: Settings) -> None:
 
 def register_tasks(worker_app: Celery, settings: Settings) -> None:
     """Register `RUN_MERGE_TASK` on `worker_app`, and the hooks of the worker's main process: logging, the
-    schema migration and the start-up sweep before the pool starts, and the recovery loop while it runs."""
+    schema migration and the start-up sweep before the pool starts, and the recovery and webhook loops while it
+    runs. Webhooks go out from the workers' main processes (never the pool child running a job, never the API):
+    every deployment has a worker, the outbox is read from the database whichever process wrote it, and a
+    receiver that is slow or down holds up no request and no job."""
     runner = ProcessRunner(settings)
     store = JobStore.from_settings(settings)
     interval = max(1.0, settings.job_lease_seconds / 2)
     recovery = Recovery(store, JobQueue(settings, worker_app), settings, interval=interval)
+    webhooks = WebhookSender(settings)
 
     @worker_app.task(
         name=RUN_MERGE_TASK,
@@ -138,9 +143,11 @@ def register_tasks(worker_app: Celery, settings: Settings) -> None:
 
     def _start_recovery(**_) -> None:
         recovery.start()
+        webhooks.start()
 
     def _stop_recovery(**_) -> None:
         recovery.stop()
+        webhooks.stop()
 
     for signal, receiver in (
         (setup_logging, _logging),

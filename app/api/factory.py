@@ -22,7 +22,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware, PrintablePathMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .outages import install_outage_handlers, upload_space
-from .routes import adapters, datasets, health, merges, methods, models
+from .routes import adapters, datasets, health, merges, methods, models, webhooks
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_outage_handlers(app)
     # the polled routes first: a request is matched against the routes in order
-    for router in (merges.router, models.router, methods.router, adapters.router, datasets.router, health.router):
+    routers = (merges.router, models.router, methods.router, adapters.router, datasets.router, health.router)
+    for router in (*routers, webhooks.router):
         uploads = router in (adapters.router, datasets.router)
         app.include_router(router, dependencies=[Depends(upload_space)] if uploads else None)
     app.add_middleware(

@@ -160,3 +160,7 @@ class EventOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str]
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="`whsec_` + base64 key of the tenant's webhook signatures (keep it private)")

@@ -13,6 +13,10 @@ Sends are taken with a conditional UPDATE of `publish_count`, so that one proces
 many loops run; the wait between two sends of a job still queued doubles, from a lease up to
 `republish_max_seconds`, so that a job waiting behind long ones gathers few duplicate messages (a duplicate is
 dropped by `claim`).
+
+Every change to a terminal status adds the job's webhook (if it names one) to the outbox in the same transaction
+(`webhooks.record_terminal`), so that a finished job's event is never lost and never sent for a change that
+was rolled back.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing_extensions import Self
 from .db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
 from .db.session import session_scope
 from .settings import Settings
+from .webhooks import record_terminal
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +132,7 @@ class JobStore:
                 ).rowcount
                 if failed:
                     session.add(JobEvent(job_id=job_id, kind="status", message="failed: worker_lost"))
+                    record_terminal(session, job_id)
                 return None
             taken = session.execute(
                 update(Job)
@@ -161,6 +167,7 @@ class JobStore:
         ).rowcount
         if failed:
             session.add(JobEvent(job_id=job_id, kind="status", message=f"failed: {code}: {message}"[:2000]))
+            record_terminal(session, job_id)
         return bool(failed)
 
     def beat(self, claim: Claim) -> tuple[bool, bool]:
@@ -226,6 +233,7 @@ class JobStore:
             if owned:
                 message = ": ".join(part for part in (status, error_code, error_message or reason) if part)
                 session.add(JobEvent(job_id=claim.job_id, kind="status", message=message[:2000]))
+                record_terminal(session, claim.job_id)
         log.info(
             "job finished" if owned else "outcome discarded: lease lost",
             extra={"job_id": claim.job_id, "status": status, "error_code": error_code, "attempt": claim.attempt},

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from sstmerge_core.methods.catalog import CATALOG
 
-from . import artifacts, base_models
+from . import artifacts, base_models, webhooks
 from .db.locking import begin_write, locked
 from .db.models import TERMINAL_STATUSES, Adapter, Dataset, Job, JobEvent, utcnow
 from .errors import Conflict, InvalidInput, not_found
@@ -113,6 +113,8 @@ def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -
 
 def validate(session: Session, settings: Settings, tenant: str, body: MergeRequest) -> None:
     """Everything that can be checked without a model; `InvalidInput` with a code naming the first problem."""
+    if body.webhook_url is not None:
+        webhooks.check_url(settings, body.webhook_url)
     _check_data(body)
     base = base_models.resolve(settings, body.base_model)
     adapters = _require_inputs(session, tenant, body)
@@ -222,6 +224,8 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
     if queued or running:
         message = "cancelled" if queued else "cancel requested"
         session.add(JobEvent(job_id=job.id, kind="status" if queued else "log", message=message))
+    if queued:
+        webhooks.record_terminal(session, job.id)
     session.commit()
     session.refresh(job)
     if job.status in ("succeeded", "failed"):

@@ -139,6 +139,15 @@ class MergeRequest(BaseModel):
         description="search merge recipes within the tolerances instead of merging `method` at its α sweep "
         "(docs/search.md); needs `evaluation`, whose search split scores the trials",
     )
+    webhook_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2000,
+        pattern=PRINTABLE,
+        description="where the job's end (`job.succeeded`, `job.failed`, `job.cancelled`) is POSTed, signed per "
+        "Standard Webhooks with the tenant's secret (GET /webhooks/secret); the host must be allowed by the "
+        "service (`webhook_host_not_allowed`)",
+    )
 
     @model_validator(mode="after")
     def _inputs_fit_the_job(self) -> MergeRequest:

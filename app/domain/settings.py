@@ -151,6 +151,23 @@ class Settings(BaseSettings):
         "API process), else memory://",
     )
 
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated hosts a job's webhook_url may name (`host` any port, `host:port`, "
+        "`*.example.com`); empty: no webhooks",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="whole time one webhook attempt may take (connect to response)"
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=10.0, gt=0, description="wait after a webhook's first failed attempt; doubles with each attempt"
+    )
+    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0, description="longest wait between two attempts")
+    webhook_max_attempts: int = Field(default=12, ge=1, description="attempts of one webhook before it is given up")
+    webhook_poll_seconds: float = Field(
+        default=1.0, gt=0, description="how often a worker looks for webhooks due to be sent"
+    )
+
     log_level: str = "INFO"
     log_json: bool = Field(default=True, description="one JSON object per log line")
 
@@ -159,7 +176,7 @@ class Settings(BaseSettings):
     def _colon_list(cls, value: object) -> object:
         return _split(value, ":")
 
-    @field_validator("hub_models", mode="before")
+    @field_validator("hub_models", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value, ",")

@@ -107,9 +107,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "leftover_grace_seconds",
         "input_cache_max_bytes",
         "fisher_cache_max_bytes",
+        "webhook_timeout_seconds",
+        "webhook_retry_base_seconds",
+        "webhook_retry_max_seconds",
+        "webhook_max_attempts",
+        "webhook_poll_seconds",
     ):
         if name in settings.model_fields_set:
             env[f"SSTMERGE_{name.upper()}"] = str(getattr(settings, name))
+    if settings.webhook_allowed_hosts:
+        env["SSTMERGE_WEBHOOK_ALLOWED_HOSTS"] = ",".join(settings.webhook_allowed_hosts)
     for name in (
         "database_url",
         "broker_url",

@@ -11,6 +11,7 @@ minute on 2 cores.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 
@@ -96,10 +97,27 @@ HOSTILE_CONFIG = {
 }
 
 
+# schemathesis's canonicaliser gives up on MergeRequest (its `method`/`params` if-then ties) beyond 13 properties, and
+# then generates nothing for POST /merges (UnsupportedSchema): the fuzzer's copy of the document leaves these optional
+# properties out (tests/service/test_webhook_units.py and test_webhooks.py cover `webhook_url`)
+NOT_FUZZED = {"MergeRequest": ["webhook_url"]}
+
+
+def fuzzed_document(app) -> dict:
+    """The app's OpenAPI document without the `NOT_FUZZED` properties (a looser request schema: a request that
+    violates it violates the real one too, so the negative checks stay sound)."""
+    document = copy.deepcopy(app.openapi())
+    for model, names in NOT_FUZZED.items():
+        for name in names:
+            del document["components"]["schemas"][model]["properties"][name]
+    return document
+
+
 @pytest.fixture(scope="module")
 def api_schema(fuzz_app):
     config = SchemathesisConfig.from_dict(HOSTILE_CONFIG)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app, config=config)
+    schema = schemathesis.openapi.from_dict(fuzzed_document(fuzz_app), config=config)
+    schema.app, schema.location = fuzz_app, "/openapi.json"
     schema.config.generation.update(with_security_parameters=False)  # the keys are the test's own choice
     return schema
 

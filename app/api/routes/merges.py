@@ -155,7 +155,9 @@ def delete_merge(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep)
     "header, which a reconnecting EventSource sends) once, as it is recorded, with `id:` its id and `event:` its "
     "kind (`status`, `stage`, `log`) and the event as JSON; an `event: progress` with `{status, stage, percent}` "
     "whenever those change; a `: ping` comment every 15 s without events; and, once the job is finished and its "
-    "last event sent, an `event: end` with the job as JSON, after which the stream closes.",
+    "last event sent, an `event: end` with the job as JSON, after which the stream closes. A job with a `webhook_url` "
+    "gets a `webhook` event per delivery attempt after its end (JSON: `webhook_id`, `attempt`, `outcome`, "
+    "`status_code`, `error`, `next_attempt_at`): read those with a page request.",
     responses={
         200: {
             "content": {

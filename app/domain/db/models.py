@@ -57,6 +57,9 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    webhook_secret: Mapped[str | None] = mapped_column(
+        String(100), doc="`whsec_…` signing key of the tenant's webhooks (made on first use; shown to it only)"
+    )
 
 
 class ApiKey(Base):
@@ -158,12 +161,35 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32), doc="status | stage | log | trial")
+    kind: Mapped[str] = mapped_column(String(32), doc="status | stage | log | trial | webhook")
     stage: Mapped[str | None] = mapped_column(String(100))
     percent: Mapped[float | None] = mapped_column(Float)
     message: Mapped[str] = mapped_column(Text, default="")
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class WebhookDelivery(Base):
+    """The outbox of webhooks: one row per event of a job, written in the transaction of the job's change and
+    sent (at least once, same `id` on every attempt) by the workers' webhook loop (`app.domain.webhook_sender`)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(40), doc="job.succeeded | job.failed | job.cancelled")
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text, doc="the JSON payload exactly as sent (and signed) on every attempt")
+    status: Mapped[str] = mapped_column(String(16), default="pending", doc="pending | delivered | failed")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, doc="attempts started (a claim counts one)")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
 
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
