@@ -26,7 +26,7 @@ from ..jobspec import AdapterInput, EvaluationSpec
 from ..modeling import load_base_model, lora_forward, resolve_device
 from .derived import Scores, derived_metrics, pareto_flags
 from .generation import generate, response_nll
-from .judges import Judge, make_judge
+from .judges import Judge, make_judge, settled_refusal_rule
 from .metrics import UTILITY_METRICS, UtilityMetric, summarize_utility
 from .outcomes import Outcomes
 from .plot import render_png
@@ -188,6 +188,7 @@ def evaluate_model(
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_size,
             on_batch=tick(name),
+            decided=settled_refusal_rule(judge),
         )
         refused = judge.judge(prompts, completions)
         refusals[name] = refused
