@@ -22,6 +22,8 @@ from .batching import BatchSize, ModelShape, batch_cap, memory_budget, plan_batc
 
 OnBatch = Callable[[int], None]
 """Called after each batch with the number of examples it held."""
+OnTexts = Callable[[list[int], list[str]], None]
+"""Called after each batch with the prompt indices it held and their completions (before `OnBatch`)."""
 Decided = Callable[[str], bool]
 """decided(text so far) -> True when the row's verdict can no longer change (`judges.settled_refusal_rule`)."""
 
@@ -73,6 +75,7 @@ def generate_tokens(
     batch_size: BatchSize = "auto",
     on_batch: OnBatch | None = None,
     decided: Decided | None = None,
+    on_rows: Callable[[list[int], list[list[int]]], None] | None = None,
 ) -> list[list[int]]:
     """Greedy new tokens of each prompt (chat template applied), cut after the first end-of-sequence token, or
     where `decided` first held."""
@@ -102,6 +105,8 @@ def generate_tokens(
             end = next((t + 1 for t, token in enumerate(row) if token in eos), len(row))
             tokens[i] = row[: min(end, stop.lengths.get(r, end)) if stop else end]
         del inputs, output
+        if on_rows is not None:
+            on_rows(batch, [tokens[i] for i in batch])
         if on_batch is not None:
             on_batch(len(batch))
     return tokens
@@ -116,8 +121,13 @@ def generate(
     batch_size: BatchSize = "auto",
     on_batch: OnBatch | None = None,
     decided: Decided | None = None,
+    on_texts: OnTexts | None = None,
 ) -> list[str]:
     """Greedy completion of each prompt (chat template applied), decoded without the prompt or special tokens."""
+
+    def decode(rows: list[list[int]]) -> list[str]:
+        return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
     tokens = generate_tokens(
         model,
         tokenizer,
@@ -126,8 +136,9 @@ def generate(
         batch_size=batch_size,
         on_batch=on_batch,
         decided=decided,
+        on_rows=(lambda batch, rows: on_texts(batch, decode(rows))) if on_texts is not None else None,
     )
-    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    return decode(tokens)
 
 
 @torch.no_grad()
