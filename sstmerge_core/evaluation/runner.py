@@ -23,6 +23,7 @@ from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
 from ..files import write_atomic
 from ..jobspec import AdapterInput, EvaluationSpec
+from ..memory import release_freed_memory, resident_bytes
 from ..modeling import load_base_model, lora_forward, resolve_device
 from .derived import Scores, derived_metrics, pareto_flags
 from .generation import OnTexts, generate, response_nll
@@ -455,6 +456,8 @@ def evaluate_variants(
     results, provenance = {}, {}
     for variant in variants:
         started = time.perf_counter()
+        release_freed_memory()  # what the previous model freed, so that the resident size stays flat model by model
+        resident = resident_bytes()
         deltas, provenance[variant.label] = variant_deltas(variant)
         with lora_forward(model, deltas):
             result = evaluate_model(model, tokenizer, data, judge, metric, spec, counter.stage(variant.label))
@@ -470,6 +473,7 @@ def evaluate_variants(
                 "over_refusal": round(result.over_refusal.rate, 4),
                 metric.name: round(result.utility["value"], 4),
                 "seconds": round(time.perf_counter() - started, 1),
+                "rss_mib_at_start": round(resident / 2**20, 1) if resident is not None else None,
             },
         )
 

@@ -97,6 +97,7 @@ def score_updates(
     """
     from ..evaluation.metrics import UTILITY_METRICS
     from ..evaluation.runner import evaluate_model
+    from ..memory import release_freed_memory
     from ..modeling import merged_deltas
 
     evaluation = loaded.evaluation
@@ -117,6 +118,7 @@ def score_updates(
 
     results = {}
     for label, deltas in updates.items():
+        release_freed_memory()  # what the previous model freed (`memory`)
         with merged_deltas(loaded.model, dict(deltas)):
             results[label] = evaluate_model(
                 loaded.model, loaded.tokenizer, data, evaluation.judge, metric, evaluation.spec, tick, watch
