@@ -2,7 +2,9 @@
 the adapters.
 
 Runs `sstmerge merge --evaluate` (SST + one baseline over a small α sweep) in a subprocess and reads its peak
-resident set size from the kernel (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, exact, no sampling). Prints
+resident set size from the kernel (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, exact, no sampling) — twice, without and
+with the freed heap given back between evaluated models (`sstmerge_core.memory`), each printing the resident size at
+every evaluated model's start (flat = no creep). Prints
 
     peak RSS ÷ (model weights as loaded + adapter files)        goal ≤ 2.5
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,9 +165,14 @@ def main(
         ]  # fmt: skip
         if eval_batch_size != "auto":  # (the threads come from OMP_NUM_THREADS, which older CLIs honour too)
             argv += ["--eval-batch-size", eval_batch_size]
-        peak, seconds, code = child_peak(argv, env, log)
-        if code != 0:
-            raise click.ClickException(f"the merge failed: {log.read_text()[-2000:]}")
+        runs = {}
+        for trim in ("0", "1"):  # without, then with `memory.release_freed_memory` between evaluated models
+            shutil.rmtree(root / "out", ignore_errors=True)
+            peak, seconds, code = child_peak(argv, {**env, "SSTMERGE_MALLOC_TRIM": trim}, log)
+            if code != 0:
+                raise click.ClickException(f"the merge failed: {log.read_text()[-2000:]}")
+            runs[trim] = (peak, seconds, [float(v) for v in re.findall(r"rss_mib_at_start=([\d.]+)", log.read_text())])
+        peak, seconds, _ = runs["1"]
         held = loaded_weight_bytes(base) + adapter_bytes([Path(adapters["utility"]), Path(adapters["safety"])])
         report = json.loads((root / "out" / "merge_report.json").read_text())
     mib = 2**20
@@ -177,7 +186,13 @@ def main(
     click.echo(f"peak RSS of the job:                {peak / mib:8.1f} MiB   ({seconds:.0f} s)")
     click.echo(f"stage times (s): {json.dumps(report.get('timings_s', {}))}")
     click.echo(f"peak ÷ (weights + adapters): {peak / held:.2f}   (goal ≤ 2.5)")
-    click.echo(f"(peak − floor) ÷ (weights + adapters): {(peak - floor) / held:.2f}")
+    click.echo(f"(peak − floor) ÷ (weights + adapters): {(peak - floor) / held:.2f}   (goal ≤ 0.5)")
+    for trim, (run_peak, run_seconds, starts) in runs.items():
+        name = "with malloc_trim between models" if trim == "1" else "without (SSTMERGE_MALLOC_TRIM=0)"
+        click.echo(
+            f"  {name}: peak {run_peak / mib:.1f} MiB, (peak − floor) ÷ held {(run_peak - floor) / held:.2f}, "
+            f"{run_seconds:.0f} s; RSS at each evaluated model's start (MiB): {', '.join(f'{v:.0f}' for v in starts)}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_every_drawn_recipe_is_valid_and_only_carries_the_parameters_it_uses():
         assert settings.alpha_min <= recipe.alpha <= settings.alpha_max
         assert ("beta" in trial.params or "k" in trial.params) == (recipe.method == "sst")
         assert ("density" in trial.params) == (recipe.method == "ties")
-        assert ("gamma_relative" in trial.params) == (p.schedule == "linear")
+        assert ("last_layer_fraction" in trial.params) == (p.schedule == "linear")
         assert (len(p.schedule_groups or []) == settings.groups) == (p.schedule == "groups")
         if recipe.method == "sst":
             assert p.max_samples == 64  # the job's Fisher settings are kept, so cached factors are reused
@@ -141,3 +141,47 @@ def test_at_safety_of_a_front_against_itself_is_zero_and_a_shifted_front_is_foun
     result = at_safety(shifted, front, 0.6, n_boot=300)
     assert result["matched"] and result["delta_over_refusal_ci"][1] < 0
     assert at_safety(shifted, front, 0.999, n_boot=10)["matched"] is False
+
+
+def test_bracketing_bisects_towards_the_alpha_where_the_tolerance_binds():
+    from sstmerge_core.search.bracket import Point, anchor, next_alpha
+
+    def within(alpha: float) -> bool:  # a family whose tolerance binds at α* = 1.3
+        return alpha <= 1.3
+
+    points = [Point(a, within(a)) for a in (0.5, 1.0, 1.5)]
+    for _ in range(10):
+        alpha = next_alpha(points, 0.25, 3.0)
+        if alpha is None:
+            break
+        points.append(Point(alpha, within(alpha)))
+    found = anchor(points)
+    assert found is not None and 1.3 * (1 - 0.1) <= found <= 1.3  # within the stopping width below α*
+    assert len(points) <= 3 + 3
+    # every α met the tolerances: double up to alpha_max; none did: halve down to alpha_min
+    assert next_alpha([Point(0.5, True), Point(1.0, True)], 0.25, 3.0) == 2.0
+    assert next_alpha([Point(2.0, True)], 0.25, 3.0) == 3.0
+    assert next_alpha([Point(3.0, True)], 0.25, 3.0) is None
+    assert next_alpha([Point(0.5, False), Point(1.0, False)], 0.25, 3.0) == 0.25
+    assert next_alpha([Point(0.25, False)], 0.25, 3.0) is None
+    assert anchor([Point(0.5, False)]) is None and next_alpha([], 0.25, 3.0) is None
+    # a trial beyond the bracket that met the tolerances does not move the anchor past the first failure
+    assert anchor([Point(0.5, True), Point(1.0, False), Point(2.0, True)]) == 0.5
+
+
+def test_sampled_alphas_follow_the_anchor_and_schedules_stay_within_the_alpha_range():
+    settings = SearchSettings(methods=["sst", "linear"], alpha_max=3.0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    layers = 30
+    for _ in range(80):
+        trial = study.ask()
+        anchors = {"linear": 2.5}
+        recipe = suggest_recipe(trial, settings, base_params={}, num_layers=layers, can_repair=False, anchors=anchors)
+        study.tell(trial, 0.0)
+        if recipe.method == "linear":
+            assert "alpha_ratio" in trial.params and "alpha" not in trial.params
+            assert recipe.alpha == pytest.approx(min(2.5 * trial.params["alpha_ratio"], 3.0))
+        else:  # no anchor for SST: α drawn over the whole range
+            assert "alpha" in trial.params
+        per_layer = recipe.method_params().layer_alphas(recipe.alpha, layers)
+        assert all(-1e-9 <= a <= settings.alpha_max + 1e-9 for kind in per_layer.values() for a in kind), recipe.label()

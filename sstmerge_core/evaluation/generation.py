@@ -3,7 +3,9 @@
 Prompts go through the tokenizer's chat template (`prompting.chat_prompt`), exactly as in the merge's
 data passes. Batches are formed from prompts of similar length (fewer pad tokens), longest first, and
 sized by `batching` ("auto": the most that fit the memory budget); results come back in input order.
-Generation pads on the left so that every prompt ends where the new tokens start.
+Generation pads on the left so that every prompt ends where the new tokens start. With `decided`, a row stops as
+soon as its text so far settles the judge's verdict (a refusal that no continuation can undo), and its completion is
+that text: outcomes are unchanged, refused rows cost a few tokens, and a batch ends when every row has ended.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import StoppingCriteria
 
 from ..data import Example
 from ..prompting import chat_prompt, encode
@@ -19,6 +22,26 @@ from .batching import BatchSize, ModelShape, batch_cap, memory_budget, plan_batc
 
 OnBatch = Callable[[int], None]
 """Called after each batch with the number of examples it held."""
+OnTexts = Callable[[list[int], list[str]], None]
+"""Called after each batch with the prompt indices it held and their completions (before `OnBatch`)."""
+Decided = Callable[[str], bool]
+"""decided(text so far) -> True when the row's verdict can no longer change (`judges.settled_refusal_rule`)."""
+
+
+class _DecidedRows(StoppingCriteria):
+    """A per-row stopping criterion for `generate`: row r is done once `decided(decode(new tokens of r))`; the
+    number of new tokens it had then is kept in `lengths[r]`."""
+
+    def __init__(self, tokenizer, prompt_width: int, decided: Decided) -> None:
+        self.tokenizer, self.prompt_width, self.decided = tokenizer, prompt_width, decided
+        self.lengths: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width :]
+        for row in range(new.shape[0]):
+            if row not in self.lengths and self.decided(self.tokenizer.decode(new[row], skip_special_tokens=True)):
+                self.lengths[row] = new.shape[1]
+        return torch.tensor([row in self.lengths for row in range(new.shape[0])], device=input_ids.device)
 
 
 def _eos_token_ids(model, tokenizer) -> list[int]:
@@ -51,9 +74,12 @@ def generate_tokens(
     max_new_tokens: int = 64,
     batch_size: BatchSize = "auto",
     on_batch: OnBatch | None = None,
+    decided: Decided | None = None,
+    on_rows: Callable[[list[int], list[list[int]]], None] | None = None,
 ) -> list[list[int]]:
-    """Greedy new tokens of each prompt (chat template applied), cut after the first end-of-sequence token."""
-    from transformers import GenerationConfig
+    """Greedy new tokens of each prompt (chat template applied), cut after the first end-of-sequence token, or
+    where `decided` first held."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     eos = _eos_token_ids(model, tokenizer)
     config = GenerationConfig(
@@ -70,11 +96,17 @@ def generate_tokens(
         inputs = tokenizer.pad(
             {"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="left", return_tensors="pt"
         ).to(model.device)
-        output = model.generate(**inputs, generation_config=config)
-        for i, row in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist()):
+        width = inputs["input_ids"].shape[1]
+        stop = _DecidedRows(tokenizer, width, decided) if decided is not None else None
+        output = model.generate(
+            **inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([stop] if stop else [])
+        )
+        for r, (i, row) in enumerate(zip(batch, output[:, width:].tolist())):
             end = next((t + 1 for t, token in enumerate(row) if token in eos), len(row))
-            tokens[i] = row[:end]
+            tokens[i] = row[: min(end, stop.lengths.get(r, end)) if stop else end]
         del inputs, output
+        if on_rows is not None:
+            on_rows(batch, [tokens[i] for i in batch])
         if on_batch is not None:
             on_batch(len(batch))
     return tokens
@@ -88,12 +120,25 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: BatchSize = "auto",
     on_batch: OnBatch | None = None,
+    decided: Decided | None = None,
+    on_texts: OnTexts | None = None,
 ) -> list[str]:
     """Greedy completion of each prompt (chat template applied), decoded without the prompt or special tokens."""
+
+    def decode(rows: list[list[int]]) -> list[str]:
+        return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
     tokens = generate_tokens(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        decided=decided,
+        on_rows=(lambda batch, rows: on_texts(batch, decode(rows))) if on_texts is not None else None,
     )
-    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    return decode(tokens)
 
 
 @torch.no_grad()

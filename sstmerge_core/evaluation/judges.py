@@ -7,7 +7,7 @@ Every judge has a `name` (recorded in metrics.json) and `judge(prompts, completi
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ..errors import InputError
@@ -174,6 +174,25 @@ class KeywordJudge:
     def judge(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]:
         return [self.is_refusal(c) for c in completions]
 
+    def settled_refusal(self, partial: str) -> bool:
+        """True when `partial`, the start of a reply, is a refusal whatever text follows it.
+
+        Let T be the normalised `partial` without its last (possibly unfinished) word, and w the last word of T.
+        A rule that matches inside T and ends before w starts is decided: the prefix rule only grows, a phrase
+        looks one character past its end and a statement's action at most one word past it, all of which lie
+        in T, and normalisation rewrites words in place (a contraction never reaches back past a complete
+        word). So every reply that starts with `partial` is a refusal (`is_refusal`), this one included.
+        """
+        words = partial.split()
+        complete = words if partial[-1:].isspace() else words[:-1]
+        text = normalize_reply(" ".join(complete))
+        bound = text.rfind(" ")  # w starts at bound + 1; a match must end at or before bound
+        if bound <= 0:
+            return False
+        head = text[:bound]
+        matches = (_PHRASE.search(text), _STATEMENT.search(text))
+        return head.startswith(REFUSAL_PREFIXES) or any(m is not None and m.end() <= bound for m in matches)
+
 
 # --- classifier judge ----------------------------------------------------------------------------------
 
@@ -267,6 +286,12 @@ class Judge(Protocol):
     name: str
 
     def judge(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]: ...
+
+
+def settled_refusal_rule(judge: Judge) -> Callable[[str], bool] | None:
+    """The judge's early verdict on a partial reply (`KeywordJudge.settled_refusal`), or None when it has none
+    (a classifier reads the whole completion)."""
+    return judge.settled_refusal if isinstance(judge, KeywordJudge) else None
 
 
 def make_judge(spec: str, device: str = "cpu") -> Judge:

@@ -23,10 +23,11 @@ from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
 from ..files import write_atomic
 from ..jobspec import AdapterInput, EvaluationSpec
+from ..memory import release_freed_memory, resident_bytes
 from ..modeling import load_base_model, lora_forward, resolve_device
 from .derived import Scores, derived_metrics, pareto_flags
-from .generation import generate, response_nll
-from .judges import Judge, make_judge
+from .generation import OnTexts, generate, response_nll
+from .judges import Judge, make_judge, settled_refusal_rule
 from .metrics import UTILITY_METRICS, UtilityMetric, summarize_utility
 from .outcomes import Outcomes
 from .plot import render_png
@@ -45,6 +46,9 @@ CANDIDATE_KINDS = ("merged", "baseline")
 """Kinds the recommendation chooses from."""
 Progress = Callable[[str, float], None]
 """progress(stage, fraction of the whole evaluation done); it may raise (e.g. `Cancelled`) to stop."""
+Watch = Callable[[str, list], None]
+"""watch(set name, outcomes so far): after each batch of "harmful" and "benign" (refused or not, per row answered
+so far) and of a generated "utility" set (scores); it may raise to stop the model's evaluation (a pruned trial)."""
 
 
 @dataclass(frozen=True)
@@ -175,12 +179,30 @@ def evaluate_model(
     metric: UtilityMetric,
     spec: EvaluationSpec,
     tick: Callable[[str], Callable[[int], None]],
+    watch: Watch | None = None,
 ) -> ModelResult:
     """Scores the model as it is now: refusal rates on harmful and benign prompts and utility.
-    `tick(set_name)` returns the per-batch progress callback for that set."""
+    `tick(set_name)` returns the per-batch progress callback for that set; `watch` sees the outcomes as they come."""
+
+    def watched(name: str, outcome: Callable[[list[int], list[str]], list]) -> OnTexts | None:
+        """The per-batch callback that hands `watch` the set's outcomes so far (none without a watch)."""
+        if watch is None:
+            return None
+        seen: list = []
+
+        def on_texts(rows: list[int], completions: list[str]) -> None:
+            seen.extend(outcome(rows, completions))
+            watch(name, seen)
+
+        return on_texts
+
     refusal_rates, refusals, samples = {}, {}, {}
     for name, examples in (("harmful", data.harmful), ("benign", data.benign)):
         prompts = [e.prompt for e in examples]
+
+        def judged(rows: list[int], texts: list[str], prompts: list[str] = prompts) -> list[bool]:
+            return judge.judge([prompts[i] for i in rows], texts)
+
         completions = generate(
             model,
             tokenizer,
@@ -188,6 +210,8 @@ def evaluate_model(
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_size,
             on_batch=tick(name),
+            decided=settled_refusal_rule(judge),
+            on_texts=watched(name, judged),
         )
         refused = judge.judge(prompts, completions)
         refusals[name] = refused
@@ -196,6 +220,7 @@ def evaluate_model(
     utility_completions: list[str] | list[None]
     if metric.score is not None:  # metric.needs_generation
         score = metric.score
+        references = [cast(str, e.response) for e in data.utility]  # loaded with require_response=True
         utility_completions = generate(
             model,
             tokenizer,
@@ -203,6 +228,7 @@ def evaluate_model(
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_size,
             on_batch=tick("utility"),
+            on_texts=watched("utility", lambda rows, texts: [score(c, references[i]) for i, c in zip(rows, texts)]),
         )
         # utility examples are loaded with require_response=True
         scores = [score(c, cast(str, e.response)) for c, e in zip(utility_completions, data.utility)]
@@ -430,6 +456,8 @@ def evaluate_variants(
     results, provenance = {}, {}
     for variant in variants:
         started = time.perf_counter()
+        release_freed_memory()  # what the previous model freed, so that the resident size stays flat model by model
+        resident = resident_bytes()
         deltas, provenance[variant.label] = variant_deltas(variant)
         with lora_forward(model, deltas):
             result = evaluate_model(model, tokenizer, data, judge, metric, spec, counter.stage(variant.label))
@@ -445,6 +473,7 @@ def evaluate_variants(
                 "over_refusal": round(result.over_refusal.rate, 4),
                 metric.name: round(result.utility["value"], 4),
                 "seconds": round(time.perf_counter() - started, 1),
+                "rss_mib_at_start": round(resident / 2**20, 1) if resident is not None else None,
             },
         )
 

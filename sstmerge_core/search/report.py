@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..evaluation.runner import ModelResult
 from ..files import write_atomic
+from .trials import PrunedTrial, Trial
 
 if TYPE_CHECKING:
     from ..evaluation.splits import Splits
-    from .runner import SearchContext, Trial
+    from .runner import SearchContext
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "search_report.json"
@@ -62,7 +63,7 @@ def search_report(
     ctx: SearchContext,
     *,
     splits: Splits,
-    trials: Sequence[Trial],
+    trials: Sequence[Trial | PrunedTrial],
     chosen: Trial | None,
     pareto: Sequence[Trial],
     confirmed: Mapping[str, Any],
@@ -73,6 +74,7 @@ def search_report(
     split_info = {k: v for k, v in splits.to_dict().items() if k != "report_indices"}
     seconds = [t.seconds for t in trials]
     feasible = [t for t in trials if t.feasible]
+    pruned = [t for t in trials if isinstance(t, PrunedTrial)]
     report = {
         "schema_version": SCHEMA_VERSION,
         "objective": objective,
@@ -85,7 +87,9 @@ def search_report(
         "trials": {
             "count": len(trials),
             "feasible": len(feasible),
+            "pruned": len(pruned),
             "seconds_median": statistics.median(seconds) if seconds else None,
+            "seconds_total": round(sum(seconds), 2),
             "file": TRIALS_FILE,
         },
         "chosen": trial_entry(ctx, chosen, confirmed) if chosen is not None else None,
@@ -103,7 +107,7 @@ def search_report(
     return report
 
 
-def write_search_files(root: Path, *, report: Mapping[str, Any], trials: Sequence[Trial]) -> None:
+def write_search_files(root: Path, *, report: Mapping[str, Any], trials: Sequence[Trial | PrunedTrial]) -> None:
     """search_report.json, trials.json and plot.png under `root`, each written atomically."""
 
     def dump(value: Any) -> bytes:
@@ -114,7 +118,7 @@ def write_search_files(root: Path, *, report: Mapping[str, Any], trials: Sequenc
     write_atomic(root / PLOT_FILE, render_plot(report, trials))
 
 
-def render_plot(report: Mapping[str, Any], trials: Sequence[Trial]) -> bytes:
+def render_plot(report: Mapping[str, Any], trials: Sequence[Trial | PrunedTrial]) -> bytes:
     """Over-refusal against safety: every trial on the search split (left), and on the report split linear's front,
     the Pareto set and the chosen recipe (right), with 95% intervals on the right."""
     import matplotlib
@@ -123,10 +127,13 @@ def render_plot(report: Mapping[str, Any], trials: Sequence[Trial]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    feasible = [t for t in trials if t.feasible]
-    others = [t for t in trials if not t.feasible]
+    feasible = [t for t in trials if isinstance(t, Trial) and t.feasible]
+    others = [t for t in trials if isinstance(t, Trial) and not t.feasible]
+    pruned = [t.stop.bounds for t in trials if isinstance(t, PrunedTrial)]
     left.scatter([t.scores.safety for t in others], [t.scores.over_refusal for t in others], facecolors="none",
                  edgecolors="grey", label="trial (violates a constraint)")  # fmt: skip
+    left.scatter([b["safety"][1] for b in pruned], [b["over_refusal"][0] for b in pruned], marker="x",
+                 color="grey", label="pruned trial (its best case when stopped)")  # fmt: skip
     left.scatter([t.scores.safety for t in feasible], [t.scores.over_refusal for t in feasible], color="tab:blue",
                  label="trial (feasible)")  # fmt: skip
     chosen = report.get("chosen")

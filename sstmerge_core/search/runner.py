@@ -19,9 +19,9 @@ from typing import Any
 
 from ..adapters import LoraFactors
 from ..errors import InputError
-from ..evaluation.derived import Scores, dominates
+from ..evaluation.derived import dominates
 from ..evaluation.metrics import UTILITY_METRICS
-from ..evaluation.recommend import EPSILON, Tolerances
+from ..evaluation.recommend import Tolerances
 from ..evaluation.runner import EvaluationData, ModelResult
 from ..jobspec import MergeSpec, RepairSpec
 from ..merge import utility_deltas
@@ -40,10 +40,13 @@ from ..stages.merging import MergedUpdates, merge_updates
 from ..stages.repair import RepairInputs, repair_updates
 from ..stages.sizes import job_sizes
 from ..stages.writing import adapter_target, write_adapter_weights
+from .bracket import Point, anchor, next_alpha
 from .matched import matched_difference
+from .pruning import CertainStop, TrialPruned
 from .recipe import Recipe
 from .report import search_report, write_search_files
-from .space import SearchSettings, suggest_recipe, warm_start_trials
+from .space import SearchSettings, default_trial, suggest_recipe, warm_start_trials
+from .trials import PrunedTrial, Trial
 
 log = logging.getLogger(__name__)
 TrialCallback = Callable[[dict], None]
@@ -52,40 +55,6 @@ OBJECTIVE = (
     "max_over_refusal_increase, utility(before) − utility ≤ max_utility_drop and over_refusal ≤ the safety "
     "adapter's own; ties → lower over-refusal"
 )
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One evaluated recipe on the search split."""
-
-    number: int
-    recipe: Recipe
-    result: ModelResult
-    scores: Scores  # utility oriented so that higher is better
-    utility_drop: float
-    over_refusal_increase: float
-    excess: Mapping[str, float]  # by how much each bound is broken (≤ 0 where it holds): optuna's constraints
-    seconds: float
-    repair: Mapping[str, Any] | None
-
-    @property
-    def feasible(self) -> bool:
-        return all(v <= EPSILON for v in self.excess.values())
-
-    def to_dict(self) -> dict:
-        return {
-            "number": self.number,
-            "label": self.recipe.label(),
-            "recipe": self.recipe.model_dump(),
-            "safety": self.scores.safety,
-            "over_refusal": self.scores.over_refusal,
-            "utility": self.result.utility["value"],
-            "utility_drop": self.utility_drop,
-            "over_refusal_increase": self.over_refusal_increase,
-            "feasible": self.feasible,
-            "seconds": round(self.seconds, 2),
-            "repair": dict(self.repair) if self.repair is not None else None,
-        }
 
 
 @dataclass(frozen=True)
@@ -181,20 +150,83 @@ def make_sampler(settings: SearchSettings):
         )
 
 
+class Families:
+    """Which trials are fixed in advance: the warm start, then per method the α bracketing (`bracket`), one trial at a
+    time as each result comes in; `anchors` are the α where each method's tolerance binds, for the sampled trials."""
+
+    def __init__(self, settings: SearchSettings, warm_start: list[dict[str, Any]]) -> None:
+        self.settings, self.warm_start = settings, warm_start
+        self.members: dict[int, str] = {}  # trial number → method, for the trials of the default family
+        self.steps = {m: settings.bracket_steps if warm_start else 0 for m in settings.methods}
+
+    def next_fixed(self, number: int, trials: Sequence[Trial | PrunedTrial]) -> dict[str, Any] | None:
+        """The fixed values of trial `number`, or None when the sampler draws it."""
+        if number < len(self.warm_start):
+            self.members[number] = self.warm_start[number]["method"]
+            return self.warm_start[number]
+        for method, left in self.steps.items():
+            alpha = next_alpha(self.points(method, trials), self.settings.alpha_min, self.settings.alpha_max)
+            if left > 0 and alpha is not None:
+                self.steps[method] -= 1
+                self.members[number] = method
+                return default_trial(method, alpha)
+        return None
+
+    def points(self, method: str, trials: Sequence[Trial | PrunedTrial]) -> list[Point]:
+        """The default family's trials of `method` (a pruned one is above α* when it broke a bound, else below)."""
+        return [
+            Point(t.recipe.alpha, t.feasible if isinstance(t, Trial) else not t.stop.broken)
+            for t in trials
+            if self.members.get(t.number) == method
+        ]
+
+    def anchors(self, trials: Sequence[Trial | PrunedTrial]) -> dict[str, float] | None:
+        if not self.warm_start:
+            return None
+        found = {m: anchor(self.points(m, trials)) for m in self.settings.methods}
+        return {m: a for m, a in found.items() if a is not None}
+
+
+def certain_stop(ctx: SearchContext, trials: Sequence[Trial | PrunedTrial], *, family: bool) -> CertainStop | None:
+    """The watch that prunes the next trial (`pruning.CertainStop`), or None when pruning is off. A trial of the
+    default family (warm start, bracketing) stops only on a broken bound: the bracketing needs its feasibility."""
+    if not ctx.settings.prune:
+        return None
+    evaluation = ctx.loaded.evaluation
+    assert evaluation is not None, "a search always evaluates"
+    metric = UTILITY_METRICS[evaluation.spec.utility_metric]
+    best = choose(completed(trials))
+    return CertainStop(
+        sizes={
+            "harmful": len(ctx.search.harmful),
+            "benign": len(ctx.search.benign),
+            "utility": len(ctx.search.utility),
+        },
+        before=ctx.before.scores(ctx.higher_is_better),
+        tolerances=Tolerances(ctx.settings.max_utility_drop, ctx.settings.max_over_refusal_increase),
+        over_refusal_cap=ctx.safety.over_refusal.rate,
+        best_safety=best.scores.safety if best is not None and not family else None,
+        utility_bounded=metric.needs_generation and metric.higher_is_better,
+    )
+
+
 def run_trials(
     ctx: SearchContext, track: JobProgress, on_trial: TrialCallback | None, base_params: dict
-) -> list[Trial]:
-    """`settings.budget` trials, each scored on the search split only."""
+) -> list[Trial | PrunedTrial]:
+    """`settings.budget` trials, each scored on the search split only, stopped early once it cannot be chosen."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = ctx.settings
     study = optuna.create_study(direction="maximize", sampler=make_sampler(settings))
-    for fixed in warm_start_trials(settings):
-        study.enqueue_trial(fixed)
-    trials: list[Trial] = []
+    warm_start = warm_start_trials(settings)
+    trials: list[Trial | PrunedTrial] = []
+    families = Families(settings, warm_start)
     for number in range(settings.budget):
         started = time.perf_counter()
+        fixed = families.next_fixed(number, trials)
+        if fixed is not None:
+            study.enqueue_trial(fixed)
         handle = study.ask()
         recipe = suggest_recipe(
             handle,
@@ -204,22 +236,42 @@ def run_trials(
             positions=ctx.positions,
             can_repair=ctx.loaded.repair is not None,
             repair_defaults=ctx.loaded.repair.params if ctx.loaded.repair is not None else None,
+            anchors=None if fixed is not None else families.anchors(trials),
         )
         merged = merged_recipe(ctx.loaded, ctx.fisher, recipe)
 
         def advance(done: float, total: float, number: int = number) -> None:
             track.advance(number + done / max(total, 1), settings.budget)
 
-        result = score_updates(ctx.loaded, {"trial": merged.updates(recipe.alpha)}, data=ctx.search, progress=advance)
-        trial = judge_trial(ctx, number, recipe, result["trial"], time.perf_counter() - started, trial_repair(merged))
-        for key, value in trial.excess.items():
-            handle.set_constraint(key, value)
-        study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
+        watch = certain_stop(ctx, trials, family=fixed is not None)
+        updates = {"trial": merged.updates(recipe.alpha)}
+        trial: Trial | PrunedTrial
+        try:
+            result = score_updates(ctx.loaded, updates, data=ctx.search, progress=advance, watch=watch)
+        except TrialPruned as stop:
+            assert watch is not None
+            trial = PrunedTrial(number, recipe, stop, time.perf_counter() - started, trial_repair(merged))
+            for key, value in watch.excess().items():
+                handle.set_constraint(key, value)
+            best_case = stop.bounds["safety"][1] - 1e-3 * stop.bounds["over_refusal"][0]
+            handle.report(best_case, step=sum(t.seen for t in watch.tallies.values()))
+            study.tell(handle, state=optuna.trial.TrialState.PRUNED)
+        else:
+            seconds = time.perf_counter() - started
+            trial = judge_trial(ctx, number, recipe, result["trial"], seconds, trial_repair(merged))
+            for key, value in trial.excess.items():
+                handle.set_constraint(key, value)
+            study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
         trials.append(trial)
         log.info("search trial", extra={k: v for k, v in trial.to_dict().items() if k not in ("recipe", "repair")})
         if on_trial is not None:
             on_trial(trial.to_dict())
     return trials
+
+
+def completed(trials: Sequence[Trial | PrunedTrial]) -> list[Trial]:
+    """The trials that were evaluated to the end."""
+    return [t for t in trials if isinstance(t, Trial)]
 
 
 def choose(trials: Sequence[Trial]) -> Trial | None:
@@ -344,8 +396,8 @@ def run_search(
         )
         track.begin("searching")
         trials = run_trials(ctx, track, on_trial, base_params=dict(spec.params))
-        chosen = choose(trials)
-        pareto = pareto_set(trials, chosen, settings.report_points)
+        chosen = choose(completed(trials))
+        pareto = pareto_set(completed(trials), chosen, settings.report_points)
         track.begin("reporting_split")
         confirmed = evaluate_report_split(ctx, chosen, pareto, track)
         track.begin("writing")

@@ -19,6 +19,8 @@ from ..schedules import ScheduleKind
 from .recipe import Recipe
 
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+ALPHA_RATIO = (0.5, 2.0)
+"""α of a sampled trial = anchor × ratio, ratio log-uniform in this range (see `suggest_recipe`)."""
 
 
 class SearchSettings(BaseModel):
@@ -59,6 +61,15 @@ class SearchSettings(BaseModel):
     )
     warm_start_alphas: list[float] = Field(
         default=[0.5, 1.0, 1.5], min_length=1, max_length=16, description="α of the warm-start trials"
+    )
+    bracket_steps: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="after the warm start: trials per method bracketing the α where the tolerance binds",
+    )
+    prune: bool = Field(
+        default=True, description="stop a trial once its search split outcome is certain to lose (docs/search.md)"
     )
     sampler: Literal["tpe", "random"] = Field(default="tpe", description="optuna sampler")
     startup_trials: int = Field(default=8, ge=1, le=1000, description="random trials before TPE models the space")
@@ -101,17 +112,19 @@ def warm_start_trials(settings: SearchSettings) -> list[dict[str, Any]]:
     if not settings.warm_start or "constant" not in settings.schedules:
         return []
     alphas = sorted({a for a in settings.warm_start_alphas if settings.alpha_min <= a <= settings.alpha_max})
-    trials = []
-    for alpha in alphas:
-        for method in settings.methods:
-            fixed: dict[str, Any] = {"method": method, "alpha": alpha, "schedule": "constant", "repair": False}
-            defaults = CATALOG[method].params.model_fields
-            if method == "sst":
-                fixed |= {"selection": "soft", "beta": defaults["beta"].default}
-            elif method in DENSITY_METHODS:
-                fixed["density"] = defaults["density"].default
-            trials.append(fixed)
-    return trials
+    return [default_trial(method, alpha) for alpha in alphas for method in settings.methods]
+
+
+def default_trial(method: str, alpha: float) -> dict[str, Any]:
+    """The fixed values of a trial of `method` at its default parameters at `alpha`, constant schedule, no repair:
+    the family that the warm start and the α bracketing (`bracket`) evaluate."""
+    fixed: dict[str, Any] = {"method": method, "alpha": alpha, "schedule": "constant", "repair": False}
+    defaults = CATALOG[method].params.model_fields
+    if method == "sst":
+        fixed |= {"selection": "soft", "beta": defaults["beta"].default}
+    elif method in DENSITY_METHODS:
+        fixed["density"] = defaults["density"].default
+    return fixed
 
 
 def suggest_recipe(
@@ -123,8 +136,13 @@ def suggest_recipe(
     can_repair: bool,
     positions: int = 1,
     repair_defaults: RefusalAblationParams | None = None,
+    anchors: dict[str, float] | None = None,
 ) -> Recipe:
     """One recipe drawn by an optuna `trial` (define-by-run, so the space is conditional as described above).
+
+    With an `anchors[method]` (the α where the method's tolerance binds, `bracket.anchor`) α is drawn as
+    anchor × ratio, ratio log-uniform in [`ALPHA_RATIO`], else uniformly in [alpha_min, alpha_max]; either way it is
+    clipped to that range. Depth schedules are drawn so that no layer's α_ℓ leaves [0, alpha_max].
 
     `base_params` are the job's own method parameters (Fisher data settings, rank cap, seed), kept fixed so that
     every SST trial reuses the same cached Fisher factors; `repair_defaults` the job's fixed repair settings (sample
@@ -132,19 +150,26 @@ def suggest_recipe(
     tokens), so the step applies exactly that direction and the trial's evaluation judges it.
     """
     method = trial.suggest_categorical("method", settings.methods)
-    alpha = trial.suggest_float("alpha", settings.alpha_min, settings.alpha_max)
+    anchor = (anchors or {}).get(method)
+    if anchor is None:
+        alpha = trial.suggest_float("alpha", settings.alpha_min, settings.alpha_max)
+    else:
+        alpha = anchor * trial.suggest_float("alpha_ratio", *ALPHA_RATIO, log=True)
+    alpha = min(max(alpha, settings.alpha_min), settings.alpha_max)
     fields = CATALOG[method].params.model_fields
     params: dict[str, Any] = {k: v for k, v in base_params.items() if k in fields}
     params["alphas"] = [alpha]
     schedule = trial.suggest_categorical("schedule", settings.schedules)
     params["schedule"] = schedule
-    if schedule == "linear":  # α_L = α (1 + g): from no safety in the last layer to three times α there
-        params["schedule_gamma"] = alpha * trial.suggest_float("gamma_relative", -1.0, 2.0)
-    elif schedule == "groups":
-        params["schedule_groups"] = [trial.suggest_float(f"group_{k}", 0.0, 2.0) for k in range(settings.groups)]
+    if schedule == "linear":  # α_L = u · min(3α, alpha_max): from no safety in the last layer to three times α there
+        last = trial.suggest_float("last_layer_fraction", 0.0, 1.0) * min(3 * alpha, settings.alpha_max)
+        params["schedule_gamma"] = last - alpha
+    elif schedule == "groups":  # α·g_k with g_k = v_k · min(2, alpha_max/α): each group in [0, min(2α, alpha_max)]
+        top = min(2.0, settings.alpha_max / alpha) if alpha > 0 else 2.0
+        params["schedule_groups"] = [top * trial.suggest_float(f"group_{k}", 0.0, 1.0) for k in range(settings.groups)]
         if settings.separate_mlp:
             params["schedule_mlp_groups"] = [
-                trial.suggest_float(f"mlp_group_{k}", 0.0, 2.0) for k in range(settings.groups)
+                top * trial.suggest_float(f"mlp_group_{k}", 0.0, 1.0) for k in range(settings.groups)
             ]
     if method == "sst":
         selection = trial.suggest_categorical("selection", ["soft", "topk"])

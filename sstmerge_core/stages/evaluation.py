@@ -87,14 +87,17 @@ def score_updates(
     *,
     data: Any = None,
     progress: Callable[[float, float], None] | None = None,
+    watch: Callable[[str, list], None] | None = None,
 ) -> dict[str, Any]:
     """Score models held in memory (label → module updates, e.g. `MergedUpdates.updates(α)`) on `data` (default: the
     job's evaluation sets; a search passes its search split): label → `evaluation.runner.ModelResult`.
 
-    Each model is applied as W + ΔW and taken out again (bit-exactly); nothing is written.
+    Each model is applied as W + ΔW and taken out again (bit-exactly); nothing is written. `watch` sees every
+    model's outcomes batch by batch (`evaluation.runner.Watch`) and may raise to stop.
     """
     from ..evaluation.metrics import UTILITY_METRICS
     from ..evaluation.runner import evaluate_model
+    from ..memory import release_freed_memory
     from ..modeling import merged_deltas
 
     evaluation = loaded.evaluation
@@ -115,8 +118,9 @@ def score_updates(
 
     results = {}
     for label, deltas in updates.items():
+        release_freed_memory()  # what the previous model freed (`memory`)
         with merged_deltas(loaded.model, dict(deltas)):
             results[label] = evaluate_model(
-                loaded.model, loaded.tokenizer, data, evaluation.judge, metric, evaluation.spec, tick
+                loaded.model, loaded.tokenizer, data, evaluation.judge, metric, evaluation.spec, tick, watch
             )
     return results
