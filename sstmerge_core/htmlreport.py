@@ -33,7 +33,7 @@ def _template():
 
 def render_page(view: Mapping[str, Any]) -> str:
     """The page of a view (`merge_view`, `search_view`); every string in it is escaped by the template."""
-    defaults = {
+    defaults: dict[str, Any] = {
         "subtitle": "",
         "recommendation": None,
         "prices": None,

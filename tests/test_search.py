@@ -71,6 +71,25 @@ def test_search_scores_trials_on_the_search_split_and_confirms_on_the_report_spl
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "chosen:" in printed and "report split:" in printed
+    assert "price of safety (picked on the search split, numbers of the report split):" in printed
+    # the price list: picked among the trials on the search split, each pick confirmed on the report split
+    prices = report["price_list"]["targets"]
+    assert [p["target"] for p in prices] == [0.5, 0.8, 0.9, 0.95]
+    by_number = {t["number"]: t for t in trials}
+    for target, price in ((p["target"], p) for p in prices):
+        reaching = [
+            t for t in trials if t["safety"] >= target and t["utility_drop"] <= report["settings"]["max_utility_drop"]
+        ]
+        if price["label"] is None:
+            assert reaching == []
+            continue
+        assert by_number[price["trial"]]["over_refusal"] == min(t["over_refusal"] for t in reaching)
+        assert price["report"]["safety"]["n"] == 4
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in html and html.count('src="data:image/png;base64,') == 1
+    trial_rows = html.split('id="trials-table"', 1)[1].split("</table>", 1)[0].count("<tr")
+    assert trial_rows == 1 + len(trials)
+    assert f"{chosen['label']}" in html and "Price of safety" in html
 
     spec = json.loads((out / "merge_spec.json").read_text())
     assert spec["method"] == chosen["recipe"]["method"] and "evaluation" not in spec
