@@ -236,7 +236,8 @@ def test_named_inputs_keep_local_paths_out_of_every_document(
         **{str(path): f"ds_{key}" for key, path in eval_files.items()},
     }
     outcome = run_merge(job, tmp_path / "out", names=names)
-    documents = [p for p in outcome.out_dir.rglob("*") if p.suffix in (".json", ".md")]
+    documents = [p for p in outcome.out_dir.rglob("*") if p.suffix in (".json", ".md", ".html")]
+    assert outcome.html_path in documents
     assert len(documents) > 10
     for document in documents:
         text = document.read_text()

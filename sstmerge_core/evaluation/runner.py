@@ -54,7 +54,7 @@ COMPARED_KINDS = ("safety", "merged", "baseline")
 CANDIDATE_KINDS = ("merged", "baseline")
 PRICE_RULE = (
     "for each safety target, the evaluated merge with search-split safety ≥ the target and utility_drop ≤ {utility:g} "
-    "of lowest search-split over-refusal (over-refusal tolerance and cap not applied); its numbers on both splits"
+    "of lowest search-split over-refusal (over-refusal tolerance and cap not applied)"
 )
 """Kinds the recommendation chooses from."""
 Progress = Callable[[str, float], None]

@@ -52,11 +52,20 @@ def full_page(driver, width: int = WIDTH) -> bytes:
     return driver.get_screenshot_as_png()
 
 
-def screenshot(html: Path, out: Path) -> Path:
-    """Open `html` in headless Chromium and save a full-page screenshot to `out`."""
+def screenshot(html: Path, out: Path, colours: int | None = 256) -> Path:
+    """Open `html` in headless Chromium and save a full-page screenshot to `out` (reduced to `colours` colours, to
+    keep a committed picture small; None keeps every colour)."""
+    import io
+
+    from PIL import Image
+
     with chromium() as driver:
         driver.get(html.resolve().as_uri())
-        out.write_bytes(full_page(driver))
+        png = full_page(driver)
+    if colours is None:
+        out.write_bytes(png)
+    else:
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(colours).save(out, optimize=True)
     return out
 
 
