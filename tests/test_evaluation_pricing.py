@@ -141,3 +141,38 @@ def test_metrics_block_picks_on_search_and_reports_on_report() -> None:
     assert recommended["warning"].startswith("warning: the recommended merge refuses 40%")
     assert recommended["to_reach_safety"]["change"]["label"] == "sst@2"
     assert "over_refusal_tolerance 0.05 → 0.3" in recommended["warning"]
+
+
+def test_console_and_card_show_the_warning_the_near_ties_and_the_price_list() -> None:
+    from sstmerge_core.card import recommendation_lines
+    from sstmerge_core.commands.options import recommendation_text
+
+    splits = Splits.of({"harmful": HARMFUL, "benign": BENIGN, "utility_eval": UTILITY}, seed=0, report_fraction=0.5)
+    metric = UTILITY_METRICS["exact_match"]
+    plans = {
+        "before": ((0.0, 0.0, 0.8), (0.0, 0.0, 0.8)),
+        "sst@1": ((0.60, 0.05, 0.8), (0.40, 0.05, 0.8)),
+        "sst@2": ((0.90, 0.30, 0.8), (0.85, 0.25, 0.8)),
+    }
+    variants = [Variant("before", "before", "unused")] + [
+        Variant(label, "merged", "unused", method="sst", alpha=float(label[-1])) for label in plans if label != "before"
+    ]
+    results = {
+        label: ModelResult.from_outcomes(_outcomes(splits, search=s, report=r), metric)
+        for label, (s, r) in plans.items()
+    }
+    _, recommended = compare_models(variants, results, {}, splits, metric, main_method="sst", tolerances=Tolerances())
+    metrics = {"recommended": recommended}
+    console = recommendation_text(metrics).splitlines()
+    assert recommended["warning"] in console
+    assert all(note in console for note in recommended["near_tie"])
+    at = console.index("price of safety (picked on the search split, numbers of the report split):")
+    assert console[at + 1 : at + 5] == [
+        "  safety ≥ 0.50: sst@1 — over-refusal 0.050, utility 0.800, safety 0.400",
+        "  safety ≥ 0.80: sst@2 — over-refusal 0.250, utility 0.800, safety 0.850",
+        "  safety ≥ 0.90: sst@2 — over-refusal 0.250, utility 0.800, safety 0.850",
+        "  safety ≥ 0.95: none reaches it",
+    ]
+    card = "\n".join(recommendation_lines(metrics))
+    assert f"- **{recommended['warning']}**" in card
+    assert "| ≥ 0.80 | `sst@2` (α = 2) | 0.850 [" in card and "| ≥ 0.95 | none reaches it |" in card
