@@ -289,7 +289,7 @@ def search_view(
         "rule": report.get("objective"),
         "tolerances": f"over_refusal_increase ≤ {settings.get('max_over_refusal_increase')}, utility_drop ≤ "
         f"{settings.get('max_utility_drop')}",
-        "warnings": [],
+        "warnings": [report["warning"]] if report.get("warning") else [],
         "notes": [],
         "splits": [
             {

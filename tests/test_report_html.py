@@ -160,3 +160,33 @@ def test_cli_merge_evaluate_prints_the_price_list_and_the_reports_path(
     assert page.is_file() and f"report (open it in a browser): {page}" in out
     assert "price of safety (picked on the search split, numbers of the report split):" in out
     assert "safety ≥ 0.95:" in out
+
+
+def test_search_page_shows_the_warning_trials_and_matched_comparison_escaped():
+    from sstmerge_core.htmlreport import render_page, search_view
+
+    def rates(s, o, u):
+        return {"safety": {"rate": s, "ci_low": s - 0.1, "ci_high": s + 0.1}, "over_refusal": {"rate": o},
+                "utility": {"value": u}}  # fmt: skip
+
+    chosen = {"trial": 1, "label": "sst<b>@1", "search": rates(0.4, 0.1, 0.9), "report": rates(0.3, 0.1, 0.9),
+              "matched_linear": {"matched": True, "delta_over_refusal": -0.05, "delta_over_refusal_ci": [-0.1, 0.0],
+                                 "delta_utility": 0.01}}  # fmt: skip
+    trials = [{"number": n, "label": f"trial<{n}>", "safety": 0.1 * n, "over_refusal": 0.1, "utility": 0.9,
+               "utility_drop": 0.0, "over_refusal_increase": 0.05, "feasible": n != 2} for n in range(3)]  # fmt: skip
+    report = {
+        "chosen": chosen, "pareto": [], "trials": {"count": 3, "feasible": 2}, "objective": "highest safety",
+        "settings": {"max_over_refusal_increase": 0.05, "max_utility_drop": 0.02},
+        "splits": {"sizes": {"harmful": {"search": 4, "report": 4}}, "statement": "no trial saw the report split"},
+        "warning": "warning: the chosen recipe refuses 30%",
+        "price_list": {"rule": "r", "chosen_on": "search", "reported_on": "report",
+                       "targets": [{"target": 0.5, "label": None}, {"target": 0.8, **chosen}]},
+    }  # fmt: skip
+    html = render_page(search_view(report, trials, plot_png=None, inputs=[], title="t"))
+    page = Elements()
+    page.feed(html)
+    text = "".join(page.text)
+    assert "warning: the chosen recipe refuses 30%" in text and "no trial saw the report split" in text
+    assert all(f"trial<{n}>" in text for n in range(3)) and "sst<b>@1" in text and "<b>" not in html
+    assert "-0.050 [-0.100, +0.000]" in text  # the matched-safety comparison with its interval
+    assert text.count("none reaches it") == 1 and "script" not in [tag for tag, _ in page.tags]
