@@ -52,11 +52,11 @@ VariantKind = Literal["base", "before", "safety", "merged", "baseline"]
 COMPARED_KINDS = ("safety", "merged", "baseline")
 """Kinds that get derived metrics against the reference (before, else base)."""
 CANDIDATE_KINDS = ("merged", "baseline")
+"""Kinds the recommendation chooses from."""
 PRICE_RULE = (
     "for each safety target, the evaluated merge with search-split safety ≥ the target and utility_drop ≤ {utility:g} "
     "of lowest search-split over-refusal (over-refusal tolerance and cap not applied)"
 )
-"""Kinds the recommendation chooses from."""
 Progress = Callable[[str, float], None]
 """progress(stage, fraction of the whole evaluation done); it may raise (e.g. `Cancelled`) to stop."""
 
