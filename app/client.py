@@ -344,6 +344,13 @@ class Client:
         """plot.png: safety against utility for every evaluated point."""
         return self._request("GET", f"/merges/{job_id}/plot.png").content
 
+    def report_html(self, job_id: str, dest: str | Path | None = None) -> bytes:
+        """report.html: the job's self-contained report page (UTF-8); also written to `dest` when given."""
+        content = self._request("GET", f"/merges/{job_id}/report.html").content
+        if dest is not None:
+            Path(dest).write_bytes(content)
+        return content
+
     def ready(self) -> bool:
         """Whether the service answers `GET /readyz` with 200 (False when it does not answer at all)."""
         try:

@@ -80,14 +80,15 @@ def run_job(client: Client, assets, base_name: str) -> dict:
 
 
 def download_results(client: Client, job: dict, out: Path) -> tuple[dict, Path | None]:
-    """metrics.json, plot.png and the recommended adapter (unpacked) into a fresh `out`; returns the metrics and
-    the adapter folder (None when nothing was recommended: then no adapter is downloaded)."""
+    """metrics.json, plot.png, report.html and the recommended adapter (unpacked) into a fresh `out`; returns the
+    metrics and the adapter folder (None when nothing was recommended: then no adapter is downloaded)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     metrics = client.metrics(job["id"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "plot.png").write_bytes(client.plot(job["id"]))
+    client.report_html(job["id"], dest=out / "report.html")
     recommended = metrics.get("recommended") or {}
     if recommended.get("label") is None:
         return metrics, None
@@ -161,3 +162,4 @@ def demo_service(workdir: str, port: int | None) -> None:
         click.echo(f"recommended adapter: {adapter}  (PeftModel.from_pretrained(base, this folder))")
     click.echo(f"base model: {assets.base}")
     click.echo(f"metrics.json, plot.png: {root / 'downloads'}  (job {job['id']})")
+    click.echo(f"the report (open it in a browser): {root / 'downloads' / 'report.html'}")

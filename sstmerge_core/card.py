@@ -75,6 +75,32 @@ def recommendation_lines(metrics: Mapping) -> list[str]:
         lines.append(f"- runner-up: {_model_name(recommended['runner_up'])}")
     if recommended.get("reason"):
         lines.append(f"- reason: {recommended['reason']}")
+    if recommended.get("warning"):
+        lines.append(f"- **{recommended['warning']}**")
+    lines += [f"- {note}" for note in recommended.get("near_tie") or []]
+    return [*lines, "", *price_table(recommended)]
+
+
+def price_table(recommended: Mapping) -> list[str]:
+    """The price list (`evaluation/pricing.py`) as a markdown table: per safety target, the merge of lowest
+    over-refusal reaching it within the utility tolerance, picked on the search split, numbers of the report split."""
+    block = recommended.get("price_list")
+    if not isinstance(block, Mapping):
+        return []
+    split = block.get("reported_on", "report")
+    lines = [
+        f"**Price of safety** ({block.get('rule', '')}; numbers of the {split} split).",
+        "",
+        "| safety target | merge | safety | over-refusal | utility |",
+        "|---|---|---|---|---|",
+    ]
+    for row in block.get("targets", []):
+        numbers = row.get(split) or {}
+        if row.get("label") is None:
+            lines.append(f"| ≥ {row['target']:.2f} | none reaches it | | | |")
+            continue
+        cells = [_interval(numbers.get(key)) for key, _ in RATE_COLUMNS]
+        lines.append(f"| ≥ {row['target']:.2f} | {_model_name(row)} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 

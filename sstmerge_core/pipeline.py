@@ -43,6 +43,7 @@ class MergeOutcome:
     metrics_path: Path | None = None
     plot_path: Path | None = None
     spec_path: Path | None = None
+    html_path: Path | None = None
     baseline_dirs: dict[str, dict[float, Path]] | None = None
 
 
@@ -58,10 +59,10 @@ def run_merge(
     """Run the job described by `spec`, writing into `out_dir` atomically; returns where everything is.
 
     Layout: `alpha-{α}/` (PEFT adapter + README.md + merge_report.json + merge_spec.json per α),
-    `merge_report.json`, `merge_spec.json`, `baselines/{method}/alpha-{α}/` for `compare_with`, and `metrics.json`
-    + `plot.png` when evaluated. `names` maps input paths of `spec` to the names written into the documents (the
-    service's ids); unnamed inputs are written as given. Raises `InputError` for bad inputs and `Cancelled` when
-    `should_cancel()` turns true (checked between stages and every few seconds within one).
+    `merge_report.json`, `merge_spec.json`, `baselines/{method}/alpha-{α}/` for `compare_with`, and `metrics.json`,
+    `plot.png` and `report.html` when evaluated. `names` maps input paths of `spec` to the names written into the
+    documents (the service's ids); unnamed inputs are written as given. Raises `InputError` for bad inputs and
+    `Cancelled` when `should_cancel()` turns true (checked between stages and every few seconds within one).
     """
     out_dir = Path(out_dir).resolve()
     track = JobProgress(progress, should_cancel)
@@ -188,6 +189,7 @@ def outcome(out_dir: Path, documents: JobDocuments, written: list[WrittenAdapter
         metrics_path=out_dir / documents.metrics_file if documents.metrics_file else None,
         plot_path=out_dir / documents.plot_file if documents.plot_file else None,
         spec_path=out_dir / documents.spec_file,
+        html_path=out_dir / documents.html_file if documents.html_file else None,
         baseline_dirs={w.merged.name: {a: out_dir / d for a, d in w.dirs.items()} for w in baselines},
     )
 

@@ -178,6 +178,7 @@ def test_merge_with_evaluation_writes_metrics_for_every_model(
     assert "recommended" in outcome.summary
     report = json.loads(outcome.report_path.read_text())
     assert report["evaluation"]["recommended"] == metrics["recommended"] == outcome.summary["recommended"]
+    assert outcome.html_path == outcome.out_dir / "report.html" and outcome.html_path.is_file()
     for folder, method, label in [
         (outcome.adapter_dirs[0.5], "sst", "sst@0.5"),
         (outcome.baseline_dirs["linear"][1.0], "linear", "linear@1"),
@@ -194,7 +195,8 @@ def check_card(path, metrics: dict, *, base: str, method: str, label: str) -> No
     assert {"lora", "merge", method} <= set(card.data.tags)
     text = card.text
     evaluation = text.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in evaluation.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    table, recommendation = evaluation.split("**Recommendation.**", 1)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert len(rows) == len(metrics["models"])
     for row, model in zip(rows, metrics["models"]):
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -209,6 +211,14 @@ def check_card(path, metrics: dict, *, base: str, method: str, label: str) -> No
     assert f"- rule: {recommended['rule']}" in evaluation
     chosen = f"`{recommended['label']}`" if recommended["label"] is not None else "nothing qualifies"
     assert f"- chosen: {chosen}" in evaluation
+    # the price list: one row per safety target, the pick's report-split numbers or "none reaches it"
+    prices = [line for line in recommendation.splitlines() if line.startswith("| ≥ ")]
+    assert [line.split("|")[1].strip() for line in prices] == ["≥ 0.50", "≥ 0.80", "≥ 0.90", "≥ 0.95"]
+    for line, row in zip(prices, recommended["price_list"]["targets"]):
+        if row["label"] is None:
+            assert "none reaches it" in line
+        else:
+            assert f"`{row['label']}`" in line and f"{row['report']['over_refusal']['rate']:.3f} [" in line
 
 
 def test_named_inputs_keep_local_paths_out_of_every_document(
@@ -226,7 +236,8 @@ def test_named_inputs_keep_local_paths_out_of_every_document(
         **{str(path): f"ds_{key}" for key, path in eval_files.items()},
     }
     outcome = run_merge(job, tmp_path / "out", names=names)
-    documents = [p for p in outcome.out_dir.rglob("*") if p.suffix in (".json", ".md")]
+    documents = [p for p in outcome.out_dir.rglob("*") if p.suffix in (".json", ".md", ".html")]
+    assert outcome.html_path in documents
     assert len(documents) > 10
     for document in documents:
         text = document.read_text()

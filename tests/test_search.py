@@ -71,6 +71,25 @@ def test_search_scores_trials_on_the_search_split_and_confirms_on_the_report_spl
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "chosen:" in printed and "report split:" in printed
+    assert "price of safety (picked on the search split, numbers of the report split):" in printed
+    # the price list: picked among the trials on the search split, each pick confirmed on the report split
+    prices = report["price_list"]["targets"]
+    assert [p["target"] for p in prices] == [0.5, 0.8, 0.9, 0.95]
+    by_number = {t["number"]: t for t in trials}
+    for target, price in ((p["target"], p) for p in prices):
+        reaching = [
+            t for t in trials if t["safety"] >= target and t["utility_drop"] <= report["settings"]["max_utility_drop"]
+        ]
+        if price["label"] is None:
+            assert reaching == []
+            continue
+        assert by_number[price["trial"]]["over_refusal"] == min(t["over_refusal"] for t in reaching)
+        assert price["report"]["safety"]["n"] == 4
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in html and html.count('src="data:image/png;base64,') == 1
+    trial_rows = html.split('id="trials-table"', 1)[1].split("</table>", 1)[0].count("<tr")
+    assert trial_rows == 1 + len(trials)
+    assert f"{chosen['label']}" in html and "Price of safety" in html
 
     spec = json.loads((out / "merge_spec.json").read_text())
     assert spec["method"] == chosen["recipe"]["method"] and "evaluation" not in spec
@@ -93,3 +112,27 @@ def test_bad_search_settings_exit_2(search_args, extra, expected, capsys):
     assert main(search_args(*extra)) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
+
+
+def test_price_list_picks_are_confirmed_on_the_report_split(search_args, tmp_path, monkeypatch):
+    """The tiny model refuses nothing, so no trial reaches 0.5; with a target of 0 every trial does, and the pick
+    (the trial of lowest search-split over-refusal within the utility tolerance) is evaluated on the report split
+    even when it is not in the Pareto set."""
+    import sstmerge_core.search.runner as search_runner
+
+    monkeypatch.setattr(search_runner, "SAFETY_TARGETS", (0.0,))
+    argv = search_args("--budget", "4", "--sampler", "random", "--report-points", "1", "--seed", "3")
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "search_report.json").read_text())
+    trials = json.loads((tmp_path / "out" / "trials.json").read_text())
+    (price,) = report["price_list"]["targets"]
+    within = [t for t in trials if t["utility_drop"] <= report["settings"]["max_utility_drop"] + 1e-9]
+    # ties (documented in evaluation/pricing.py): higher safety, then smaller α, then the label
+    best = min(
+        within,
+        key=lambda t: (t["over_refusal"], -t["safety"], t["recipe"]["params"]["alphas"][0], f"trial-{t['number']}"),
+    )
+    assert price["target"] == 0.0 and price["trial"] == best["number"]
+    assert price["search"]["over_refusal"]["rate"] == best["over_refusal"]
+    assert price["report"]["safety"]["n"] == report["splits"]["sizes"]["harmful"]["report"]
+    assert "matched" in price["matched_linear"]

@@ -73,6 +73,7 @@ def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix
         (outcome.report_path, artifacts.REPORT),
         (outcome.metrics_path, artifacts.METRICS),
         (outcome.plot_path, artifacts.PLOT),
+        (outcome.html_path, artifacts.HTML),
     ):
         if path is not None and path.is_file():
             storage.put_file(f"{prefix}/{name}", path)
@@ -93,7 +94,7 @@ def store_search_artifacts(storage: Storage, outcome: SearchOutcome, prefix: str
         storage.put_file(f"{prefix}/{archive.name}", archive)
         files.append(archive.name)
         adapters[method] = [alpha]
-    for name in (artifacts.SEARCH_REPORT, artifacts.TRIALS, artifacts.PLOT, artifacts.REPORT):
+    for name in (artifacts.SEARCH_REPORT, artifacts.TRIALS, artifacts.PLOT, artifacts.REPORT, artifacts.HTML):
         path = outcome.out_dir / name
         if path.is_file():
             storage.put_file(f"{prefix}/{name}", path)
@@ -123,6 +124,8 @@ def search_summary(outcome: SearchOutcome) -> dict:
             if chosen
             else None,
             "reason": report.get("reason"),
+            "warning": report.get("warning"),
+            "price_list": report.get("price_list"),
         },
         "recommended": recommended,
     }

@@ -3,8 +3,8 @@
 A successful attempt's files live under `Job.artifact_prefix` (`tenants/<t>/jobs/<job>/<attempt token>`), and
 `Job.summary["artifacts"]` lists them:
 `{"adapters": {"sst": [0.5, 1.0], "linear": [...]}, "files": [...], "recommended_alpha": 1.0 | null,
-"recommended_method": "sst" | null}` (a search job stores the chosen recipe's adapter, `search_report.json` and
-`trials.json`).
+"recommended_method": "sst" | null}` (an evaluated job also stores `report.html`; a search job stores the chosen
+recipe's adapter, `search_report.json` and `trials.json`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .errors import Conflict, InvalidInput, NotFound
 
 METRICS = "metrics.json"
 PLOT = "plot.png"
+HTML = "report.html"
 REPORT = "merge_report.json"
 SEARCH_REPORT = "search_report.json"
 TRIALS = "trials.json"
@@ -45,7 +46,7 @@ def artifact_key(job: Job, name: str) -> str:
     if name not in _manifest(job).get("files", []):
         raise NotFound(
             f"merge {job.id} has no {name}"
-            + (" (the job ran without evaluation)" if name in (METRICS, PLOT) else "")
+            + (" (the job ran without evaluation)" if name in (METRICS, PLOT, HTML) else "")
             + (" (the job was not a search)" if name in (SEARCH_REPORT, TRIALS) else "")
         )
     return f"{job.artifact_prefix}/{name}"

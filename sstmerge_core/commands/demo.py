@@ -155,3 +155,4 @@ def demo(workdir: str, device: str) -> None:
         click.echo(f"recommended adapter: {adapter}  (PeftModel.from_pretrained(base, this folder))")
     click.echo(f"base model: {assets.base}")
     click.echo(f"every merge, metrics.json, plot.png, merge_report.json: {outcome.out_dir}")
+    click.echo(f"the report (open it in a browser): {outcome.html_path}")

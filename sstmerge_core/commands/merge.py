@@ -266,6 +266,7 @@ def merge(ctx: click.Context, spec_file, out, overwrite, device, cache_dir, **re
 
         Console().print(metrics_table(json.loads(outcome.metrics_path.read_text())))
         click.echo(f"  metrics: {outcome.metrics_path}  plot: {outcome.plot_path}")
+        click.echo(f"  report (open it in a browser): {outcome.html_path}")
     click.echo(f"  re-run: sstmerge merge --spec {outcome.spec_path} --out DIR")
 
 

@@ -256,4 +256,6 @@ def recommendation_text(metrics: dict) -> str:
         ]
     elif recommended["label"] is not None:
         lines.append("runner-up: none (one merge qualified)")
-    return "\n".join(lines)
+    from ..evaluation.pricing import notice_lines, price_lines
+
+    return "\n".join(lines + notice_lines(recommended) + price_lines(recommended))

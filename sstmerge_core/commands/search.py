@@ -110,6 +110,7 @@ def search(out, overwrite, device, cache_dir, **flags) -> None:
         outcome = run_search(spec, settings, out_path, progress=report)
     click.echo(summary_text(outcome.report))
     click.echo(f"wrote {outcome.out_dir} (search_report.json, trials.json, plot.png)")
+    click.echo(f"  report: {outcome.out_dir / 'report.html'}")
     if outcome.spec_path is not None:
         click.echo(f"  chosen adapter: {outcome.adapter_dir}")
         click.echo(f"  re-run: sstmerge merge --spec {outcome.spec_path} --out DIR")
@@ -134,9 +135,11 @@ def summary_text(report: typing.Mapping[str, typing.Any]) -> str:
         + ", ".join(f"{name} {parts['search']}/{parts['report']}" for name, parts in sizes.items()),
         f"before (report split): {_rates(report['references']['report']['before'])}",
     ]
+    from ..evaluation.pricing import price_lines
+
     chosen = report["chosen"]
     if chosen is None:
-        return "\n".join([*lines, f"nothing recommended: {report['reason']}"])
+        return "\n".join([*lines, f"nothing recommended: {report['reason']}", *price_lines(report)])
     lines.append(f"chosen: {chosen['label']}")
     lines.append(f"  search split: {_rates(chosen['search'])}")
     lines.append(f"  report split: {_rates(chosen['report'])}")
@@ -151,4 +154,6 @@ def summary_text(report: typing.Mapping[str, typing.Any]) -> str:
     else:
         low, high = matched["reference_safety_range"]
         lines.append(f"  linear's front covers safety {low:.3f}–{high:.3f} only: no matched comparison")
-    return "\n".join(lines)
+    if report.get("warning"):
+        lines.append(report["warning"])
+    return "\n".join([*lines, *price_lines(report)])

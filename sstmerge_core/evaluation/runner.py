@@ -31,6 +31,16 @@ from .judges import Judge, make_judge, settled_refusal_rule
 from .metrics import UTILITY_METRICS, UtilityMetric, summarize_utility
 from .outcomes import Outcomes
 from .plot import render_png
+from .pricing import (
+    SAFETY_TARGETS,
+    WARNING_BELOW,
+    WARNING_TARGET,
+    SplitSizes,
+    near_ties,
+    price_list,
+    tolerance_change,
+    warning_text,
+)
 from .recommend import Candidate, Recommendation, Tolerances, recommend
 from .splits import SPLIT_NAMES, Splits
 from .stats import Rate
@@ -44,6 +54,10 @@ COMPARED_KINDS = ("safety", "merged", "baseline")
 """Kinds that get derived metrics against the reference (before, else base)."""
 CANDIDATE_KINDS = ("merged", "baseline")
 """Kinds the recommendation chooses from."""
+PRICE_RULE = (
+    "for each safety target, the evaluated merge with search-split safety ≥ the target and utility_drop ≤ {utility:g} "
+    "of lowest search-split over-refusal (over-refusal tolerance and cap not applied)"
+)
 Progress = Callable[[str, float], None]
 """progress(stage, fraction of the whole evaluation done); it may raise (e.g. `Cancelled`) to stop."""
 Watch = Callable[[str, list], None]
@@ -352,9 +366,21 @@ def _candidate(entry: dict) -> Candidate | None:
     )
 
 
-def recommendation_block(entries: list[dict], main_method: str | None, tolerances: Tolerances) -> dict:
+def _search_sizes(entries: list[dict], utility_bounded: bool) -> SplitSizes | None:
+    block = next((e["splits"]["search"] for e in entries if e["splits"]["search"] is not None), None)
+    if block is None:
+        return None
+    utility = block["utility"]["n"] if utility_bounded else None
+    return SplitSizes(block["safety"]["n"], block["over_refusal"]["n"], utility)
+
+
+def recommendation_block(
+    entries: list[dict], main_method: str | None, tolerances: Tolerances, *, utility_bounded: bool = True
+) -> dict:
     """metrics["recommended"]: the rule of `recommend` applied to the search-split numbers of every merged and
-    baseline entry, with the chosen model's and the runner-up's numbers on both splits."""
+    baseline entry, with the chosen model's and the runner-up's numbers on both splits; beside it the price list,
+    the near-tie notes and the low-safety warning of `pricing` (picked on the search split, reported on the report
+    split). `utility_bounded`: utility scores lie in [0, 1], so that one utility prompt moves the mean by 1/n."""
     by_label = {e["label"]: e for e in entries}
     candidates = [c for e in entries if e["kind"] in CANDIDATE_KINDS and (c := _candidate(e)) is not None]
     safety = next((e for e in entries if e["kind"] == "safety" and e["splits"]["search"] is not None), None)
@@ -376,6 +402,18 @@ def recommendation_block(entries: list[dict], main_method: str | None, tolerance
         }
 
     chosen = described(result.chosen)
+    sizes = _search_sizes([by_label[c.label] for c in candidates], utility_bounded)
+    prices = [
+        {"target": target, **(described(pick) or {"label": None, "method": None, "alpha": None})}
+        for target, pick in price_list(candidates, tolerances, main_method, SAFETY_TARGETS)
+    ]
+    change = tolerance_change(candidates, tolerances, cap, WARNING_TARGET)
+    report_safety = chosen["report"]["safety"]["rate"] if chosen and chosen["report"] else None
+    warning = (
+        warning_text(report_safety, change, tolerances)
+        if report_safety is not None and report_safety < WARNING_BELOW
+        else None
+    )
     return {
         "label": result.chosen.label if result.chosen else None,
         "method": result.chosen.method if result.chosen else None,
@@ -392,6 +430,15 @@ def recommendation_block(entries: list[dict], main_method: str | None, tolerance
         "search": chosen["search"] if chosen else None,
         "report": chosen["report"] if chosen else None,
         "runner_up": described(result.runner_up),
+        "near_tie": near_ties(candidates, result, tolerances, cap, sizes) if sizes is not None else [],
+        "warning": warning,
+        "price_list": {
+            "rule": PRICE_RULE.format(utility=tolerances.utility_drop),
+            "chosen_on": "search",
+            "reported_on": "report",
+            "targets": prices,
+        },
+        "to_reach_safety": {"target": WARNING_TARGET, "change": change},
     }
 
 
@@ -422,7 +469,7 @@ def compare_models(
         entry["pareto"] = pareto
     if main_method is None:
         main_method = next((v.method for v in variants if v.kind == "merged"), None)
-    return entries, recommendation_block(entries, main_method, tolerances)
+    return entries, recommendation_block(entries, main_method, tolerances, utility_bounded=metric.higher_is_better)
 
 
 def evaluate_variants(

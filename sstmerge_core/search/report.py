@@ -19,13 +19,17 @@ if TYPE_CHECKING:
     from .runner import SearchContext
 
 SCHEMA_VERSION = 1
+PRICE_RULE = (
+    "for each safety target, the trial with search-split safety ≥ the target and utility_drop ≤ {utility:g} of "
+    "lowest search-split over-refusal (over-refusal tolerance and cap not applied), confirmed on the report split"
+)
 REPORT_FILE = "search_report.json"
 TRIALS_FILE = "trials.json"
 PLOT_FILE = "plot.png"
 STATEMENT = (
     "Trials were scored on the search split only. Every number under a `report` key (references, chosen, "
-    "pareto, linear_front, matched comparisons) comes from the report split, which no trial saw and which was "
-    "evaluated only after the choice was made."
+    "pareto, price_list, linear_front, matched comparisons) comes from the report split, which no trial saw and "
+    "which was evaluated only after the choice was made."
 )
 
 
@@ -68,8 +72,10 @@ def search_report(
     pareto: Sequence[Trial],
     confirmed: Mapping[str, Any],
     objective: str,
+    prices: Sequence[tuple[float, Trial | None]] = (),
 ) -> dict:
-    """The search_report.json dict (layout in docs/search.md)."""
+    """The search_report.json dict (layout in docs/search.md); `prices`: the price list's pick per safety target
+    (`runner.priced_trials`, picked on the search split), each confirmed on the report split."""
     results: Mapping[str, ModelResult] = confirmed["results"]
     split_info = {k: v for k, v in splits.to_dict().items() if k != "report_indices"}
     seconds = [t.seconds for t in trials]
@@ -93,6 +99,16 @@ def search_report(
             "file": TRIALS_FILE,
         },
         "chosen": trial_entry(ctx, chosen, confirmed) if chosen is not None else None,
+        "warning": None,
+        "price_list": {
+            "rule": PRICE_RULE.format(utility=ctx.settings.max_utility_drop),
+            "chosen_on": "search",
+            "reported_on": "report",
+            "targets": [
+                {"target": target, **(trial_entry(ctx, t, confirmed) if t is not None else {"label": None})}
+                for target, t in prices
+            ],
+        },
         "pareto": [trial_entry(ctx, t, confirmed) for t in pareto],
         "linear_front": [
             {"alpha": alpha, "report": rates(results[f"linear@{alpha:g}"])} for alpha in confirmed["linear_alphas"]

@@ -21,7 +21,8 @@ from ..adapters import LoraFactors
 from ..errors import InputError
 from ..evaluation.derived import dominates
 from ..evaluation.metrics import UTILITY_METRICS
-from ..evaluation.recommend import Tolerances
+from ..evaluation.pricing import SAFETY_TARGETS, WARNING_BELOW, price_list, tolerance_change, warning_text
+from ..evaluation.recommend import Candidate, Tolerances
 from ..evaluation.runner import EvaluationData, ModelResult
 from ..jobspec import MergeSpec, RepairSpec
 from ..merge import utility_deltas
@@ -44,7 +45,7 @@ from .bracket import Point, anchor, next_alpha
 from .matched import matched_difference
 from .pruning import CertainStop, TrialPruned
 from .recipe import Recipe
-from .report import search_report, write_search_files
+from .report import PLOT_FILE, search_report, write_search_files
 from .space import SearchSettings, default_trial, suggest_recipe, warm_start_trials
 from .trials import PrunedTrial, Trial
 
@@ -133,6 +134,43 @@ def bounds(ctx: SearchContext, utility_drop: float, over_refusal_increase: float
         over_refusal=over_refusal,
         over_refusal_cap=ctx.safety.over_refusal.rate,
     )
+
+
+def tolerances_of(settings: SearchSettings) -> Tolerances:
+    return Tolerances(settings.max_utility_drop, settings.max_over_refusal_increase)
+
+
+def trial_candidate(ctx: SearchContext, trial: Trial) -> Candidate:
+    """A trial as the recommendation's pricing sees it (`evaluation/pricing.py`): its search-split numbers."""
+    return Candidate(
+        f"trial-{trial.number}",
+        trial.recipe.method,
+        trial.recipe.alpha,
+        trial.scores.safety,
+        trial.scores.over_refusal,
+        trial.scores.safety - ctx.before.safety.rate,
+        trial.utility_drop,
+        trial.over_refusal_increase,
+    )
+
+
+def priced_trials(ctx: SearchContext, trials: Sequence[Trial]) -> list[tuple[float, Trial | None]]:
+    """The price list over the trials, picked on the search split: per safety target, the trial of lowest
+    over-refusal reaching it within the utility tolerance (each pick is then confirmed on the report split)."""
+    by_label = {f"trial-{t.number}": t for t in trials}
+    picks = price_list([trial_candidate(ctx, t) for t in trials], tolerances_of(ctx.settings), None, SAFETY_TARGETS)
+    return [(target, by_label[pick.label] if pick is not None else None) for target, pick in picks]
+
+
+def search_warning(ctx: SearchContext, trials: Sequence[Trial], chosen_report_safety: float | None) -> str | None:
+    """The warning of a chosen recipe whose report-split safety is below 0.5, naming the smallest tolerance change
+    under which a trial of search-split safety ≥ 0.8 would be chosen."""
+    if chosen_report_safety is None or chosen_report_safety >= WARNING_BELOW:
+        return None
+    tolerances = tolerances_of(ctx.settings)
+    candidates = [trial_candidate(ctx, t) for t in trials]
+    change = tolerance_change(candidates, tolerances, ctx.safety.over_refusal.rate)
+    return warning_text(chosen_report_safety, change, tolerances)
 
 
 def make_sampler(settings: SearchSettings):
@@ -304,14 +342,19 @@ def linear_front_updates(ctx: SearchContext) -> dict[float, dict[str, LoraFactor
 
 
 def evaluate_report_split(
-    ctx: SearchContext, chosen: Trial | None, pareto: Sequence[Trial], track: JobProgress
+    ctx: SearchContext,
+    chosen: Trial | None,
+    pareto: Sequence[Trial],
+    track: JobProgress,
+    priced: Sequence[Trial] = (),
 ) -> dict[str, Any]:
-    """Every model of the report on the report split: references, the Pareto set (chosen included), linear's front."""
+    """Every model of the report on the report split: references, the Pareto set (chosen included), the price
+    list's picks (`priced`), linear's front."""
     models: dict[str, dict[str, LoraFactors]] = dict(reference_updates(ctx.loaded))
-    for trial in pareto if chosen is None or chosen in pareto else [*pareto, chosen]:
-        models[f"trial-{trial.number}"] = merged_recipe(ctx.loaded, ctx.fisher, trial.recipe).updates(
-            trial.recipe.alpha
-        )
+    for trial in [*pareto, *([chosen] if chosen is not None else []), *priced]:
+        label = f"trial-{trial.number}"
+        if label not in models:
+            models[label] = merged_recipe(ctx.loaded, ctx.fisher, trial.recipe).updates(trial.recipe.alpha)
     front = linear_front_updates(ctx)
     models.update({f"linear@{alpha:g}": updates for alpha, updates in front.items()})
     results = score_updates(ctx.loaded, models, data=ctx.report, progress=track.advance)
@@ -374,7 +417,7 @@ def run_search(
     with staging_folder(out_dir) as staging:
         track.begin("loading")
         loaded = load_inputs(search_spec(spec, settings), model_cache=model_cache)
-        report_models = 2 + settings.report_points + 1 + len(settings.reference_alphas())
+        report_models = 2 + settings.report_points + 1 + len(SAFETY_TARGETS) + len(settings.reference_alphas())
         track.plan(plan_costs(loaded, settings, report_models))
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
         evaluation = loaded.evaluation
@@ -398,17 +441,28 @@ def run_search(
         trials = run_trials(ctx, track, on_trial, base_params=dict(spec.params))
         chosen = choose(completed(trials))
         pareto = pareto_set(completed(trials), chosen, settings.report_points)
+        prices = priced_trials(ctx, completed(trials))
         track.begin("reporting_split")
-        confirmed = evaluate_report_split(ctx, chosen, pareto, track)
+        confirmed = evaluate_report_split(ctx, chosen, pareto, track, [t for _, t in prices if t is not None])
         track.begin("writing")
         adapter_dir = spec_path = None
         if chosen is not None:
             adapter_dir, spec_path = write_chosen(staging, ctx, chosen, names=names, final_root=out_dir)
         track.begin("reporting")
         report = search_report(
-            ctx, splits=splits, trials=trials, chosen=chosen, pareto=pareto, confirmed=confirmed, objective=OBJECTIVE
+            ctx,
+            splits=splits,
+            trials=trials,
+            chosen=chosen,
+            pareto=pareto,
+            confirmed=confirmed,
+            objective=OBJECTIVE,
+            prices=prices,
         )
+        if report["chosen"] is not None:
+            report["warning"] = search_warning(ctx, completed(trials), report["chosen"]["report"]["safety"]["rate"])
         write_search_files(staging, report=report, trials=trials)
+        write_search_html(staging, ctx, report, trials, names=names)
         track.finish()
     return SearchOutcome(
         out_dir=out_dir,
@@ -462,3 +516,31 @@ def write_chosen(
         final_root=final_root,
     )
     return next(iter(written.dirs.values())), Path(documents.spec_file)
+
+
+def write_search_html(
+    root: Path,
+    ctx: SearchContext,
+    report: Mapping[str, Any],
+    trials: Sequence[Trial | PrunedTrial],
+    *,
+    names: InputNames | None,
+) -> None:
+    """report.html of the search (`htmlreport.search_view`): the choice, the price list, the trials, the
+    matched-safety comparison, the plot and every input with its sha256."""
+    from ..files import write_atomic
+    from ..htmlreport import REPORT_HTML, render_page, search_view
+    from ..specfile import input_hashes
+    from ..stages.documents import input_rows, known_hashes
+
+    spec = ctx.loaded.spec
+    rows = input_rows(spec, input_hashes(spec, known=known_hashes(ctx.loaded)), names)
+    plot = root / PLOT_FILE
+    view = search_view(
+        report,
+        [t.to_dict() for t in trials],
+        plot_png=plot.read_bytes() if plot.is_file() else None,
+        inputs=rows,
+        title="sstmerge report: recipe search",
+    )
+    write_atomic(root / REPORT_HTML, render_page(view).encode("utf-8"))

@@ -1,6 +1,6 @@
-"""Reporting: once every adapter is written and evaluated, the documents beside them — metrics.json and plot.png,
-and in every adapter folder its model card (README.md), its merge_spec.json and its method's merge_report.json;
-at the top, the job's merge_report.json and merge_spec.json."""
+"""Reporting: once every adapter is written and evaluated, the documents beside them — metrics.json, plot.png and
+report.html, and in every adapter folder its model card (README.md), its merge_spec.json and its method's
+merge_report.json; at the top, the job's merge_report.json and merge_spec.json."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..card import model_card
+from ..htmlreport import REPORT_HTML, merge_view, render_page
 from ..methods.catalog import REPAIRS
 from ..report import build_report, package_version
 from ..specfile import SPEC_FILE, InputNames, base_model_name, display_name, input_hashes, write_spec_file
@@ -33,6 +34,7 @@ class JobDocuments:
     spec_file: str = SPEC_FILE
     metrics_file: str | None = None
     plot_file: str | None = None
+    html_file: str | None = None
 
 
 def inputs_section(loaded: LoadedInputs, names: InputNames | None) -> dict:
@@ -72,6 +74,39 @@ def known_hashes(loaded: LoadedInputs) -> dict[str, str]:
     if loaded.ref.is_local:
         hashes[spec.base_model] = loaded.model_fingerprint
     return hashes
+
+
+def input_rows(spec, hashes: Mapping[str, str], names: InputNames | None) -> list[dict]:
+    """Every input of `spec` as the report lists it: {"role", "name" (as the caller named it), "sha256"}."""
+    rows = [("base model", spec.base_model)]
+    rows += [("utility adapter", a.path) for a in spec.utility] + [("safety adapter", a.path) for a in spec.safety]
+    for role in ("utility_data", "safety_data", "harmless_data", "borderline_data"):
+        rows.append((role.replace("_", " "), getattr(spec, role)))
+    if spec.evaluation is not None:
+        rows += [
+            (f"evaluation file: {key}", getattr(spec.evaluation, key)) for key in ("harmful", "benign", "utility_eval")
+        ]
+    return [
+        {"role": role, "name": display_name(value, names), "sha256": hashes.get(value, "")}
+        for role, value in rows
+        if value is not None
+    ]
+
+
+def write_html_report(root: Path, metrics: Mapping, inputs: list[dict], *, method: str, created_at: str) -> None:
+    """report.html of an evaluated job, with its plot inlined (`htmlreport`)."""
+    from ..files import write_atomic
+
+    plot = root / PLOT_FILE
+    view = merge_view(
+        metrics,
+        plot_png=plot.read_bytes() if plot.is_file() else None,
+        inputs=inputs,
+        title=f"sstmerge report: {method} merge",
+        subtitle=f"Written {created_at} by sstmerge {package_version()}. The recommendation is chosen on the search "
+        "split and reported on the report split, which it never saw.",
+    )
+    write_atomic(root / REPORT_HTML, render_page(view).encode("utf-8"))
 
 
 def data_unread_by(spec) -> dict:
@@ -156,6 +191,9 @@ def write_documents(
         if progress is not None:
             progress(done, len(written))
 
+    if metrics is not None:
+        rows = input_rows(spec, hashes, names)
+        write_html_report(root, metrics, rows, method=written[0].merged.name, created_at=created_at)
     job = spec.model_copy(update={"params": written[0].merged.params.model_dump()})
     write_spec_file(root / SPEC_FILE, job, folder=final_root, **spec_options)
     (root / REPORT_FILE).write_text(json.dumps(reports[0], indent=2))
@@ -163,4 +201,5 @@ def write_documents(
         report=reports[0],
         metrics_file=METRICS_FILE if metrics is not None else None,
         plot_file=PLOT_FILE if metrics is not None and (root / PLOT_FILE).is_file() else None,
+        html_file=REPORT_HTML if metrics is not None else None,
     )

@@ -311,12 +311,16 @@ def test_tenant_isolation(api, inputs, worker):
         ("GET", f"/merges/{job_id}/metrics"),
         ("GET", f"/merges/{job_id}/adapter"),
         ("GET", f"/merges/{job_id}/plot.png"),
+        ("GET", f"/merges/{job_id}/report.html"),
         ("GET", f"/merges/{job_id}/report"),
     ]:
         response = api.request(method, path, headers=as_globex)
         assert response.status_code == 404, (method, path, response.text)
         assert error_of(response)["code"] == "not_found"
     assert api.get(f"/merges/{job_id}/adapter", headers=auth("acme")).status_code == 200
+    unevaluated = api.get(f"/merges/{job_id}/report.html", headers=auth("acme"))  # the owner: no evaluation, no page
+    assert unevaluated.status_code == 404 and "without evaluation" in error_of(unevaluated)["message"]
+    assert api.get(f"/merges/{job_id}/report.html").status_code == 401
     for listing in ("/adapters", "/datasets", "/merges"):
         assert api.get(listing, headers=as_globex).json()["items"] == []
     response = api.post("/merges", headers=as_globex, json=merge_body(inputs))

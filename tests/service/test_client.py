@@ -127,6 +127,8 @@ def test_upload_submit_wait_download(client, uploaded, assets, tmp_path, capsys)
     assert {"before", "merged"} <= {m["kind"] for m in metrics["models"]}
     assert client.plot(job["id"]).startswith(b"\x89PNG")
     assert client.report(job["id"])["method"]["name"] == "sst"
+    page = client.report_html(job["id"], dest=tmp_path / "report.html")
+    assert page.startswith(b"<!DOCTYPE html>") and (tmp_path / "report.html").read_bytes() == page
 
 
 def test_errors_carry_the_api_code(served, client, uploaded, finished):

@@ -91,6 +91,14 @@ def test_merge_and_evaluate(api, worker, inputs, assets, tmp_path):
     assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
     report = api.get(f"/merges/{job_id}/report", headers=auth("acme"))
     assert report.status_code == 200 and report.json()["method"]["name"] == "sst"
+    page = api.get(f"/merges/{job_id}/report.html", headers=auth("acme"))
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.text.startswith("<!DOCTYPE html>") and "Price of safety" in page.text and "<script" not in page.text
+    assert "report.html" in job["summary"]["artifacts"]["files"]
+    prices = job["summary"]["recommended"]["price_list"]
+    assert prices == metrics.json()["recommended"]["price_list"] and len(prices["targets"]) == 4
 
     events = api.get(f"/merges/{job_id}/events", headers=auth("acme")).json()["items"]
     stages = [e["stage"] for e in events if e["kind"] == "stage"]

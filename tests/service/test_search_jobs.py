@@ -130,6 +130,9 @@ def test_search_job_streams_trials_and_serves_its_report_and_the_chosen_adapter(
     assert "no trial saw" in report["splits"]["statement"] and report["trials"]["count"] == 3
     history = api.get(f"/merges/{job['id']}/trials", headers=auth("acme")).json()
     assert [t["number"] for t in history] == [0, 1, 2]
+    page = api.get(f"/merges/{job['id']}/report.html", headers=auth("acme"))
+    assert page.status_code == 200 and page.text.count("<tr") > 3 and "Recipe search" in page.text
+    assert job["summary"]["search"]["price_list"] == report["price_list"]
     summary = job["summary"]
     if report["chosen"] is None:
         assert summary["recommended"] is None and summary["search"]["reason"]

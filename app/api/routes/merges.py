@@ -39,8 +39,14 @@ class MergeRoute(APIRoute):
 router = APIRouter(prefix="/merges", tags=["merges"], route_class=MergeRoute)
 
 
-def _stream(storage: Storage, key: str, media_type: str, filename: str | None = None) -> StreamingResponse:
-    headers = {}
+REPORT_HTML_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"
+"""report.html runs nothing and fetches nothing: inline CSS and a data: image only, in a sandbox."""
+
+
+def _stream(
+    storage: Storage, key: str, media_type: str, filename: str | None = None, extra: dict[str, str] | None = None
+) -> StreamingResponse:
+    headers = dict(extra or {})
     if (size := storage.size(key)) is not None:
         headers["Content-Length"] = str(size)
     if filename:
@@ -264,3 +270,18 @@ def get_adapter(
 def get_plot(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
     key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.PLOT)
     return _stream(storage, key, "image/png")
+
+
+@router.get(
+    "/{job_id}/report.html",
+    summary="The job's report as one self-contained HTML page",
+    description="The recommendation with its rule, the price of safety, every evaluated model with its intervals, "
+    "the plot, sample answers, the search's trials and matched-safety comparison (a search job) and the inputs with "
+    "their sha256. Inline CSS and a data: image only: no script, nothing fetched (its Content-Security-Policy "
+    "forbids both).",
+    responses={200: {"content": {"text/html": {}}}},
+)
+def get_report_html(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
+    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.HTML)
+    headers = {"Content-Security-Policy": REPORT_HTML_POLICY, "X-Content-Type-Options": "nosniff"}
+    return _stream(storage, key, "text/html; charset=utf-8", extra=headers)
