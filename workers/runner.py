@@ -145,6 +145,11 @@ class JobRunner:
         body = MergeRequest.model_validate(claim.request)
         base = base_models.resolve(self.settings, body.base_model)
         names = {base.spec_value: body.base_model}
+        judge = None
+        if body.evaluation is not None:  # the judge's classifier obeys the Hub switch and the model folders
+            judge, classifier = base_models.resolve_judge(self.settings, body.evaluation.judge)
+            if classifier is not None:
+                names[classifier.spec_value] = classifier.name
 
         def named(path: Path, ident: str) -> str:
             names[str(path)] = ident
@@ -156,6 +161,7 @@ class JobRunner:
                 base.spec_value,
                 lambda ident: named(self.inputs.adapter(session, claim.tenant, ident), ident),
                 lambda ident: named(self.inputs.dataset(session, claim.tenant, ident), ident),
+                judge=judge,
                 device=self.settings.device,
                 dtype=self.settings.dtype,
                 cache_dir=str(self.settings.resolved_cache_dir),

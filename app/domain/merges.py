@@ -115,10 +115,11 @@ def validate(session: Session, settings: Settings, tenant: str, body: MergeReque
     """Everything that can be checked without a model; `InvalidInput` with a code naming the first problem."""
     _check_data(body)
     base = base_models.resolve(settings, body.base_model)
+    judge = base_models.resolve_judge(settings, body.evaluation.judge)[0] if body.evaluation else None
     adapters = _require_inputs(session, tenant, body)
     _check_base_model(base, [adapters[ref.adapter_id] for ref in body.adapter_refs()])
     try:  # the core's own checks, on placeholder paths
-        build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident)
+        build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident, judge=judge)
     except ValidationError as exc:
         raise InvalidInput("the job is not valid", code="invalid_request", details=_errors(exc)) from None
 
