@@ -24,7 +24,7 @@ from app.domain.db.session import session_scope
 from app.domain.errors import DomainError
 from app.domain.health import space_shortfall
 from app.domain.job_spec import build_spec, public_message
-from app.domain.job_state import TIME_LIMIT, Claim, Heartbeat, JobStore, ProgressWriter
+from app.domain.job_state import NON_FINITE, TIME_LIMIT, Claim, Heartbeat, JobStore, ProgressWriter, non_finite_at
 from app.domain.requests import MergeRequest
 from app.domain.settings import Settings
 from app.domain.storage import Storage, StorageFull
@@ -273,6 +273,9 @@ class JobRunner:
                 return
             log.exception("job crashed", extra={"job_id": claim.job_id})
             self._fail(claim, prefix, "internal_error", self._public(f"{type(exc).__name__}: {exc}", names))
+            return
+        if (where := non_finite_at(summary)) is not None:  # before anything is recorded as done
+            self._fail(claim, prefix, NON_FINITE, f"the job's result holds a non-finite value ({where})")
             return
         if self._finish(claim, "succeeded", summary={**summary, "artifacts": manifest}, artifact_prefix=prefix):
             parent = prefix.rsplit("/", 1)[0]

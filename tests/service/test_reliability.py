@@ -4,15 +4,24 @@ a real worker:
 1. the judge's classifier obeys the Hub switch and the model folders as a base model does (422 `unknown_judge` at
    submit; a stored job naming one fails `unknown_judge` in the worker without loading anything);
 2. a delete of any dataset a queued repair or search job reads (harmless and borderline included) is 409 `in_use`;
-3. a search takes its splits and tolerances from `evaluation` (one place) and refuses a contradiction with 422.
+3. a search takes its splits and tolerances from `evaluation` (one place) and refuses a contradiction with 422;
+4. adapter values are checked in float32 at upload; a merge that loses its safety adapter, overflows, or yields a
+   non-finite summary fails with a code (`safety_update_lost`, `non_finite_result`), on PostgreSQL and SQLite.
 """
 
 from __future__ import annotations
 
+import io
+import zipfile
+
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import auth, merge_body, upload_dataset, upload_merge_inputs, wait_for
+from safetensors.numpy import load_file, save
+from service_helpers import API_KEYS, auth, merge_body, upload_dataset, upload_merge_inputs, wait_for
 
+from app.domain.job_state import JobStore
+from app.domain.settings import Settings
 from app.main import create_app
 
 pytestmark = pytest.mark.service
@@ -99,3 +108,91 @@ def test_deleting_any_input_of_a_queued_repair_or_search_job_is_in_use(api, asse
                 assert error_of(refused)["code"] == "in_use" and job_id in error_of(refused)["details"]["jobs"]
         finally:
             assert client.post(f"/merges/{job_id}/cancel", headers=auth("acme")).status_code == 200
+
+
+def scaled_adapter(assets, scale: float, dtype) -> bytes:
+    """The session's safety adapter with every factor value times `scale`, stored as `dtype`, zipped."""
+    tensors = load_file(str(assets.adapters["safety"] / "adapter_model.safetensors"))
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = {name: (value.astype(np.float64) * scale).astype(dtype) for name, value in tensors.items()}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("adapter_config.json", (assets.adapters["safety"] / "adapter_config.json").read_text())
+        archive.writestr("adapter_model.safetensors", save(scaled))
+    return buffer.getvalue()
+
+
+def upload_bytes(api, payload: bytes):
+    return api.post("/adapters", headers=auth("acme"), files={"file": ("a.zip", io.BytesIO(payload))})
+
+
+def test_float64_values_beyond_float32_are_refused_at_upload(api, assets):
+    """Finite as stored, infinite once cast to the float32 the merges use: 422 `adapter_out_of_range` (before: stored,
+    then SST lost the safety adapter on SQLite and crashed the task on PostgreSQL until `worker_lost`)."""
+    response = upload_bytes(api, scaled_adapter(assets, 1e300, np.float64))
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "adapter_out_of_range" and "float32" in error_of(response)["message"]
+    assert upload_bytes(api, scaled_adapter(assets, 1e30, np.float64)).status_code == 201  # within range: fine
+
+
+def test_a_merge_that_loses_the_safety_adapter_fails(api, worker, inputs, assets):
+    """Float64 factors of 1e-200 (valid: finite, and zero in float32) make SST's projection of ΔS vanish: the job
+    fails `safety_update_lost` instead of succeeding with the utility adapters alone."""
+    response = upload_bytes(api, scaled_adapter(assets, 1e-200, np.float64))
+    assert response.status_code == 201, response.text
+    body = merge_body(inputs, safety_adapter={"adapter_id": response.json()["id"]})
+    job = wait_for(api, "acme", api.post("/merges", headers=auth("acme"), json=body).json()["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "safety_update_lost", job
+    assert "sst@1" in job["error"]["message"]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune"])
+def test_dense_merges_of_overflowing_values_fail_as_non_finite(api, worker, inputs, assets, method):
+    """Finite float32 factors whose products overflow: `non_finite_result` naming the module (before:
+    `internal_error` with torch's SVD message)."""
+    response = upload_bytes(api, scaled_adapter(assets, 1e19 / 0.05, np.float32))
+    assert response.status_code == 201, response.text
+    body = merge_body(
+        inputs,
+        safety_adapter={"adapter_id": response.json()["id"]},
+        method=method,
+        params={"alphas": [1.0]},
+        utility_dataset_id=None,
+        safety_dataset_id=None,
+    )
+    job = wait_for(api, "acme", api.post("/merges", headers=auth("acme"), json=body).json()["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "non_finite_result", job
+    assert "module model.layers." in job["error"]["message"] and "svd" not in job["error"]["message"].lower()
+
+
+def embedded_settings(tmp_path, assets) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "embedded",
+        model_dirs=[assets.models],
+        api_keys=",".join(f"{t}:{k}" for t, k in API_KEYS.items()),
+        device="cpu",
+    )
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_non_finite_summary_fails_the_job_on_either_database(settings, assets, inputs, tmp_path, database):
+    """The last guard, in the store: a success whose summary holds NaN is recorded as failed `non_finite_result` and
+    served as JSON (before: PostgreSQL refused the row, so the delivery crashed and was re-run until `worker_lost`;
+    SQLite stored a "succeeded" job whose summary no client can parse)."""
+    if database == "postgresql":
+        chosen = settings.model_copy(update={"queue": f"{settings.queue}-idle"})
+    else:
+        chosen = embedded_settings(tmp_path, assets)
+    with TestClient(create_app(chosen)) as client:
+        ids = inputs if database == "postgresql" else upload_merge_inputs(client, assets)
+        job_id = client.post("/merges", headers=auth("acme"), json=merge_body(ids)).json()["id"]
+        store = JobStore.from_settings(chosen)
+        claim = store.claim(job_id)
+        assert claim is not None
+        summary = {"diagnostics": {"median_energy_retained_fu": float("nan")}, "alphas": [1.0]}
+        assert store.finish(claim, "succeeded", summary=summary, artifact_prefix="p") is True
+        response = client.get(f"/merges/{job_id}", headers=auth("acme"))
+        assert response.status_code == 200, response.text
+        job = response.json()
+        assert job["status"] == "failed" and job["error"]["code"] == "non_finite_result", job
+        assert "summary.diagnostics.median_energy_retained_fu" in job["error"]["message"] and job["summary"] is None
