@@ -196,3 +196,41 @@ def test_a_non_finite_summary_fails_the_job_on_either_database(settings, assets,
         job = response.json()
         assert job["status"] == "failed" and job["error"]["code"] == "non_finite_result", job
         assert "summary.diagnostics.median_energy_retained_fu" in job["error"]["message"] and job["summary"] is None
+
+
+SEARCH = {"budget": 1, "sampler": "random", "warm_start": False, "front_alphas": [0, 1], "report_points": 1}
+
+
+def test_a_search_refuses_settings_its_evaluation_contradicts(api, inputs):
+    """Two values for one concept: 422 `conflicting_settings` naming the pair (before: the evaluation's tolerances
+    were ignored and its split overwritten, silently)."""
+    cases = [
+        ({"max_utility_drop": 0.1}, {"utility_tolerance": 0.3}, "max_utility_drop"),
+        ({"max_over_refusal_increase": 0.2}, {"over_refusal_tolerance": None}, "max_over_refusal_increase"),
+        ({"split_seed": 1}, {"split_seed": 2}, "split_seed"),
+        ({"report_fraction": 0.5}, {"report_fraction": 0.25}, "report_fraction"),
+    ]
+    for search, settings, named in cases:
+        body = merge_body(inputs, evaluation=evaluation(inputs, **settings), search={**SEARCH, **search})
+        response = api.post("/merges", headers=auth("acme"), json=body)
+        assert response.status_code == 422, response.text
+        assert error_of(response)["code"] == "conflicting_settings" and named in error_of(response)["message"]
+
+
+def test_a_search_takes_its_splits_and_tolerances_from_its_evaluation(api, worker, inputs):
+    """The evaluation's split seed, report fraction and tolerances are the ones the search runs with (its report's
+    settings and split sizes), and the stored request states each once; the same values given twice are fine."""
+    given = {"split_seed": 7, "report_fraction": 0.25, "utility_tolerance": 0.3, "over_refusal_tolerance": 0.2}
+    body = merge_body(inputs, evaluation=evaluation(inputs, **given), search={**SEARCH, "split_seed": 7})
+    response = api.post("/merges", headers=auth("acme"), json=body)
+    assert response.status_code == 202, response.text
+    stored = response.json()["request"]
+    expected = {"split_seed": 7, "report_fraction": 0.25, "max_utility_drop": 0.3, "max_over_refusal_increase": 0.2}
+    assert {k: stored["search"][k] for k in expected} == expected
+    assert {k: stored["evaluation"][k] for k in given} == given
+    job = wait_for(api, "acme", response.json()["id"], timeout=600)
+    assert job["status"] == "succeeded", job
+    report = api.get(f"/merges/{job['id']}/search", headers=auth("acme")).json()
+    assert {k: report["settings"][k] for k in expected} == expected
+    assert report["splits"]["seed"] == 7
+    assert report["splits"]["sizes"]["harmful"] == {"search": 3, "report": 1}  # ⌊4 · 0.25⌋ report prompts
