@@ -210,7 +210,8 @@ def merge_modules(
         if fisher is not None and name in fisher:
             m = dataclasses.replace(m, fisher=fisher[name])
         alphas = [params.module_alpha(alpha, name, num_layers or 0) for alpha in params.alphas]
-        for alpha, module_alpha, result in zip(params.alphas, alphas, solved(method, name, m, params, alphas), strict=True):
+        results = solved(method, name, m, params, alphas)
+        for alpha, module_alpha, result in zip(params.alphas, alphas, results, strict=True):
             if params.max_rank is not None and result.factors is not None and result.factors.rank > params.max_rank:
                 factors, error = truncate_factors(result.factors, params.max_rank)
                 result = ModuleResult(factors, {**result.diagnostics, "svd_rel_error": error})

@@ -153,11 +153,12 @@ def test_split_and_tolerances_come_from_one_place():
     search = SearchSettings(split_seed=3, budget=5)
     taken = from_evaluation(search, EvaluationSettings(over_refusal_tolerance=0.0, utility_tolerance=0.1))
     assert (taken.split_seed, taken.max_over_refusal_increase, taken.max_utility_drop, taken.budget) == (3, 0, 0.1, 5)
-    assert from_evaluation(SearchSettings(), EvaluationSettings(over_refusal_tolerance=None)).max_over_refusal_increase == 1
+    unbounded = EvaluationSettings(over_refusal_tolerance=None)
+    assert from_evaluation(SearchSettings(), unbounded).max_over_refusal_increase == 1
     assert from_evaluation(search, EvaluationSettings(split_seed=3)).split_seed == 3  # the same value twice: fine
     with pytest.raises(InputError) as error:
         from_evaluation(search, EvaluationSettings(split_seed=4, report_fraction=0.5))
     assert error.value.code == "conflicting_settings" and "search.split_seed = 3" in str(error.value)
-    unbounded = EvaluationSettings(over_refusal_tolerance=None)
     values = evaluation_values(from_evaluation(SearchSettings(), unbounded), unbounded)
-    assert values == {"split_seed": 0, "report_fraction": 0.5, "utility_tolerance": 0.02, "over_refusal_tolerance": None}
+    expected = {"split_seed": 0, "report_fraction": 0.5, "utility_tolerance": 0.02, "over_refusal_tolerance": None}
+    assert values == expected
