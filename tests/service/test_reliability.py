@@ -60,14 +60,17 @@ def test_a_judge_outside_the_offered_models_is_refused_at_submit(api, inputs, ju
     assert error_of(response)["code"] == "unknown_judge" and "Hub ids are disabled" in error_of(response)["message"]
 
 
-def test_a_judge_among_the_offered_models_is_accepted(api, inputs, settings):
-    """A folder of the model roots, named as GET /models names it, is a valid classifier (the job is accepted)."""
-    idle = settings.model_copy(update={"queue": f"{settings.queue}-idle"})
-    with TestClient(create_app(idle)) as client:
-        body = merge_body(inputs, evaluation=evaluation(inputs, judge="classifier:tiny-qwen2#LABEL_1"))
-        response = client.post("/merges", headers=auth("acme"), json=body)
-        assert response.status_code == 202, response.text
-        assert client.post(f"/merges/{response.json()['id']}/cancel", headers=auth("acme")).status_code == 200
+def test_a_judge_among_the_offered_models_runs_and_is_named_as_given(api, worker, inputs):
+    """A folder of the model roots, named as GET /models names it, is a valid classifier: the job loads it from
+    that folder and its metrics name the judge as the client did (no server path)."""
+    judge = "classifier:tiny-qwen2#LABEL_1"
+    body = merge_body(inputs, evaluation=evaluation(inputs, judge=judge))
+    response = api.post("/merges", headers=auth("acme"), json=body)
+    assert response.status_code == 202, response.text
+    job = wait_for(api, "acme", response.json()["id"])
+    assert job["status"] == "succeeded", job
+    metrics = api.get(f"/merges/{job['id']}/metrics", headers=auth("acme")).json()
+    assert metrics["judge"] == judge, metrics["judge"]
 
 
 def test_the_worker_refuses_a_hub_judge_when_its_hub_is_off(api, worker, inputs, settings):
