@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from safetensors.numpy import load_file, save
-from service_helpers import API_KEYS, auth, merge_body, upload_dataset, upload_merge_inputs, wait_for
+from service_helpers import (
+    API_KEYS,
+    WorkerProcess,
+    auth,
+    merge_body,
+    upload_dataset,
+    upload_merge_inputs,
+    wait_for,
+)
 
 from app.domain.job_state import JobStore
 from app.domain.settings import Settings
@@ -237,3 +245,20 @@ def test_a_search_takes_its_splits_and_tolerances_from_its_evaluation(api, worke
     assert {k: report["settings"][k] for k in expected} == expected
     assert report["splits"]["seed"] == 7
     assert report["splits"]["sizes"]["harmful"] == {"search": 3, "report": 1}  # ⌊4 · 0.25⌋ report prompts
+
+
+def test_a_merge_that_loses_the_safety_adapter_fails_on_sqlite_too(assets, tmp_path):
+    """The embedded mode (SQLite database and broker) with a real worker: the same job fails the same way (before:
+    it succeeded there, the safety adapter silently gone and NaN in its report)."""
+    embedded = embedded_settings(tmp_path, assets)
+    with TestClient(create_app(embedded)) as client:
+        worker = WorkerProcess(embedded, tmp_path / "worker.log")
+        try:
+            ids = upload_merge_inputs(client, assets)
+            response = upload_bytes(client, scaled_adapter(assets, 1e-200, np.float64))
+            assert response.status_code == 201, response.text
+            body = merge_body(ids, safety_adapter={"adapter_id": response.json()["id"]})
+            job = wait_for(client, "acme", client.post("/merges", headers=auth("acme"), json=body).json()["id"])
+            assert job["status"] == "failed" and job["error"]["code"] == "safety_update_lost", job
+        finally:
+            worker.stop()
