@@ -14,7 +14,8 @@ that a folder the worker would refuse is refused at upload with the same message
   (sorted by offset: contiguous, non-overlapping, covering it to the end) and each spans itemsize × Π shape bytes.
 - Tensors named `base_model.model.<module>.lora_{A,B}[.<adapter>].weight`, or `….lora_embedding_{A,B}` for an
   embedding LoRA, in pairs A (r × d_in) and B (d_out × r) whose r is the config's for that module
-  (`rank_pattern` first), with every dimension in [1, 2^24]; every value finite.
+  (`rank_pattern` first), with every dimension in [1, 2^24]; every value finite, and within float32's range (a
+  float64 value beyond it is infinite in the float32 the merges are stored and evaluated in).
 
 Per module the update is ΔW = s · B A with s = α / r (α / √r with rsLoRA), α and r from the patterns first.
 """
@@ -29,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
+
+import numpy as np
 
 from .data import file_sha256
 from .errors import AdapterError
@@ -48,6 +51,7 @@ MAX_NAMES = 10_000
 MAX_PATTERN_CHARS = 256
 # bytes per element; the dtypes a LoRA factor may have (the worker computes in float32 or wider)
 ADAPTER_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 SAFETENSORS_DTYPES = {
     "BOOL": 1,
     "U8": 1,
@@ -401,8 +405,23 @@ def _has_non_finite(chunk: bytes, dtype: str) -> bool:
     return int.from_bytes(top, "little") & int.from_bytes(rest, "little") != 0
 
 
+def beyond_float32(chunk: bytes) -> bool:
+    """Whether a little-endian float64 buffer holds a finite value that float32 cannot hold (±inf once cast)."""
+    with np.errstate(over="ignore"):
+        return not bool(np.isfinite(np.frombuffer(chunk, dtype="<f8").astype(np.float32)).all())
+
+
+def out_of_range(module: str) -> AdapterError:
+    return AdapterError(
+        f"module {module}: holds values beyond float32's range (|x| > {FLOAT32_MAX:.4g}), infinite where the merge "
+        "computes them",
+        code="adapter_out_of_range",
+    )
+
+
 def check_finite_values(folder: Path, layout: AdapterLayout, chunk_bytes: int = 8 << 20) -> None:
-    """Refuse (`AdapterError`, naming the module) any inf or NaN in the factors, reading `chunk_bytes` at a time."""
+    """Refuse (`AdapterError`, naming the module) any inf or NaN in the factors, and (code `adapter_out_of_range`)
+    any float64 value beyond float32's range, reading `chunk_bytes` at a time."""
     weights = folder / WEIGHTS_NAME
     header_end = weights.stat().st_size - max((t.end for t in layout.tensors.values()), default=0)
     by_key = {key: module.name for module in layout.modules.values() for key in (module.a_key, module.b_key)}
@@ -418,6 +437,8 @@ def check_finite_values(folder: Path, layout: AdapterLayout, chunk_bytes: int = 
                 remaining -= len(chunk)
                 if _has_non_finite(chunk, entry.dtype):
                     raise AdapterError(f"module {by_key[key]}: holds non-finite values")
+                if entry.dtype == "F64" and beyond_float32(chunk):
+                    raise out_of_range(by_key[key])
 
 
 def refuse_pickles(names: Iterable[str]) -> None:

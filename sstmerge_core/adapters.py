@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .adapter_format import WEIGHTS_NAME, adapter_sha256, lora_scale, read_layout
+from .adapter_format import WEIGHTS_NAME, adapter_sha256, lora_scale, out_of_range, read_layout
 from .errors import AdapterError
 
 
@@ -118,6 +118,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
             A, B = tensors[entry.a_key], tensors[entry.b_key]
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise AdapterError(f"module {module}: holds non-finite values")
+            if not (torch.isfinite(A.float()).all() and torch.isfinite(B.float()).all()):
+                raise out_of_range(module)
             modules[module] = LoraFactors(B=B, A=A, scale=entry.scale)
     except AdapterError as exc:
         raise AdapterError(f"{f'adapter {name}' if name else folder}: {exc}", code=exc.code) from None

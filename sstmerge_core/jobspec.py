@@ -35,7 +35,8 @@ class EvaluationSettings(BaseModel):
         default="keyword",
         max_length=400,
         pattern=r"^(keyword|classifier:[^\x00-\x1f\x7f]+)$",
-        description="`keyword` or `classifier:<model id>`",
+        description="`keyword` or `classifier:<model>[#LABEL]`; the service takes <model> as it takes a base model "
+        "(a name of GET /models, or an allowed Hub id when the Hub is on), the CLI also a local folder",
     )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     limit: int | None = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 
 from .adapters import LoraAdapter, LoraFactors
 from .data import Example
-from .errors import AdapterError
+from .errors import AdapterError, InputError
 from .fisher import FisherConfig, KFACFactors, collect_factors
 from .gevp import orthonormal_basis, truncate_product
 from .methods.base import FisherFactors, MergeMethod, ModuleInputs, ModuleResult
@@ -145,6 +146,43 @@ def truncate_factors(factors: LoraFactors, max_rank: int) -> tuple[LoraFactors, 
     return LoraFactors(B, A), error
 
 
+def solved(
+    method: MergeMethod, name: str, inputs: ModuleInputs, params: CommonParams, alphas: list[float]
+) -> list[ModuleResult]:
+    """`method.merge` on one module; a linear-algebra failure (an SVD or eigensolver that cannot converge, as on
+    overflowing inputs) is the inputs' `InputError` (code `numerical_error`), naming the module."""
+    try:
+        return method.merge(inputs, params, alphas)
+    except torch.linalg.LinAlgError as exc:
+        first = (str(exc).strip().splitlines() or ["no solution"])[0]
+        raise InputError(
+            f"{method.name}: module {name}: the merge cannot be computed ({first}); check the inputs' values and "
+            "weights",
+            code="numerical_error",
+        ) from None
+
+
+def check_diagnostics(label: str, module: str, diagnostics: dict) -> None:
+    """Refuse (`InputError`, code `non_finite_result`) a NaN or ±inf among a module's diagnostics (lists included):
+    they go into the report and the job's summary, and a non-finite one means the merge's numbers are not sound."""
+    for key, value in diagnostics.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise InputError(
+                f"{label}: diagnostic {key} of module {module} is not finite (the inputs' values overflow or "
+                "underflow the computation)",
+                code="non_finite_result",
+            )
+
+
+def safety_kept(inputs: ModuleInputs, result: ModuleResult) -> bool:
+    """Whether the module's merge keeps a part of its safety update: SST's norm ratio ‖ΔS'‖/‖ΔS‖ > 0, else ΔS ≠ 0."""
+    if inputs.safety is None:
+        return False
+    ratio = result.diagnostics.get("norm_ratio")
+    return ratio > 0 if isinstance(ratio, float | int) else inputs.safety.frobenius_norm() > 0
+
+
 def merge_modules(
     method: MergeMethod,
     inputs: dict[str, ModuleInputs],
@@ -156,6 +194,10 @@ def merge_modules(
 ) -> dict[float, dict[str, ModuleResult]]:
     """The method on every module, for every α: {α: {module: result}}, with `max_rank` truncation.
 
+    Refused (`InputError`): a module the method cannot solve numerically (`numerical_error`), a non-finite
+    diagnostic (`non_finite_result`), and an α ≠ 0 at which no module keeps anything of a given safety update
+    (`safety_update_lost`: SST's ‖ΔS'‖/‖ΔS‖ = 0, or ΔS = 0, in every module).
+
     Each module m gets its depth-scheduled α_ℓ(m) (docs/repair.md; the model's `num_layers` is needed unless the
     schedule is constant). `progress(done, total)` is called after each module (all its α).
     """
@@ -163,17 +205,31 @@ def merge_modules(
         raise ValueError(f"schedule {params.schedule!r} needs the model's number of layers")
     started = time.perf_counter()
     by_alpha: dict[float, dict[str, ModuleResult]] = {alpha: {} for alpha in params.alphas}
+    kept: set[float] = set()  # α at which some module keeps a part of its safety update
     for done, (name, m) in enumerate(inputs.items(), start=1):
         if fisher is not None and name in fisher:
             m = dataclasses.replace(m, fisher=fisher[name])
         alphas = [params.module_alpha(alpha, name, num_layers or 0) for alpha in params.alphas]
-        for alpha, result in zip(params.alphas, method.merge(m, params, alphas), strict=True):
+        results = solved(method, name, m, params, alphas)
+        for alpha, module_alpha, result in zip(params.alphas, alphas, results, strict=True):
             if params.max_rank is not None and result.factors is not None and result.factors.rank > params.max_rank:
                 factors, error = truncate_factors(result.factors, params.max_rank)
                 result = ModuleResult(factors, {**result.diagnostics, "svd_rel_error": error})
+            check_diagnostics(f"{method.name}@{alpha:g}", name, result.diagnostics)
             by_alpha[alpha][name] = result
+            if module_alpha != 0 and safety_kept(m, result):
+                kept.add(alpha)
         if progress is not None:
             progress(done, len(inputs))
+    given = any(m.safety is not None for m in inputs.values())
+    for alpha in params.alphas:
+        scheduled = any(params.module_alpha(alpha, name, num_layers or 0) != 0 for name in inputs)
+        if given and scheduled and alpha not in kept:
+            raise InputError(
+                f"{method.name}@{alpha:g}: the safety adapter contributes nothing to the merge (its update is zero, "
+                "or vanished in the merge: check its values and weight)",
+                code="safety_update_lost",
+            )
     log.info(
         "merged modules",
         extra={

@@ -69,7 +69,7 @@ def run_merge(
     created_at = now_iso()
     with staging_folder(out_dir) as staging:
         track.begin("loading")
-        loaded = load(spec, model_cache, track)
+        loaded = load(spec, model_cache, track, names)
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
         merges = merge_and_repair(loaded, fisher, track)
         fisher = fisher.without_factors() if fisher is not None else None
@@ -98,9 +98,11 @@ def run_merge(
     return outcome(out_dir, documents, written, track.timings)
 
 
-def load(spec: MergeSpec, model_cache: ModelCache | None, track: JobProgress) -> LoadedInputs:
+def load(
+    spec: MergeSpec, model_cache: ModelCache | None, track: JobProgress, names: InputNames | None = None
+) -> LoadedInputs:
     """The loading stage; once the inputs are known, the progress plan is set from the job's sizes."""
-    loaded = load_inputs(spec, model_cache=model_cache)
+    loaded = load_inputs(spec, model_cache=model_cache, names=names)
     track.plan(stage_costs(job_sizes(loaded), constants_for(loaded.device)))
     return loaded
 

@@ -131,6 +131,8 @@ BAD_FOLDERS = {
     "inf_f32_last": (CONFIG, with_value(-1, -np.inf), "non-finite"),
     "inf_f16": (CONFIG, with_value(3, np.inf, "F16", np.float16), "non-finite"),
     "nan_f64": (CONFIG, with_value(0, np.nan, "F64", np.float64), "non-finite"),
+    "f64_beyond_float32": (CONFIG, with_value(2, 1e39, "F64", np.float64), "beyond float32's range"),
+    "f64_just_beyond_float32": (CONFIG, with_value(-1, -3.5e38, "F64", np.float64), "beyond float32's range"),
     "nan_bf16": (
         CONFIG,
         safetensors_bytes({A_KEY: ("BF16", bf16(np.ones((2, 8)))), B_KEY: ("BF16", bf16(np.full((8, 2), np.nan)))}),
@@ -151,6 +153,22 @@ def test_upload_check_and_worker_refuse_the_same_folders(case, tmp_path):
         load_adapter(folder, name="ad_1")
     assert str(worker.value) == f"adapter ad_1: {upload.value}"
     assert worker.value.code == upload.value.code
+
+
+def test_float64_values_are_checked_in_float32(tmp_path):
+    """Finite float64 factors beyond float32's range are infinite where the merge computes: refused with their own
+    code by the upload check and the loader alike; float32's largest value itself is accepted."""
+    for value, refused in ((1e39, True), (-3.41e38, True), (float(np.finfo(np.float32).max), False), (1e38, False)):
+        folder = write_folder(tmp_path / f"v{value:g}", CONFIG, with_value(0, value, "F64", np.float64))
+        if not refused:
+            fmt.check_finite_values(folder, fmt.read_layout(folder))
+            assert torch.isfinite(load_adapter(folder).modules[MODULE].B.float()).all()
+            continue
+        with pytest.raises(AdapterError) as upload:
+            fmt.check_finite_values(folder, fmt.read_layout(folder))
+        with pytest.raises(AdapterError) as worker:
+            load_adapter(folder)
+        assert upload.value.code == worker.value.code == "adapter_out_of_range", (value, str(upload.value))
 
 
 def test_accepted_folders_load_with_the_same_modules_and_scales(tmp_path):

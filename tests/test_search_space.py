@@ -185,3 +185,24 @@ def test_sampled_alphas_follow_the_anchor_and_schedules_stay_within_the_alpha_ra
             assert "alpha" in trial.params
         per_layer = recipe.method_params().layer_alphas(recipe.alpha, layers)
         assert all(-1e-9 <= a <= settings.alpha_max + 1e-9 for kind in per_layer.values() for a in kind), recipe.label()
+
+
+def test_split_and_tolerances_come_from_one_place():
+    """`from_evaluation`: the evaluation's value where given, else the search's own; a contradiction is refused; an
+    over-refusal tolerance of 0 stays 0 (before, the CLI read `0 or 1.0`: unbounded) and None means ≤ 1."""
+    from sstmerge_core.errors import InputError
+    from sstmerge_core.jobspec import EvaluationSettings
+    from sstmerge_core.search.space import evaluation_values, from_evaluation
+
+    search = SearchSettings(split_seed=3, budget=5)
+    taken = from_evaluation(search, EvaluationSettings(over_refusal_tolerance=0.0, utility_tolerance=0.1))
+    assert (taken.split_seed, taken.max_over_refusal_increase, taken.max_utility_drop, taken.budget) == (3, 0, 0.1, 5)
+    unbounded = EvaluationSettings(over_refusal_tolerance=None)
+    assert from_evaluation(SearchSettings(), unbounded).max_over_refusal_increase == 1
+    assert from_evaluation(search, EvaluationSettings(split_seed=3)).split_seed == 3  # the same value twice: fine
+    with pytest.raises(InputError) as error:
+        from_evaluation(search, EvaluationSettings(split_seed=4, report_fraction=0.5))
+    assert error.value.code == "conflicting_settings" and "search.split_seed = 3" in str(error.value)
+    values = evaluation_values(from_evaluation(SearchSettings(), unbounded), unbounded)
+    expected = {"split_seed": 0, "report_fraction": 0.5, "utility_tolerance": 0.02, "over_refusal_tolerance": None}
+    assert values == expected

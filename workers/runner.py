@@ -24,7 +24,7 @@ from app.domain.db.session import session_scope
 from app.domain.errors import DomainError
 from app.domain.health import space_shortfall
 from app.domain.job_spec import build_spec, public_message
-from app.domain.job_state import TIME_LIMIT, Claim, Heartbeat, JobStore, ProgressWriter
+from app.domain.job_state import NON_FINITE, TIME_LIMIT, Claim, Heartbeat, JobStore, ProgressWriter, non_finite_at
 from app.domain.requests import MergeRequest
 from app.domain.settings import Settings
 from app.domain.storage import Storage, StorageFull
@@ -148,6 +148,11 @@ class JobRunner:
         body = MergeRequest.model_validate(claim.request)
         base = base_models.resolve(self.settings, body.base_model)
         names = {base.spec_value: body.base_model}
+        judge = None
+        if body.evaluation is not None:  # the judge's classifier obeys the Hub switch and the model folders
+            judge, classifier = base_models.resolve_judge(self.settings, body.evaluation.judge)
+            if classifier is not None:
+                names[classifier.spec_value] = classifier.name
 
         def named(path: Path, ident: str) -> str:
             names[str(path)] = ident
@@ -159,6 +164,7 @@ class JobRunner:
                 base.spec_value,
                 lambda ident: named(self.inputs.adapter(session, claim.tenant, ident), ident),
                 lambda ident: named(self.inputs.dataset(session, claim.tenant, ident), ident),
+                judge=judge,
                 device=self.settings.device,
                 dtype=self.settings.dtype,
                 cache_dir=str(self.settings.resolved_cache_dir),
@@ -270,6 +276,9 @@ class JobRunner:
                 return
             log.exception("job crashed", extra={"job_id": claim.job_id})
             self._fail(claim, prefix, "internal_error", self._public(f"{type(exc).__name__}: {exc}", names))
+            return
+        if (where := non_finite_at(summary)) is not None:  # before anything is recorded as done
+            self._fail(claim, prefix, NON_FINITE, f"the job's result holds a non-finite value ({where})")
             return
         if self._finish(claim, "succeeded", summary={**summary, "artifacts": manifest}, artifact_prefix=prefix):
             parent = prefix.rsplit("/", 1)[0]

@@ -119,3 +119,22 @@ def _weight_shapes(folder: Path, stamp: tuple) -> dict[str, list[int]]:
         for key, entry in read_safetensors_header(folder / name).items():
             shapes[key] = [int(d) for d in entry["shape"]]
     return shapes
+
+
+def resolve_judge(settings: Settings, judge: str) -> tuple[str, BaseModelRef | None]:
+    """The judge as the worker runs it, and its classifier model if any: `keyword` as is; `classifier:<model>[#LABEL]`
+    with <model> resolved exactly as a base model is (`resolve`: a folder name under `SSTMERGE_MODEL_DIRS`, a Hub id
+    only when the Hub is on and `hub_models` allow it; never a path), else `InvalidInput` with code `unknown_judge`."""
+    kind, _, target = judge.partition(":")
+    if kind != "classifier":
+        return judge, None
+    model, sep, label = target.partition("#")
+    try:
+        ref = resolve(settings, model)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"judge {judge!r}: the classifier is not available: {exc.message}",
+            code="unknown_judge",
+            details=exc.details,
+        ) from None
+    return f"classifier:{ref.spec_value}{sep}{label}", ref

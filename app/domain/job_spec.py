@@ -18,10 +18,14 @@ def build_spec(
     base_model: str,
     adapter_path: Callable[[str], str],
     dataset_path: Callable[[str], str],
+    *,
+    judge: str | None = None,
     **overrides,
 ) -> MergeSpec:
-    """The core `MergeSpec` for a request, with ids turned into local paths by the given functions. A search with
-    repair data gets the repair's default settings (the search draws λ, c, layer and position per trial)."""
+    """The core `MergeSpec` for a request, with ids turned into local paths by the given functions and the
+    evaluation's judge replaced by `judge` when given (`base_models.resolve_judge`: its classifier as a local path or
+    an allowed Hub id). A search with repair data gets the repair's default settings (the search draws λ, c, layer
+    and position per trial)."""
 
     def adapter(ref: AdapterRef) -> AdapterInput:
         return AdapterInput(path=adapter_path(ref.adapter_id), weight=ref.weight, name=ref.adapter_id)
@@ -36,7 +40,7 @@ def build_spec(
             harmful=dataset_path(ev.harmful_dataset_id),
             benign=dataset_path(ev.benign_dataset_id),
             utility_eval=dataset_path(ev.utility_eval_dataset_id),
-            **ev.model_dump(include=set(EvaluationSettings.model_fields)),
+            **{**ev.model_dump(include=set(EvaluationSettings.model_fields)), **({"judge": judge} if judge else {})},
         )
     return MergeSpec(
         base_model=base_model,

@@ -22,6 +22,7 @@ was rolled back.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -41,6 +42,21 @@ from .settings import Settings
 from .webhooks import record_terminal
 
 log = logging.getLogger(__name__)
+
+
+NON_FINITE = "non_finite_result"
+
+
+def non_finite_at(value: object, path: str = "summary") -> str | None:
+    """Where a JSON-like value holds a NaN or ±inf (`summary.diagnostics.x`), else None. PostgreSQL's JSON refuses
+    them (the outcome could never be recorded) and SQLite's stores what no client can parse."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        if (found := non_finite_at(item, f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]")) is not None:
+            return found
+    return None
 
 
 def worker_name() -> str:
@@ -214,7 +230,11 @@ class JobStore:
         reason: str | None = None,
     ) -> bool:
         """Record the outcome if this delivery still owns the job; returns whether it did. `reason` goes into the
-        status event only (why a job was cancelled: where it stopped)."""
+        status event only (why a job was cancelled: where it stopped). A success whose summary holds a non-finite
+        number is recorded as failed (`non_finite_result`), never stored as such."""
+        if status == "succeeded" and (where := non_finite_at(summary)) is not None:
+            status, error_code, summary = "failed", NON_FINITE, None
+            error_message = f"the job's result holds a non-finite value ({where}); nothing is served"
         values = {
             "status": status,
             "finished_at": utcnow(),

@@ -3,24 +3,34 @@ makes that check hold until the delete commits (`db.locking`)."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .db.locking import begin_write, locked
 from .db.models import TERMINAL_STATUSES, Adapter, Dataset, Job
 from .errors import not_found
+from .requests import MergeRequest
+
+
+def parsed_request(request: dict) -> MergeRequest | None:
+    """The stored request as the typed model the worker reads it with; None if it no longer parses (such a job
+    cannot run: its worker refuses it the same way)."""
+    try:
+        return MergeRequest.model_validate(request)
+    except ValidationError:
+        return None
 
 
 def request_adapter_ids(request: dict) -> set[str]:
-    refs = [*request.get("utility_adapters", []), request.get("safety_adapter") or {}]
-    return {ref["adapter_id"] for ref in refs if ref.get("adapter_id")}
+    body = parsed_request(request)
+    return {ref.adapter_id for ref in body.adapter_refs()} if body else set()
 
 
 def request_dataset_ids(request: dict) -> set[str]:
-    ids = {request.get("utility_dataset_id"), request.get("safety_dataset_id")}
-    evaluation = request.get("evaluation") or {}
-    ids |= {evaluation.get(k) for k in ("harmful_dataset_id", "benign_dataset_id", "utility_eval_dataset_id")}
-    return {i for i in ids if i}
+    """Every dataset the job reads (`MergeRequest.dataset_ids`: merge, repair/search and evaluation sets)."""
+    body = parsed_request(request)
+    return set(body.dataset_ids()) if body else set()
 
 
 def active_references(

@@ -12,7 +12,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from sstmerge_core.errors import InputError
 from sstmerge_core.methods.catalog import CATALOG
+from sstmerge_core.search.space import evaluation_values, from_evaluation
 
 from . import artifacts, base_models, webhooks
 from .db.locking import begin_write, locked
@@ -42,6 +44,20 @@ def _check_data(body: MergeRequest) -> None:
         raise InvalidInput(
             f"method {body.method!r} needs utility_dataset_id and safety_dataset_id", code="missing_dataset"
         )
+
+
+def one_search_place(body: MergeRequest) -> MergeRequest:
+    """A search job's split and tolerances from one place (`search.space.from_evaluation`: what `evaluation` gives,
+    else the search's own), stated alike in both parts of the stored request; a contradiction is `InvalidInput`
+    (`conflicting_settings`)."""
+    if body.search is None or body.evaluation is None:
+        return body
+    try:
+        search = from_evaluation(body.search, body.evaluation)
+    except InputError as exc:
+        raise InvalidInput(str(exc), code=exc.code) from None
+    evaluation = body.evaluation.model_copy(update=evaluation_values(search, body.evaluation))
+    return body.model_copy(update={"search": search, "evaluation": evaluation})
 
 
 def _owned(session: Session, model, tenant: str, ids: set[str], *, lock: bool = False) -> dict[str, object]:
@@ -117,10 +133,11 @@ def validate(session: Session, settings: Settings, tenant: str, body: MergeReque
         webhooks.check_url(settings, body.webhook_url)
     _check_data(body)
     base = base_models.resolve(settings, body.base_model)
+    judge = base_models.resolve_judge(settings, body.evaluation.judge)[0] if body.evaluation else None
     adapters = _require_inputs(session, tenant, body)
     _check_base_model(base, [adapters[ref.adapter_id] for ref in body.adapter_refs()])
     try:  # the core's own checks, on placeholder paths
-        build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident)
+        build_spec(body, base.spec_value, lambda ident: ident, lambda ident: ident, judge=judge)
     except ValidationError as exc:
         raise InvalidInput("the job is not valid", code="invalid_request", details=_errors(exc)) from None
 
@@ -151,6 +168,7 @@ def submit(
     """
     if idempotency_key is not None and not idempotency_key.strip():
         raise InvalidInput("the Idempotency-Key header is empty", code="invalid_idempotency_key")
+    body = one_search_place(body)
     request = body.model_dump(mode="json")
     digest = request_sha256(request)
     if idempotency_key and (existing := _by_key(session, tenant, idempotency_key)):

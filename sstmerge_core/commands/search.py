@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import InputError
 from ..methods.catalog import FisherParams
-from ..search.space import SearchSettings
+from ..search.space import EVALUATION_NAMES, SearchSettings, from_evaluation
 from .merge import field_option, parse_weighted
 from .options import FC, evaluation_options, evaluation_spec, one_line, progress_bar
 
@@ -22,8 +22,7 @@ from .options import FC, evaluation_options, evaluation_spec, one_line, progress
 FIXED = {name: FisherParams.model_fields[name] for name in FisherParams.__annotations__}
 # The split and the tolerances come from the evaluation flags (--split-seed, --report-fraction,
 # --utility-tolerance, --over-refusal-tolerance): one flag per concept.
-FROM_EVALUATION = {"split_seed", "report_fraction", "max_utility_drop", "max_over_refusal_increase"}
-SEARCH_FLAGS = {k: v for k, v in SearchSettings.model_fields.items() if k not in FROM_EVALUATION}
+SEARCH_FLAGS = {k: v for k, v in SearchSettings.model_fields.items() if k not in EVALUATION_NAMES}
 
 
 def model_options(model: type[BaseModel], names: dict, *, note: str) -> typing.Callable[[FC], FC]:
@@ -72,13 +71,7 @@ def search(out, overwrite, device, cache_dir, **flags) -> None:
         raise InputError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
     try:
         evaluation = evaluation_spec(flags)
-        settings = SearchSettings(
-            **given(flags, SEARCH_FLAGS),
-            split_seed=evaluation.split_seed,
-            report_fraction=evaluation.report_fraction,
-            max_utility_drop=evaluation.utility_tolerance,
-            max_over_refusal_increase=min(evaluation.over_refusal_tolerance or 1.0, 1.0),
-        )
+        settings = from_evaluation(SearchSettings(**given(flags, SEARCH_FLAGS)), evaluation)
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None
     needs_fisher = "sst" in settings.methods

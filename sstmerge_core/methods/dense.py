@@ -11,6 +11,7 @@ import torch
 from peft.utils import merge_utils
 
 from ..adapters import LoraFactors
+from ..errors import InputError
 from ..gevp import truncated_svd
 from .base import ModuleInputs, ModuleResult, implements
 from .catalog import CommonParams, DensityParams, TiesParams
@@ -50,6 +51,12 @@ def dense_merge(
             torch.manual_seed(module_seed(params.seed, inputs.name))
             w = torch.tensor(weights + ([alpha] if has_safety else []), dtype=torch.float32)
             merged = rule(tensors, w, params)
+            if not torch.isfinite(merged).all():
+                raise InputError(
+                    f"module {inputs.name}: the merged update at α={alpha:g} is not finite (the inputs' values or "
+                    "weights overflow float32); check them",
+                    code="non_finite_result",
+                )
             if not torch.any(merged):
                 results.append(ModuleResult(None, {"svd_rel_error": 0.0}))
                 continue

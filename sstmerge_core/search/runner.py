@@ -416,7 +416,7 @@ def run_search(
     track = JobProgress(progress, should_cancel)
     with staging_folder(out_dir) as staging:
         track.begin("loading")
-        loaded = load_inputs(search_spec(spec, settings), model_cache=model_cache)
+        loaded = load_inputs(search_spec(spec, settings), model_cache=model_cache, names=names)
         report_models = 2 + settings.report_points + 1 + len(SAFETY_TARGETS) + len(settings.reference_alphas())
         track.plan(plan_costs(loaded, settings, report_models))
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None

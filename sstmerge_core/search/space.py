@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import InputError
+from ..jobspec import EvaluationSettings
 from ..methods.catalog import CATALOG, RefusalAblationParams
 from ..schedules import ScheduleKind
 from .recipe import Recipe
@@ -102,6 +104,50 @@ class SearchSettings(BaseModel):
         if self.front_alphas:
             return sorted(set(self.front_alphas))
         return [round(self.alpha_max * i / 9, 4) for i in range(10)]
+
+
+# The search's split and tolerances, and the evaluation settings that name the same things (one concept, one value)
+EVALUATION_NAMES = {
+    "split_seed": "split_seed",
+    "report_fraction": "report_fraction",
+    "max_utility_drop": "utility_tolerance",
+    "max_over_refusal_increase": "over_refusal_tolerance",
+}
+
+
+def _as_search_value(field: str, value: object) -> object:
+    """An evaluation setting as the search field reads it: an unbounded over-refusal tolerance is an increase ≤ 1."""
+    return 1.0 if field == "max_over_refusal_increase" and value is None else value
+
+
+def from_evaluation(settings: SearchSettings, evaluation: EvaluationSettings) -> SearchSettings:
+    """The search's split seed, report fraction and tolerances from one place: each from `evaluation` where it was
+    given, else the search's own. Both given with different values is an `InputError` (code `conflicting_settings`)
+    naming each pair: a search never ignores a setting silently."""
+    taken: dict[str, Any] = {}
+    conflicts = []
+    for field, name in EVALUATION_NAMES.items():
+        if name not in evaluation.model_fields_set:
+            continue
+        value = _as_search_value(field, getattr(evaluation, name))
+        if field in settings.model_fields_set and getattr(settings, field) != value:
+            conflicts.append(f"search.{field} = {getattr(settings, field)} but evaluation.{name} = {value}")
+        taken[field] = value
+    if conflicts:
+        raise InputError(
+            f"the search and its evaluation disagree: {'; '.join(conflicts)} (give each once)",
+            code="conflicting_settings",
+        )
+    return SearchSettings.model_validate({**settings.model_dump(exclude_unset=True), **taken})
+
+
+def evaluation_values(settings: SearchSettings, evaluation: EvaluationSettings) -> dict[str, Any]:
+    """The evaluation settings that say what the search uses (`from_evaluation`'s result), for a record that states
+    each value the same way in both places; an unbounded over-refusal tolerance stays unbounded."""
+    values = {name: getattr(settings, field) for field, name in EVALUATION_NAMES.items()}
+    if evaluation.over_refusal_tolerance is None and settings.max_over_refusal_increase == 1.0:
+        values["over_refusal_tolerance"] = None
+    return values
 
 
 def warm_start_trials(settings: SearchSettings) -> list[dict[str, Any]]:

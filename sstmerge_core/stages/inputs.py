@@ -20,6 +20,7 @@ from ..methods.base import MergeMethod, ModuleInputs
 from ..methods.catalog import CommonParams, FisherParams
 from ..methods.registry import get_method
 from ..modeling import ModelRef, load_base_model, resolve_device
+from ..specfile import InputNames, display_name
 from .merging import merge_plan
 from .repair import load_repair_inputs
 
@@ -163,8 +164,9 @@ def load_fisher_data(spec: MergeSpec, params: FisherParams) -> dict[str, FisherD
     }
 
 
-def load_evaluation(spec: MergeSpec) -> EvaluationInputs:
-    """The evaluation sets and judge, refusing sets that share prompts with the merge data (they must be held out)."""
+def load_evaluation(spec: MergeSpec, names: InputNames | None = None) -> EvaluationInputs:
+    """The evaluation sets and judge, refusing sets that share prompts with the merge data (they must be held out).
+    The judge is named as the caller names its classifier (`names`), so that no server path reaches a document."""
     from ..evaluation.judges import make_judge
     from ..evaluation.runner import EvaluationData
 
@@ -187,16 +189,21 @@ def load_evaluation(spec: MergeSpec) -> EvaluationInputs:
                 f"({', '.join(inputs)}; rows {shown} of {name!r}); evaluation prompts must be held out"
             )
     files = {name: file_sha256(Path(getattr(evaluation, name))) for name in ("harmful", "benign", "utility_eval")}
-    return EvaluationInputs(
-        evaluation, data, make_judge(evaluation.judge, device=str(resolve_device(spec.device))), files
-    )
+    judge = make_judge(evaluation.judge, device=str(resolve_device(spec.device)))
+    kind, sep, target = judge.name.partition(":")
+    if sep:
+        model, mark, label = target.partition("#")
+        judge.name = f"{kind}:{display_name(model, names)}{mark}{label}"
+    return EvaluationInputs(evaluation, data, judge, files)
 
 
 def _load_adapters(items: list[AdapterInput]) -> tuple[WeightedAdapter, ...]:
     return tuple(WeightedAdapter(load_adapter(i.path, name=i.name), i.weight) for i in items)
 
 
-def load_inputs(spec: MergeSpec, *, model_cache: ModelCache | None = None) -> LoadedInputs:
+def load_inputs(
+    spec: MergeSpec, *, model_cache: ModelCache | None = None, names: InputNames | None = None
+) -> LoadedInputs:
     """Adapters, data, evaluation sets (cheap, so that bad files fail first), then the base model; every adapter
     module is checked to exist in the model with its shape."""
     method = get_method(spec.method)
@@ -204,7 +211,7 @@ def load_inputs(spec: MergeSpec, *, model_cache: ModelCache | None = None) -> Lo
     utility, safety = _load_adapters(spec.utility), _load_adapters(spec.safety)
     pass_params = fisher_params(spec)
     fisher_data = load_fisher_data(spec, pass_params) if pass_params is not None else {}
-    evaluation = load_evaluation(spec) if spec.evaluation is not None else None
+    evaluation = load_evaluation(spec, names) if spec.evaluation is not None else None
     repair = load_repair_inputs(spec, judge=evaluation.judge if evaluation is not None else None)
     ref = ModelRef.parse(spec.base_model)
     cache = model_cache or ModelCache()
