@@ -18,6 +18,7 @@ from ..domain.retention import sweep_leftovers
 from ..domain.settings import Settings, get_settings
 from ..domain.storage import get_storage
 from .access_log import AccessLogMiddleware
+from .deps import trusted_networks
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware, PrintablePathMiddleware
 from .metrics import Metrics, MetricsMiddleware
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = JobQueue(settings)
     app.state.metrics = Metrics(job_counts)
     app.state.rate_limits = RateLimits(settings)
+    app.state.trusted_proxies = trusted_networks(settings)
 
     install_error_handlers(app)
     install_outage_handlers(app)

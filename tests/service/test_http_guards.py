@@ -1,0 +1,207 @@
+"""HTTP-side guards against one client harming the others, on the real components: failed-authentication limits
+keyed by address and key prefix (Redis, and Redis killed), `X-Forwarded-For` believed from configured proxies
+only, and the read timeouts, header size limit and per-client connection limit of the server `sstmerge serve`
+runs (a real uvicorn on 127.0.0.1, real slow sockets, every wait bounded)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from fault_servers import PrivateRedis
+from live_server import live_server
+from service_helpers import API_KEYS, auth
+
+from app.main import create_app
+
+pytestmark = pytest.mark.service
+
+
+def _limited(settings, **update):
+    return settings.model_copy(
+        update={"queue": f"{settings.queue}-guards-{uuid.uuid4().hex[:6]}", "rate_limit_failed_auth": "5/minute"}
+        | update
+    )
+
+
+def _statuses(client, key: str, count: int, **headers: str) -> list[int]:
+    return [client.get("/models", headers={"Authorization": f"Bearer {key}", **headers}).status_code for _ in range(count)]
+
+
+def test_wrong_keys_lock_out_neither_valid_keys_nor_other_addresses(settings):
+    """Behind one address (a NAT), a client sending wrong keys is refused after the limit; valid keys from the
+    same address keep working, unless they start like the guessed keys (`sst_<id>` of a stored key): those are
+    locked from this address only, for at most the window."""
+    limited = _limited(settings)
+    acme = API_KEYS["acme"]
+    with TestClient(create_app(limited)) as nat, TestClient(create_app(limited), client=("10.1.2.3", 4000)) as other:
+        assert _statuses(nat, "not-a-key", 6) == [401] * 5 + [429]
+        assert nat.get("/models", headers=auth("acme")).status_code == 200
+        assert nat.get("/models", headers=auth("globex")).status_code == 200
+        assert _statuses(nat, acme[:12] + "guess", 5) == [401] * 5  # guesses of acme's key (same prefix)
+        locked = nat.get("/models", headers=auth("acme"))
+        assert locked.status_code == 429 and locked.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(locked.headers["retry-after"]) <= 60
+        assert nat.get("/models", headers=auth("globex")).status_code == 200
+        assert other.get("/models", headers=auth("acme")).status_code == 200  # another address: its own buckets
+
+
+def test_forwarded_for_is_believed_from_configured_proxies_only(settings):
+    """On the server `serve` runs, a client on 127.0.0.1 rotating `X-Forwarded-For` is still one client; with
+    127.0.0.1 a trusted proxy each forwarded address is a client, and what a client prepends is ignored."""
+    wrong = "not-a-key"
+    app = create_app(_limited(settings))
+    with live_server(app, served=True) as url, httpx.Client(base_url=url, timeout=30) as client:
+        rotating = [_statuses(client, wrong, 1, **{"X-Forwarded-For": f"192.0.2.{n}"})[0] for n in range(6)]
+        assert rotating == [401] * 5 + [429]
+    app = create_app(_limited(settings, trusted_proxies=["127.0.0.1"]))
+    with live_server(app, served=True) as url, httpx.Client(base_url=url, timeout=30) as client:
+        rotating = [_statuses(client, wrong, 1, **{"X-Forwarded-For": f"192.0.2.{n}"})[0] for n in range(6)]
+        assert rotating == [401] * 6
+        forged = [_statuses(client, wrong, 1, **{"X-Forwarded-For": f"198.51.100.{n}, 203.0.113.7"})[0] for n in range(6)]
+        assert forged == [401] * 5 + [429]  # the client is 203.0.113.7, whatever it puts on the left
+
+
+def test_limits_hold_while_their_redis_is_down(settings, tmp_path, caplog):
+    """Redis killed: each API process counts in its own memory (logged once), so wrong keys are still refused
+    past the limit and valid keys still work; shared counting resumes once Redis answers."""
+    from app.domain import rate_limits
+
+    redis = PrivateRedis(tmp_path / "redis")
+    try:
+        limited = _limited(settings, rate_limit_storage_url=redis.url)
+        with TestClient(create_app(limited)) as client:
+            assert _statuses(client, "not-a-key", 2) == [401, 401]  # counted in Redis
+            redis.kill()
+            with caplog.at_level(logging.WARNING, logger=rate_limits.__name__):
+                started = time.monotonic()
+                assert _statuses(client, "not-a-key", 6) == [401] * 5 + [429]
+                assert client.get("/models", headers=auth("acme")).status_code == 200
+                assert time.monotonic() - started < 10
+            unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+            assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
+            redis.start()
+            time.sleep(rate_limits.STORE_RETRY_SECONDS + 0.5)
+            with caplog.at_level(logging.WARNING, logger=rate_limits.__name__):
+                assert client.get("/models", headers=auth("acme")).status_code == 200
+            assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        redis.stop()
+
+
+# the server's read timeouts, header limit and connection limit
+
+
+def _served(settings, **update):
+    fast = {
+        "http_header_timeout_seconds": 1.0,
+        "http_body_timeout_seconds": 1.0,
+        "http_min_body_bytes_per_second": 1024,
+        "queue": f"{settings.queue}-slow-{uuid.uuid4().hex[:6]}",
+    }
+    return create_app(settings.model_copy(update=fast | update))
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.settimeout(10)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict, float]:
+    """Status and JSON body of the server's answer, and when it came (time.monotonic()); the socket is read until
+    the server closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body), time.monotonic()
+
+
+def _dribble(sock: socket.socket, data: bytes, rate: float, limit: float) -> None:
+    """Send `data` at `rate` bytes per second until it is sent, the server closes, or `limit` seconds pass."""
+    deadline = time.monotonic() + limit
+    step = max(1, int(rate / 5))
+    for start in range(0, len(data), step):
+        if time.monotonic() > deadline:
+            return
+        try:
+            sock.sendall(data[start : start + step])
+        except OSError:
+            return
+        time.sleep(step / rate)
+
+
+def _slow_headers(url: str) -> tuple[int, dict, float]:
+    with _connect(url) as sock:
+        request = f"GET /models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEYS['acme']}\r\n\r\n".encode()
+        _dribble(sock, request, rate=1, limit=6)
+        return _answer(sock)
+
+
+def _slow_body(url: str) -> tuple[int, dict, float]:
+    boundary = "slowboundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n'.encode()
+            + b'{"prompt": "tea"}\n' * 2000 + f"\r\n--{boundary}--\r\n".encode())
+    head = (
+        f"POST /datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEYS['acme']}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with _connect(url) as sock:
+        sock.sendall(head)
+        _dribble(sock, body, rate=38, limit=6)
+        return _answer(sock)
+
+
+def test_slow_connections_are_cut_and_others_served(settings):
+    """Eight slow clients (headers at 1 byte/s, bodies at 38 B/s, as in the probe) are each answered 408 in the
+    JSON error shape within a few seconds of their timeout (1 s here), while a normal request is served."""
+    app = _served(settings)
+    with live_server(app, served=True) as url, ThreadPoolExecutor(8) as pool:
+        started = time.monotonic()
+        slow = [pool.submit(_slow_headers, url) for _ in range(4)] + [pool.submit(_slow_body, url) for _ in range(4)]
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/models", headers=auth("acme"), timeout=10).status_code == 200
+        answers = [future.result(timeout=30) for future in slow]
+    for status, body, at in answers:
+        assert status == 408 and body["error"]["code"] == "request_timeout", body
+        assert at - started < 5, at - started
+
+
+def test_idle_greedy_and_garbled_connections(settings):
+    """A connection that sends nothing is closed (408) after the header timeout; headers beyond the limit are
+    431; a fifth open connection of a client limited to four is 429 while a client's four are open, and served
+    once they close; a request that is not HTTP gets uvicorn's 400 in the JSON error shape."""
+    app = _served(settings, http_max_connections_per_client=4, http_header_timeout_seconds=3.0)
+    with live_server(app, served=True) as url:
+        with _connect(url) as idle:
+            started = time.monotonic()
+            status, body, at = _answer(idle)
+            assert status == 408 and body["error"]["code"] == "request_timeout" and 2.5 < at - started < 6
+        with _connect(url) as greedy:
+            greedy.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (80 << 10) + b"\r\n\r\n")
+            status, body, _ = _answer(greedy)
+            assert status == 431 and body["error"]["code"] == "headers_too_large"
+        held = [_connect(url) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            with _connect(url) as fifth:
+                status, body, _ = _answer(fifth)
+                assert status == 429 and body["error"]["code"] == "too_many_connections"
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        with _connect(url) as garbled:
+            garbled.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            status, body, _ = _answer(garbled)
+            assert status == 400 and body["error"]["code"] == "malformed_request", body
