@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fault_servers import PrivateRedis
 from live_server import live_server
-from service_helpers import API_KEYS, auth
+from service_helpers import API_KEYS, auth, merge_body
 
 from app.main import create_app
 
@@ -205,3 +205,31 @@ def test_idle_greedy_and_garbled_connections(settings):
             garbled.sendall(b"NOT HTTP AT ALL\r\n\r\n")
             status, body, _ = _answer(garbled)
             assert status == 400 and body["error"]["code"] == "malformed_request", body
+
+
+# what an error tells the client
+
+
+def test_a_crashed_job_names_no_exception(api, inputs, settings, monkeypatch, caplog):
+    """A job whose merge raises an unexpected exception fails as internal_error with a message that names no
+    exception (class or text); the worker's log has both."""
+    import numpy as np
+
+    from app.domain.storage import get_storage
+    from sstmerge_core.pipeline import ModelCache
+    from workers import runner
+
+    def broken(*_args, **_kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge in Linear Least Squares")
+
+    monkeypatch.setattr(runner, "run_merge", broken)  # fault injection: the real runner, a failing merge
+    idle = settings.model_copy(update={"queue": f"{settings.queue}-idle"})
+    with TestClient(create_app(idle)) as client:  # a queue no worker reads: the runner below is the only one
+        job_id = client.post("/merges", headers=auth("acme"), json=merge_body(inputs)).json()["id"]
+    with caplog.at_level(logging.ERROR, logger=runner.__name__):
+        runner.JobRunner(idle, get_storage(idle), ModelCache()).run(job_id)
+    job = api.get(f"/merges/{job_id}", headers=auth("acme")).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "internal_error", job
+    assert "LinAlgError" not in job["error"]["message"] and "SVD" not in job["error"]["message"], job
+    crashed = [r for r in caplog.records if r.getMessage() == "job crashed"]
+    assert crashed and crashed[0].exc_info and "SVD did not converge" in str(crashed[0].exc_info[1])
