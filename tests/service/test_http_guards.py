@@ -6,6 +6,7 @@ runs (a real uvicorn on 127.0.0.1, real slow sockets, every wait bounded)."""
 from __future__ import annotations
 
 import json
+import re
 import logging
 import socket
 import time
@@ -17,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fault_servers import PrivateRedis
 from live_server import live_server
-from service_helpers import API_KEYS, auth, merge_body
+from service_helpers import API_KEYS, OPS_TOKEN, auth, merge_body
 
 from app.main import create_app
 
@@ -233,3 +234,57 @@ def test_a_crashed_job_names_no_exception(api, inputs, settings, monkeypatch, ca
     assert "LinAlgError" not in job["error"]["message"] and "SVD" not in job["error"]["message"], job
     crashed = [r for r in caplog.records if r.getMessage() == "job crashed"]
     assert crashed and crashed[0].exc_info and "SVD did not converge" in str(crashed[0].exc_info[1])
+
+
+def test_openapi_says_readyz_is_open_and_405_lists_the_right_methods(api):
+    """/readyz is documented as open (the operator token optional, no 401/429) and answers without a key; a 405
+    answers `Allow` with exactly the methods the OpenAPI document gives the path, in the JSON error shape."""
+    doc = api.get("/openapi.json").json()
+    ready = doc["paths"]["/readyz"]["get"]
+    assert {} in ready["security"] and not {"401", "429"} & set(ready["responses"]), ready
+    assert api.get("/readyz").status_code == 200
+    assert doc["paths"]["/merges"]["get"]["security"] == [{"HTTPBearer": []}]  # a tenant's key stays required
+    checked = 0
+    for path, operations in doc["paths"].items():
+        concrete = re.sub(r"\{[^}]+\}", "x1", path)
+        documented = sorted(method.upper() for method in operations)
+        for method in sorted({"DELETE", "GET", "PATCH", "POST", "PUT"} - set(documented)):
+            response = api.request(method, concrete, headers=auth("acme"))
+            assert response.status_code == 405, (method, concrete, response.status_code)
+            assert sorted(response.headers["allow"].split(", ")) == documented, (method, concrete)
+            assert response.json()["error"]["code"] == "method_not_allowed"
+            checked += 1
+    assert checked > 40
+
+
+def _drop_upload(url: str, path: str) -> None:
+    """Send the headers and a tenth of a 1 MB multipart body, then close the connection."""
+    boundary = "dropboundary"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEYS['acme']}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {1 << 20}\r\n\r\n"
+    ).encode()
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n'.encode()
+    with _connect(url) as sock:
+        sock.sendall(head + part + b'{"prompt": "tea"}\n' * 6000)
+        time.sleep(0.3)
+
+
+def test_a_dropped_upload_is_the_clients_doing(settings, caplog):
+    """A client that closes its connection in the middle of an upload is logged and counted as 499
+    `client_disconnected`, never as an unhandled error or a 500; nothing of the upload stays behind."""
+    app = _served(settings, http_header_timeout_seconds=10.0, http_body_timeout_seconds=10.0)
+    uploads = settings.resolved_work_dir / "uploads"
+    with caplog.at_level(logging.INFO), live_server(app, served=True) as url:
+        for path in ("/datasets", "/adapters"):
+            _drop_upload(url, path)
+        deadline = time.monotonic() + 10
+        while len([r for r in caplog.records if r.getMessage() == "request" and r.method == "POST"]) < 2:
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.1)
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {OPS_TOKEN}"}, timeout=10).text
+    logged = [(r.path, r.status) for r in caplog.records if r.getMessage() == "request" and r.method == "POST"]
+    assert sorted(logged) == [("/adapters", 499), ("/datasets", 499)], logged
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert 'route="/datasets",status="499"' in metrics and 'status="500"' not in metrics
+    assert not any(uploads.iterdir()) if uploads.exists() else True
