@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..domain.auth import KeyCache
+from ..domain.inputs import check_quota
 from ..domain.queue import JobQueue
 from ..domain.rate_limits import RateLimits, key_bucket
 from ..domain.settings import Settings
@@ -129,3 +130,16 @@ async def get_tenant(
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+async def upload_quota(request: Request, tenant: TenantDep) -> None:
+    """507 `quota_exceeded` before an upload is read when the tenant's quota of stored inputs is used up (POST
+    only); the exact check, with the input's size, is made before it is stored (`app.domain.inputs.check_quota`)."""
+    if request.method != "POST":
+        return
+
+    def check() -> None:
+        with request.app.state.sessions() as session:
+            check_quota(session, request.app.state.settings, tenant, 0)
+
+    await run_in_threadpool(check)

@@ -122,7 +122,7 @@ ERROR_DESCRIPTIONS = {
     500: "a bug (`internal_error`)",
     502: "the Hugging Face Hub failed (`hub_unavailable`)",
     503: "a part of the service is down (see Retry-After)",
-    507: "the storage is full (`insufficient_storage`)",
+    507: "the storage is full (`insufficient_storage`) or the tenant's quota is used up (`quota_exceeded`)",
 }
 
 

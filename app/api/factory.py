@@ -22,7 +22,7 @@ from ..domain.retention import sweep_leftovers
 from ..domain.settings import Settings, get_settings
 from ..domain.storage import Storage, get_storage
 from .access_log import AccessLogMiddleware
-from .deps import trusted_networks
+from .deps import trusted_networks, upload_quota
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware, PrintablePathMiddleware
 from .metrics import Metrics, MetricsMiddleware
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the polled routes first: a request is matched against the routes in order
     for router in (merges.router, models.router, methods.router, adapters.router, datasets.router, health.router):
         uploads = router in (adapters.router, datasets.router)
-        app.include_router(router, dependencies=[Depends(upload_space)] if uploads else None)
+        app.include_router(router, dependencies=[Depends(upload_space), Depends(upload_quota)] if uploads else None)
     app.add_middleware(
         BodySizeLimitMiddleware, limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes
     )

@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,8 @@ from fault_servers import PrivateRedis
 from live_server import live_server
 from service_helpers import API_KEYS, OPS_TOKEN, auth, merge_body
 
+from app.domain.auth import create_key
+from app.domain.db.session import session_scope
 from app.main import create_app
 
 pytestmark = pytest.mark.service
@@ -288,3 +291,78 @@ def test_a_dropped_upload_is_the_clients_doing(settings, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     assert 'route="/datasets",status="499"' in metrics and 'status="500"' not in metrics
     assert not any(uploads.iterdir()) if uploads.exists() else True
+
+
+def _new_tenant(settings) -> dict[str, str]:
+    """A fresh tenant with a stored key: its Authorization header."""
+    with session_scope(settings.resolved_database_url) as session:
+        _, key = create_key(session, f"t-{uuid.uuid4().hex[:10]}")
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _upload(client, headers: dict, path: str, file: Path, name: str | None = None, filename: str | None = None):
+    with file.open("rb") as handle:
+        files = {"file": (filename or file.name, handle)}
+        return client.post(path, headers=headers, files=files, data={"name": name} if name is not None else {})
+
+
+INVISIBLE = ["\u202e", "\u202d", "\u2066", "\u2069", "\u200e", "\u061c", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+def test_display_names_refuse_bidi_and_zero_width_characters(api, assets, settings, char):
+    """A name with a bidi control or a zero-width character is 422 (`invalid_name` in a form, `validation_error`
+    in JSON) for adapters and datasets; a file name loses such characters; other scripts are welcome."""
+    tenant = _new_tenant(settings)
+    adapter = _upload(api, tenant, "/adapters", assets.archives["safety"], name=f"safe{char}ty")
+    assert adapter.status_code == 422 and adapter.json()["error"]["code"] == "invalid_name", adapter.text
+    dataset = _upload(api, tenant, "/datasets", assets.data["safety"], name=f"{char}data")
+    assert dataset.status_code == 422 and dataset.json()["error"]["code"] == "invalid_name", dataset.text
+    for path in ("/adapters", "/datasets"):
+        hub = api.post(path, headers=tenant, json={"source": "hf://org/name", "name": f"x{char}y"})
+        assert hub.status_code == 422 and hub.json()["error"]["code"] == "validation_error", hub.text
+    cleaned = _upload(api, tenant, "/datasets", assets.data["safety"], filename=f"ev{char}il.jsonl")
+    assert cleaned.status_code == 201 and cleaned.json()["name"] == "evil", cleaned.text
+    if char == INVISIBLE[0]:
+        named = _upload(api, tenant, "/datasets", assets.data["safety"], name="données 数据 بيانات")
+        assert named.status_code == 201 and named.json()["name"] == "données 数据 بيانات"
+    assert [a["name"] for a in api.get("/adapters", headers=tenant).json()["items"]] == []
+
+
+def _stored_files(settings) -> list[Path]:
+    return sorted(p for p in settings.resolved_storage_dir.rglob("*") if p.is_file())
+
+
+def test_tenant_quotas_on_stored_inputs(api, settings, assets):
+    """Past `tenant_max_inputs` adapters and datasets, or `tenant_max_input_bytes` bytes, an upload is 507
+    `quota_exceeded` (details say which quota; no Retry-After: waiting does not help, deleting does) and
+    nothing is stored; a quota lowered below what a tenant has leaves its inputs readable."""
+    tenant, data = _new_tenant(settings), assets.data["safety"]
+    counted = settings.model_copy(update={"tenant_max_inputs": 2, "queue": f"{settings.queue}-idle"})
+    with TestClient(create_app(counted)) as client:
+        first = _upload(client, tenant, "/datasets", data)
+        assert first.status_code == 201 and _upload(client, tenant, "/adapters", assets.archives["safety"]).status_code == 201
+        before = _stored_files(settings)
+        for path, file in (("/datasets", data), ("/adapters", assets.archives["utility"])):
+            refused = _upload(client, tenant, path, file)
+            assert refused.status_code == 507, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "quota_exceeded" and error["details"] == {"quota": "inputs", "limit": 2, "used": 2}
+            assert "retry-after" not in refused.headers
+        assert _stored_files(settings) == before
+        assert _upload(client, _new_tenant(settings), "/datasets", data).status_code == 201  # another tenant's quota
+        assert client.delete(f"/datasets/{first.json()['id']}", headers=tenant).status_code == 204
+        assert _upload(client, tenant, "/datasets", data).status_code == 201
+    tenant, size = _new_tenant(settings), data.stat().st_size
+    sized = settings.model_copy(update={"tenant_max_input_bytes": 2 * size + 10, "queue": f"{settings.queue}-idle"})
+    with TestClient(create_app(sized)) as client:
+        stored = [_upload(client, tenant, "/datasets", data).status_code for _ in range(2)]
+        assert stored == [201, 201]
+        refused = _upload(client, tenant, "/datasets", data)
+        assert refused.status_code == 507 and refused.json()["error"]["details"]["quota"] == "bytes", refused.text
+        assert refused.json()["error"]["details"]["used"] == 2 * size
+    lowered = settings.model_copy(update={"tenant_max_inputs": 1, "queue": f"{settings.queue}-idle"})
+    with TestClient(create_app(lowered)) as client:
+        items = client.get("/datasets", headers=tenant).json()["items"]
+        assert len(items) == 2 and all(client.get(f"/datasets/{d['id']}", headers=tenant).status_code == 200 for d in items)
+        assert _upload(client, tenant, "/datasets", data).json()["error"]["code"] == "quota_exceeded"
