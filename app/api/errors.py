@@ -4,9 +4,11 @@ Domain errors get their status from `STATUS` (the one place where a kind of refu
 request validation is `validation_error`, HTTP-level refusals (400 of a body that cannot be parsed, 401, 404 of an
 unknown route, 405, 415) keep Starlette's status with a code from `HTTP_CODES`, and anything else is a logged 500
 `internal_error`. A client that closes its connection before its request is read is logged as 499
-`client_disconnected` (its doing, not a 500). Messages and details are cut to a bounded size (`bounded`), so that an error never echoes a
-huge input back; `document_errors` puts every error response of every operation into the OpenAPI document with
-the `ErrorOut` schema.
+`client_disconnected` (its doing, not a 500).
+
+Messages and details are cut to a bounded size (`bounded`), so that an error never echoes a huge input back;
+`document_errors` puts every error response of every operation into the OpenAPI document with the `ErrorOut`
+schema.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..domain.errors import (
     InsufficientStorage,
     InvalidInput,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     TooLarge,
     Unavailable,
@@ -47,6 +50,7 @@ STATUS: dict[type[DomainError], int] = {
     Unavailable: 503,
     RateLimited: 429,
     InsufficientStorage: 507,
+    QuotaExceeded: 507,
 }
 HTTP_CODES = {
     400: "malformed_body",

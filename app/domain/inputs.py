@@ -1,5 +1,6 @@
 """What adapters and datasets share as a tenant's stored inputs: a page of them, one of them (another tenant's is
-a 404 like a missing one), the tenant's quota (`check_quota`), and deleting one that no unfinished job names (under `jobs_index.lock_for_delete`)."""
+a 404 like a missing one), the tenant's quota (`check_quota`), and deleting one that no unfinished job names (under
+`jobs_index.lock_for_delete`)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ runs (a real uvicorn on 127.0.0.1, real slow sockets, every wait bounded)."""
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import socket
 import time
 import uuid
@@ -36,7 +36,9 @@ def _limited(settings, **update):
 
 
 def _statuses(client, key: str, count: int, **headers: str) -> list[int]:
-    return [client.get("/models", headers={"Authorization": f"Bearer {key}", **headers}).status_code for _ in range(count)]
+    return [
+        client.get("/models", headers={"Authorization": f"Bearer {key}", **headers}).status_code for _ in range(count)
+    ]
 
 
 def test_wrong_keys_lock_out_neither_valid_keys_nor_other_addresses(settings):
@@ -69,7 +71,9 @@ def test_forwarded_for_is_believed_from_configured_proxies_only(settings):
     with live_server(app, served=True) as url, httpx.Client(base_url=url, timeout=30) as client:
         rotating = [_statuses(client, wrong, 1, **{"X-Forwarded-For": f"192.0.2.{n}"})[0] for n in range(6)]
         assert rotating == [401] * 6
-        forged = [_statuses(client, wrong, 1, **{"X-Forwarded-For": f"198.51.100.{n}, 203.0.113.7"})[0] for n in range(6)]
+        forged = [
+            _statuses(client, wrong, 1, **{"X-Forwarded-For": f"198.51.100.{n}, 203.0.113.7"})[0] for n in range(6)
+        ]
         assert forged == [401] * 5 + [429]  # the client is 203.0.113.7, whatever it puts on the left
 
 
@@ -153,8 +157,11 @@ def _slow_headers(url: str) -> tuple[int, dict, float]:
 
 def _slow_body(url: str) -> tuple[int, dict, float]:
     boundary = "slowboundary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n'.encode()
-            + b'{"prompt": "tea"}\n' * 2000 + f"\r\n--{boundary}--\r\n".encode())
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n'.encode()
+        + b'{"prompt": "tea"}\n' * 2000
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     head = (
         f"POST /datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEYS['acme']}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -306,7 +313,8 @@ def _upload(client, headers: dict, path: str, file: Path, name: str | None = Non
         return client.post(path, headers=headers, files=files, data={"name": name} if name is not None else {})
 
 
-INVISIBLE = ["\u202e", "\u202d", "\u2066", "\u2069", "\u200e", "\u061c", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"]
+INVISIBLE = ["\u202e", "\u202d", "\u2066", "\u2069", "\u200e", "\u061c"]  # bidi controls
+INVISIBLE += ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"]  # zero-width
 
 
 @pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
@@ -341,7 +349,10 @@ def test_tenant_quotas_on_stored_inputs(api, settings, assets):
     counted = settings.model_copy(update={"tenant_max_inputs": 2, "queue": f"{settings.queue}-idle"})
     with TestClient(create_app(counted)) as client:
         first = _upload(client, tenant, "/datasets", data)
-        assert first.status_code == 201 and _upload(client, tenant, "/adapters", assets.archives["safety"]).status_code == 201
+        assert (
+            first.status_code == 201
+            and _upload(client, tenant, "/adapters", assets.archives["safety"]).status_code == 201
+        )
         before = _stored_files(settings)
         for path, file in (("/datasets", data), ("/adapters", assets.archives["utility"])):
             refused = _upload(client, tenant, path, file)
@@ -364,5 +375,7 @@ def test_tenant_quotas_on_stored_inputs(api, settings, assets):
     lowered = settings.model_copy(update={"tenant_max_inputs": 1, "queue": f"{settings.queue}-idle"})
     with TestClient(create_app(lowered)) as client:
         items = client.get("/datasets", headers=tenant).json()["items"]
-        assert len(items) == 2 and all(client.get(f"/datasets/{d['id']}", headers=tenant).status_code == 200 for d in items)
+        assert len(items) == 2 and all(
+            client.get(f"/datasets/{d['id']}", headers=tenant).status_code == 200 for d in items
+        )
         assert _upload(client, tenant, "/datasets", data).json()["error"]["code"] == "quota_exceeded"
