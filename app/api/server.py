@@ -219,7 +219,8 @@ def server_options(settings: Settings | None) -> dict[str, Any]:
     """uvicorn's options as `serve` uses them. Without `settings` (several processes, each building its app from
     the environment) the protocol reads its limits from the environment too."""
     http = GuardedHttpProtocol if settings is None else protocol_class(HttpLimits.from_settings(settings))
-    return {"http": http, "proxy_headers": False, "log_config": None, "access_log": False}
+    # no WebSocket routes: an upgrade request stays HTTP (and its connection is counted to the end)
+    return {"http": http, "ws": "none", "proxy_headers": False, "log_config": None, "access_log": False}
 
 
 def server_config(app: Any, settings: Settings, host: str, port: int) -> uvicorn.Config:

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from fault_servers import PrivateRedis
+from fault_servers import ApiServer, PrivateRedis
 from live_server import live_server
-from service_helpers import API_KEYS, OPS_TOKEN, auth, merge_body
+from service_helpers import API_KEYS, OPS_TOKEN, auth, merge_body, settings_env
 
 from app.domain.auth import create_key
 from app.domain.db.session import session_scope
@@ -379,3 +379,26 @@ def test_tenant_quotas_on_stored_inputs(api, settings, assets):
             client.get(f"/datasets/{d['id']}", headers=tenant).status_code == 200 for d in items
         )
         assert _upload(client, tenant, "/datasets", data).json()["error"]["code"] == "quota_exceeded"
+
+
+def test_serve_runs_the_guarded_server(settings, tmp_path):
+    """`sstmerge serve` with two API processes (each reads its limits from the environment): an idle connection
+    is cut with 408 after SSTMERGE_HTTP_HEADER_TIMEOUT_SECONDS, and a rotating X-Forwarded-For from 127.0.0.1 does
+    not escape the failed-authentication limit (no proxy is trusted by default)."""
+    env = settings_env(settings) | {
+        "SSTMERGE_API_WORKERS": "2",
+        "SSTMERGE_QUEUE": f"{settings.queue}-serve-{uuid.uuid4().hex[:6]}",
+        "SSTMERGE_HTTP_HEADER_TIMEOUT_SECONDS": "1",
+        "SSTMERGE_RATE_LIMIT_FAILED_AUTH": "3/minute",
+    }
+    server = ApiServer(env, tmp_path / "api.log")
+    try:
+        with _connect(server.url) as idle:
+            started = time.monotonic()
+            status, body, at = _answer(idle)
+            assert status == 408 and body["error"]["code"] == "request_timeout" and at - started < 4
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            rotating = [_statuses(client, "not-a-key", 1, **{"X-Forwarded-For": f"192.0.2.{n}"})[0] for n in range(4)]
+        assert rotating == [401] * 3 + [429]
+    finally:
+        server.stop()
