@@ -113,6 +113,7 @@ def serve(host: str, port: int, data_dir: Path | None, worker: bool, workers: in
     import uvicorn
 
     from .api.factory import create_app
+    from .api.server import server_options
     from .domain.bootstrap import prepare
     from .domain.logging_setup import configure_logging
 
@@ -126,16 +127,16 @@ def serve(host: str, port: int, data_dir: Path | None, worker: bool, workers: in
     supervisor = WorkerProcess().start() if worker else None
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run = functools.partial(uvicorn.run, host=host, port=port, log_config=None, access_log=False)
+    run = functools.partial(uvicorn.run, host=host, port=port)
     metrics_dir = None
     try:
         if processes == 1:
-            run(frozen(create_app(settings)))
+            run(frozen(create_app(settings)), **server_options(settings))
         else:  # each process builds the app from the environment; Prometheus counters are summed over them
             metrics_dir = multiprocess_metrics_dir()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             log.info("starting API processes", extra={"processes": processes})
-            run("app.cli:process_app", factory=True, workers=processes)
+            run("app.cli:process_app", factory=True, workers=processes, **server_options(None))
     finally:
         if supervisor is not None:
             supervisor.stop()

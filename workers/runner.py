@@ -37,6 +37,7 @@ from sstmerge_core.search.runner import SearchOutcome, run_search
 from .inputs import InputCache
 
 log = logging.getLogger(__name__)
+INTERNAL_MESSAGE = "the job failed on an internal error of the service (logged with the job's id)"
 
 
 def zip_folder(folder: Path, destination: Path) -> None:
@@ -274,8 +275,8 @@ class JobRunner:
             if disk_full(exc):
                 self._fail(claim, prefix, "insufficient_storage", self._public(f"the disk is full: {exc}", names))
                 return
-            log.exception("job crashed", extra={"job_id": claim.job_id})
-            self._fail(claim, prefix, "internal_error", self._public(f"{type(exc).__name__}: {exc}", names))
+            log.exception("job crashed", extra={"job_id": claim.job_id, "error": type(exc).__name__})
+            self._fail(claim, prefix, "internal_error", INTERNAL_MESSAGE)  # the exception is logged, not served
             return
         if (where := non_finite_at(summary)) is not None:  # before anything is recorded as done
             self._fail(claim, prefix, NON_FINITE, f"the job's result holds a non-finite value ({where})")

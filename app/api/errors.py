@@ -3,9 +3,12 @@
 Domain errors get their status from `STATUS` (the one place where a kind of refusal becomes an HTTP status);
 request validation is `validation_error`, HTTP-level refusals (400 of a body that cannot be parsed, 401, 404 of an
 unknown route, 405, 415) keep Starlette's status with a code from `HTTP_CODES`, and anything else is a logged 500
-`internal_error`. Messages and details are cut to a bounded size (`bounded`), so that an error never echoes a
-huge input back; `document_errors` puts every error response of every operation into the OpenAPI document with
-the `ErrorOut` schema.
+`internal_error`. A client that closes its connection before its request is read is logged as 499
+`client_disconnected` (its doing, not a 500).
+
+Messages and details are cut to a bounded size (`bounded`), so that an error never echoes a huge input back;
+`document_errors` puts every error response of every operation into the OpenAPI document with the `ErrorOut`
+schema.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from ..domain.errors import (
     Conflict,
@@ -25,6 +30,7 @@ from ..domain.errors import (
     InsufficientStorage,
     InvalidInput,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     TooLarge,
     Unavailable,
@@ -44,6 +50,7 @@ STATUS: dict[type[DomainError], int] = {
     Unavailable: 503,
     RateLimited: 429,
     InsufficientStorage: 507,
+    QuotaExceeded: 507,
 }
 HTTP_CODES = {
     400: "malformed_body",
@@ -53,6 +60,9 @@ HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never received by anyone
 
 
 def status_of(error: DomainError) -> int:
@@ -116,7 +126,7 @@ ERROR_DESCRIPTIONS = {
     500: "a bug (`internal_error`)",
     502: "the Hugging Face Hub failed (`hub_unavailable`)",
     503: "a part of the service is down (see Retry-After)",
-    507: "the storage is full (`insufficient_storage`)",
+    507: "the storage is full (`insufficient_storage`) or the tenant's quota is used up (`quota_exceeded`)",
 }
 
 
@@ -125,7 +135,7 @@ def operation_errors(method: str, operation: dict[str, Any]) -> set[int]:
     service down (503); parameters or a key can be invalid (422); a key can be missing or rate limited (401, 429);
     a path id can be unknown (404) or in the wrong state (409, as can any POST); a body can be malformed, too
     large, of the wrong type (400, 413, 415), need the Hub (502) or the disk (507)."""
-    secured = bool(operation.get("security"))
+    secured = bool(operation.get("security")) and {} not in operation["security"]  # `{}`: the key is optional
     has_path = any(p.get("in") == "path" for p in operation.get("parameters", []))
     has_body = "requestBody" in operation
     statuses = {500, 503}
@@ -175,6 +185,19 @@ def document_errors(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of `app` answers at `path` (Starlette's 405 names only the first route's)."""
+    allowed = []
+    for method in METHODS:
+        probe = {"type": "http", "path": path, "root_path": "", "method": method, "headers": []}
+        if any(route.matches(dict(probe))[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_error_handlers(app: FastAPI) -> None:
     document_errors(app)
 
@@ -187,9 +210,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("validation_error", "the request is not valid", validation_details(exc)), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request.url.path))}
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnected(request: Request, _: ClientDisconnect) -> JSONResponse:
+        log.info("client disconnected before its request was read", extra={"path": request.url.path})
+        return JSONResponse(error_body("client_disconnected", "the client closed the connection"), CLIENT_CLOSED)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -1,12 +1,16 @@
 """The FastAPI application factory: `create_app(settings)` wires the domain (database, storage, job queue) to
-the routes, error handlers and middleware. The database is migrated on start-up (lifespan)."""
+the routes, error handlers and middleware. The database is migrated on start-up (lifespan); leftovers are swept
+then and every `leftover_sweep_seconds` after."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from ..domain.auth import KeyCache
 from ..domain.bootstrap import prepare
@@ -16,13 +20,27 @@ from ..domain.queue import JobQueue
 from ..domain.rate_limits import RateLimits
 from ..domain.retention import sweep_leftovers
 from ..domain.settings import Settings, get_settings
-from ..domain.storage import get_storage
+from ..domain.storage import Storage, get_storage
 from .access_log import AccessLogMiddleware
+from .deps import trusted_networks, upload_quota
 from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware, PrintablePathMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .outages import install_outage_handlers, upload_space
 from .routes import adapters, datasets, health, merges, methods, models, webhooks
+
+log = logging.getLogger(__name__)
+
+
+async def sweep_periodically(settings: Settings, storage: Storage) -> None:
+    """`sweep_leftovers` every `leftover_sweep_seconds` while the API runs (in a thread: it reads the disk and the
+    database), so that leftovers of a process killed mid-upload go without waiting for a restart."""
+    while True:
+        await asyncio.sleep(settings.leftover_sweep_seconds)
+        try:
+            await run_in_threadpool(sweep_leftovers, settings, storage)
+        except Exception:  # noqa: BLE001 - the database may be down; the next pass tries again
+            log.warning("leftover sweep failed", exc_info=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,7 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         prepare(settings)
         sweep_leftovers(settings, app.state.storage)  # staging and stored leftovers of processes that died
-        yield
+        sweeper = asyncio.create_task(sweep_periodically(settings, app.state.storage))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
 
     app = FastAPI(
         title="sstmerge",
@@ -56,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = JobQueue(settings)
     app.state.metrics = Metrics(job_counts)
     app.state.rate_limits = RateLimits(settings)
+    app.state.trusted_proxies = trusted_networks(settings)
 
     install_error_handlers(app)
     install_outage_handlers(app)
@@ -63,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (merges.router, models.router, methods.router, adapters.router, datasets.router, health.router)
     for router in (*routers, webhooks.router):
         uploads = router in (adapters.router, datasets.router)
-        app.include_router(router, dependencies=[Depends(upload_space)] if uploads else None)
+        app.include_router(router, dependencies=[Depends(upload_space), Depends(upload_quota)] if uploads else None)
     app.add_middleware(
         BodySizeLimitMiddleware, limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes
     )

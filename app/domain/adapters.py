@@ -16,7 +16,7 @@ from . import archives
 from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
 from .db.models import Adapter, new_id
 from .errors import InvalidInput, TooLarge, UpstreamFailed
-from .inputs import delete_input, get_input, list_inputs
+from .inputs import check_quota, delete_input, get_input, list_inputs
 from .settings import Settings
 from .storage import Storage
 from .uploads import display_name, recorded_size, save_stream, staging_dir, stored_with_row, upload_source
@@ -24,13 +24,17 @@ from .uploads import display_name, recorded_size, save_stream, staging_dir, stor
 log = logging.getLogger(__name__)
 
 
-def _store(session: Session, storage: Storage, tenant: str, folder: Path, *, name: str, source: str) -> Adapter:
-    """Validate the folder completely, then store its files and row together (nothing before validation ends)."""
+def _store(
+    session: Session, storage: Storage, settings: Settings, tenant: str, folder: Path, *, name: str, source: str
+) -> Adapter:
+    """Validate the folder completely, then store its files and row together (nothing before validation ends),
+    within the tenant's quota."""
     info = inspect_adapter(folder)
     adapter_id = new_id("ad")
     prefix = f"tenants/{tenant}/adapters/{adapter_id}"
     files = [folder / f for f in KEPT_FILES if (folder / f).is_file()]
     size = recorded_size(sum(p.stat().st_size for p in files))
+    check_quota(session, settings, tenant, size)
     with stored_with_row(session, storage, prefix):
         for path in files:
             storage.put_file(f"{prefix}/{path.name}", path)
@@ -84,6 +88,7 @@ def create_from_archive(
         return _store(
             session,
             storage,
+            settings,
             tenant,
             folder,
             name=name,
@@ -132,7 +137,7 @@ def create_from_hub(
     name = display_name(name, None, repo_name)
     with staging_dir(settings.resolved_work_dir) as staging:
         _fetch_from_hub(source, staging)
-        return _store(session, storage, tenant, staging, name=name, source=source)
+        return _store(session, storage, settings, tenant, staging, name=name, source=source)
 
 
 def list_adapters(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Adapter], str | None]:

@@ -14,7 +14,7 @@ from sstmerge_core.errors import DatasetError
 
 from .db.models import Dataset, new_id
 from .errors import InvalidInput
-from .inputs import delete_input, get_input, list_inputs
+from .inputs import check_quota, delete_input, get_input, list_inputs
 from .requests import DatasetSource
 from .settings import Settings
 from .storage import Storage
@@ -29,6 +29,7 @@ def _store(
 ) -> Dataset:
     """Check every row (streamed: one row in memory), then store the file and its row together."""
     size = recorded_size(path.stat().st_size)
+    check_quota(session, settings, tenant, size)
     try:
         summary = scan_rows(path, name, max_row_bytes=settings.max_row_bytes)
     except DatasetError as exc:

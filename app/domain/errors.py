@@ -66,6 +66,14 @@ class InsufficientStorage(DomainError):
     retry_after = 60
 
 
+class QuotaExceeded(InsufficientStorage):
+    """The tenant's stored inputs would exceed its quota (count or bytes); deleting some frees it, waiting does
+    not."""
+
+    code = "quota_exceeded"
+    retry_after = None
+
+
 class RateLimited(DomainError):
     """Too many requests (or failed authentications) in the current window; `retry_after` says when to retry."""
 

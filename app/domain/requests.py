@@ -42,7 +42,11 @@ _RESOURCE_ID = re.compile(RESOURCE_ID)
 # names: printable, no control characters (NUL included)
 PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 ResourceId = Annotated[str, StringConstraints(pattern=RESOURCE_ID)]
-DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=PRINTABLE)]
+# characters that change how a name looks without being seen: bidi controls (the RTL override U+202E, the
+# isolates, LRM/RLM/ALM) and zero-width ones (U+200B-U+200D, the word joiner and invisible operators, the BOM)
+INVISIBLE = "\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+DISPLAY = f"^[^\x00-\x1f\x7f-\x9f{INVISIBLE}]*$"
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=DISPLAY)]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=PRINTABLE)]
 MAX_ADAPTERS = 16
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]

@@ -2,7 +2,8 @@
 
 - Finished jobs older than `job_retention_seconds` (when set) are deleted with their artifacts, like
   `DELETE /merges/{id}` (`expire_jobs`, run by the workers' recovery loop).
-- At start-up, leftovers of processes that died are removed (`sweep_leftovers`): upload staging folders and
+- At start-up and every `leftover_sweep_seconds` while the API runs, leftovers of processes that died are removed
+  (`sweep_leftovers`): upload staging folders and
   temporary files nobody holds (`scratch`), stored adapters and datasets without a row (an upload killed between
   storing its files and committing its row), files of deleted jobs, and the folders of attempts other than the
   one a finished job points at. Objects without a row are removed only once `leftover_grace_seconds` old, since
@@ -103,13 +104,14 @@ def sweep_storage(settings: Settings, storage: Storage) -> dict[str, int]:
 
 
 def sweep_leftovers(settings: Settings, storage: Storage) -> dict[str, int]:
-    """The API's start-up sweep: staging folders and stored leftovers. Never fails the start-up."""
+    """The API's sweep (at start-up and periodically): staging folders and stored leftovers. Never fails the
+    start-up on an unreadable disk or storage."""
     counts = {"staging": 0}
     try:
         counts["staging"] = sweep_uploads(settings)
         counts |= sweep_storage(settings, storage)
     except (OSError, StorageError):
-        log.warning("start-up sweep incomplete", exc_info=True)
+        log.warning("leftover sweep incomplete", exc_info=True)
     if any(counts.values()):
         log.info("leftovers removed", extra=counts)
     return counts

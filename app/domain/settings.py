@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -150,6 +151,37 @@ class Settings(BaseSettings):
         description="where rate-limit counters live: default the Redis broker when there is one (shared by every "
         "API process), else memory://",
     )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is "
+        "believed; default none: the client is the peer of the connection",
+    )
+    http_header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="a connection must deliver a request's headers within this (408 beyond)"
+    )
+    http_body_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="a request body must deliver http_min_body_bytes_per_second over each such period (408 beyond)",
+    )
+    http_min_body_bytes_per_second: int = Field(
+        default=1024, ge=0, description="slowest accepted request body, averaged over http_body_timeout_seconds"
+    )
+    http_max_header_bytes: int = Field(
+        default=64 << 10, ge=1024, description="largest request line and headers of a request (431 beyond)"
+    )
+    http_max_connections_per_client: int = Field(
+        default=32, ge=1, description="open connections one client address may hold per API process (429 beyond)"
+    )
+    leftover_sweep_seconds: float = Field(
+        default=600.0, gt=0, description="how often a running API sweeps leftovers (as at start-up)"
+    )
+    tenant_max_inputs: int = Field(
+        default=1000, ge=0, description="adapters and datasets one tenant may store (507 quota_exceeded beyond)"
+    )
+    tenant_max_input_bytes: int = Field(
+        default=100 << 30, ge=0, description="bytes of adapters and datasets one tenant may store (507 beyond)"
+    )
 
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -175,6 +207,18 @@ class Settings(BaseSettings):
     @classmethod
     def _colon_list(cls, value: object) -> object:
         return _split(value, ":")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # ValueError: not an address or network
+        return value
 
     @field_validator("hub_models", "webhook_allowed_hosts", mode="before")
     @classmethod

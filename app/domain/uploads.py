@@ -17,12 +17,14 @@ from sstmerge_core.untrusted import control_free, encodable, quote
 
 from . import scratch
 from .errors import InvalidInput, TooLarge
+from .requests import INVISIBLE
 from .storage import Storage
 
 MAX_NAME_CHARS = 200  # the `name` column of adapters and datasets
 MAX_SOURCE_CHARS = 500  # the `source` column
 MAX_RECORDED_BYTES = 2**31 - 1  # the `size_bytes` columns are 32-bit integers
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_UNPRINTABLE = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{INVISIBLE}]")
+_INVISIBLE = re.compile(f"[{INVISIBLE}]")
 
 
 def too_large(limit: int) -> TooLarge:
@@ -65,18 +67,21 @@ def recorded_size(size: int) -> int:
 
 
 def check_name(name: str) -> str:
-    """A display name given by the client: 1 to 200 printable characters (leading/trailing spaces dropped);
-    `InvalidInput` (code invalid_name) otherwise."""
+    """A display name given by the client: 1 to 200 printable characters (leading/trailing spaces dropped), no
+    bidi controls or zero-width characters (`INVISIBLE`); `InvalidInput` (code invalid_name) otherwise."""
     stripped = name.strip()
-    if not stripped or len(stripped) > MAX_NAME_CHARS or not control_free(stripped):
+    if not stripped or len(stripped) > MAX_NAME_CHARS or not control_free(stripped) or _INVISIBLE.search(stripped):
         raise InvalidInput(
-            f"name {quote(name)} must be 1 to {MAX_NAME_CHARS} printable characters", code="invalid_name"
+            f"name {quote(name)} must be 1 to {MAX_NAME_CHARS} printable characters, without bidi controls or "
+            "zero-width characters",
+            code="invalid_name",
         )
     return stripped
 
 
 def file_label(filename: str | None) -> str:
-    """An uploaded file's base name, made printable (control characters and lone surrogates dropped)."""
+    """An uploaded file's base name, made printable (control, bidi and zero-width characters and lone surrogates
+    dropped)."""
     name = Path(filename or "").name
     name = _UNPRINTABLE.sub("", name)
     return name if encodable(name) else name.encode("utf-8", "ignore").decode("utf-8")

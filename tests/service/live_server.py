@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from app.api.server import server_config
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -21,10 +23,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(app: FastAPI, timeout: float = 60.0) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 until the block ends; yields its base URL."""
+def live_server(app: FastAPI, timeout: float = 60.0, served: bool = False) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 until the block ends; yields its base URL. `served`: with the options of
+    `sstmerge serve` (its guarded protocol, no proxy headers: `app.api.server.server_config`), else uvicorn's
+    defaults."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    if served:
+        config = server_config(app, app.state.settings, "127.0.0.1", port)
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

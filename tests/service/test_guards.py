@@ -83,7 +83,7 @@ def test_failed_authentication_is_rate_limited(settings, store):
         blocked = first.get("/models", headers=wrong)
         assert blocked.status_code == 429 and error_code(blocked) == "rate_limited"
         assert 1 <= int(blocked.headers["retry-after"]) <= 60
-        assert first.get("/models", headers=auth("acme")).status_code == 429  # the address is blocked, key or not
+        assert first.get("/models", headers=auth("acme")).status_code == 200  # other keys are not locked out
 
 
 def test_tenant_requests_are_rate_limited(settings):

@@ -215,3 +215,40 @@ def test_worker_startup_sweep(api, inputs, settings, tmp_path):
     assert not half_fetched.exists() and not half_written.exists()
     with session_scope(settings.resolved_database_url) as session:
         session.execute(update(Job).where(Job.id.in_([running, dead])).values(status="cancelled"))
+
+
+def _gone_within(paths: list[Path], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(path.exists() for path in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_leftovers_are_swept_while_the_api_runs(settings, tmp_path):
+    """Leftovers that appear after start-up (an API process killed mid-upload, its neighbour still running) are
+    removed by the running API once the grace has passed, without a restart; a staging folder a live upload
+    holds is kept."""
+    periodic = settings.model_copy(
+        update={
+            "data_dir": tmp_path / "data",
+            "leftover_sweep_seconds": 0.5,
+            "leftover_grace_seconds": 2.0,
+            "queue": f"{settings.queue}-idle",
+        }
+    )
+    with TestClient(create_app(periodic)):
+        source = tmp_path / "weights"
+        source.write_bytes(b"x" * 100)
+        get_storage(periodic).put_file("tenants/acme/adapters/ad_killed/adapter_model.safetensors", source)
+        stored = periodic.resolved_storage_dir / "tenants" / "acme" / "adapters" / "ad_killed"
+        dead = periodic.resolved_work_dir / "uploads" / "tmp-dead"
+        live = periodic.resolved_work_dir / "uploads" / "tmp-live"
+        for folder in (dead, live):
+            folder.mkdir(parents=True)
+            (folder / "upload").write_bytes(b"partial")
+        with scratch.owned(live):
+            assert stored.exists() and dead.exists()
+            assert _gone_within([stored, dead], 15), "the running API did not sweep the leftovers"
+            assert live.exists()

@@ -40,6 +40,7 @@ def healthz() -> dict[str, str]:
     summary="Readiness: database, broker, storage (with free space)",
     description="Each check is `ok` or `error`; with the operator token the error says why.",
     responses={503: {"model": ReadyOut}},
+    openapi_extra={"security": [{}]},  # with FastAPI's requirement: the operator token is optional
 )
 def readyz(
     db: DbDep, queue: QueueDep, storage: StorageDep, settings: SettingsDep, credentials: OpsCredentials
