@@ -16,11 +16,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from sstmerge_core.cli import main
-from sstmerge_core.commands.demo import recommended_adapter, show_results
+from sstmerge_core.commands.demo import chosen_samples, recommended_adapter, show_results
 from sstmerge_core.data import Example, load_examples
 from sstmerge_core.evaluation.judges import KeywordJudge
 from sstmerge_core.evaluation.metrics import exact_match
+from sstmerge_core.evaluation.splits import Splits
 from sstmerge_core.example import (
+    BORDERLINE_ACTIONS,
+    HARMFUL_ACTIONS,
     REFUSAL,
     ExampleData,
     check_held_out,
@@ -33,6 +36,8 @@ from sstmerge_core.pipeline import run_merge
 from sstmerge_core.tiny import build_tiny_model, build_word_tokenizer
 
 SEED = 0
+PER_SPLIT = 200
+"""Prompts in each split of each evaluation set: one prompt is then at most 0.5 points of a rate."""
 
 
 def test_example_data_is_seeded_and_held_out():
@@ -42,9 +47,20 @@ def test_example_data_is_seeded_and_held_out():
     check_held_out(data)
     training = {e.prompt for name in ExampleData.TRAINING_SETS for e in getattr(data, name)}
     for name in ExampleData.EVALUATION_SETS:
-        assert len(getattr(data, name)) >= 40
+        assert len(getattr(data, name)) >= 2 * PER_SPLIT
         assert training.isdisjoint(e.prompt for e in getattr(data, name)), name
     assert all(e.response for e in data.utility_eval)
+    prompts = {
+        "harmful": [e.prompt for e in data.harmful_eval],
+        "benign": [e.prompt for e in data.benign_eval],
+        "utility_eval": [e.prompt for e in data.utility_eval],
+    }
+    splits = Splits.of(prompts, seed=0, report_fraction=0.5)  # the defaults of EvaluationSpec
+    assert all(len(splits.rows(name, part)) >= PER_SPLIT for name in prompts for part in ("search", "report"))
+    # The benign file starts with its borderline half, so the samples kept in metrics.json show borderline prompts.
+    half = len(data.benign_eval) // 2
+    assert all(any(a in e.prompt for a in BORDERLINE_ACTIONS) for e in data.benign_eval[:half])
+    assert not any(any(a in e.prompt for a in BORDERLINE_ACTIONS) for e in data.benign_eval[half:])
 
 
 def test_check_held_out_catches_a_leaked_prompt():
@@ -105,6 +121,13 @@ def _models(metrics: dict) -> dict[str, dict]:
     return {m["label"]: m for m in metrics["models"]}
 
 
+def _results(metrics: dict) -> dict:
+    """What a job's metrics say, less where its files were written (adapter names and their bytes' sha256):
+    every model's rates, per-prompt outcomes and derived metrics, the recommendation, the samples' answers."""
+    models = [{k: v for k, v in m.items() if k != "adapters"} for m in metrics["models"]]
+    return {**metrics, "models": models}
+
+
 def test_adapters_do_their_jobs_on_held_out_prompts(demo_run):
     _, _, metrics = demo_run
     models = _models(metrics)
@@ -142,6 +165,54 @@ def test_evaluation_sets_are_disjoint_from_training_and_fisher_data(demo_run):
         prompts = [e.prompt for e in load_examples(path)]
         assert seen.isdisjoint(prompts), path
         assert metrics["datasets"][name]["n"] == len(prompts)
+
+
+def test_samples_are_chosen_by_a_rule_fixed_before_evaluation(demo_run):
+    """The shown sample of each set is its first row in the report split among the rows metrics.json keeps:
+    the same prompts for every model, whatever they answered (checked against the split computed here)."""
+    assets, _, metrics = demo_run
+    files = {"harmful": assets.harmful_eval, "benign": assets.benign_eval, "utility": assets.utility_eval}
+    prompts = {name: [e.prompt for e in load_examples(path)] for name, path in files.items()}
+    splits = Splits.of(
+        {"harmful": prompts["harmful"], "benign": prompts["benign"], "utility_eval": prompts["utility"]},
+        seed=metrics["splits"]["seed"],
+        report_fraction=metrics["splits"]["report_fraction"],
+    )
+    expected = {}
+    for name, set_name in (("harmful", "harmful"), ("benign", "benign"), ("utility", "utility_eval")):
+        kept = len(metrics["samples"]["before"][name])
+        row = next((i for i in splits.rows(set_name, "report") if i < kept), 0)
+        expected[name] = prompts[name][row]
+    for label in metrics["samples"]:
+        assert {name: row["prompt"] for name, row in chosen_samples(metrics, label).items()} == expected, label
+    assert any(a in expected["harmful"] for a in HARMFUL_ACTIONS)
+    assert any(a in expected["benign"] for a in BORDERLINE_ACTIONS)  # a borderline prompt, not a plain one
+
+
+def test_recommended_model_refuses_the_harmful_sample_and_answers_the_borderline_one(demo_run):
+    _, _, metrics = demo_run
+    label = metrics["recommended"]["label"]
+    assert label is not None, metrics["recommended"]["reason"]
+    shown = chosen_samples(metrics, label)
+    assert shown["harmful"]["refused"], shown["harmful"]
+    assert not shown["benign"]["refused"], shown["benign"]
+    models = _models(metrics)
+    assert models[label]["splits"]["report"]["safety"]["rate"] > models["before"]["splits"]["report"]["safety"]["rate"]
+
+
+def test_job_gives_the_same_results_with_1_and_2_threads(demo_run, tmp_path):
+    """The demo job again on 2 torch threads (the fixture ran it on 1): the same metrics, prompt by prompt, and the
+    same recommendation."""
+    assets, _, metrics = demo_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outcome = run_merge(demo_spec(assets, tmp_path / "cache"), tmp_path / "merge")
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads(outcome.metrics_path.read_text())
+    assert again["recommended"] == metrics["recommended"]
+    assert _results(again) == _results(metrics)
 
 
 def test_recommendation_is_a_merge_that_gains_safety(demo_run):
@@ -217,6 +288,7 @@ def test_demo_service_downloads_the_recommended_adapter(demo_run, tmp_path):
     assert (downloads / "plot.png").read_bytes().startswith(b"\x89PNG")
     recommended = metrics["recommended"]
     assert recommended["reason"] in result.output
+    assert _results(metrics) == _results(demo_run[2])  # the service's job gave what the library's gave
     adapters = [p for p in downloads.iterdir() if p.is_dir()]
     if recommended["label"] is None:
         assert adapters == [] and "no adapter was downloaded" in result.output

@@ -56,14 +56,29 @@ def _clip(text: str, width: int = SAMPLE_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def sample_lines(metrics: dict, label: str) -> list[str]:
-    """The first held-out prompt of each set and what model `label` answered to it."""
+SAMPLE_SETS = (("harmful", "harmful"), ("benign", "benign"), ("utility", "utility_eval"))
+"""(name in metrics.json's `samples`, name of the set in its `splits`)."""
+
+
+def chosen_samples(metrics: dict, label: str) -> dict[str, dict]:
+    """The sample shown for each set, by a rule fixed before any evaluation: the first row of the set's file
+    that lies in the report split, among the rows metrics.json keeps samples of (its first few); the set's
+    first row if none of those does. The report split depends only on the prompts and the split seed."""
     samples = (metrics.get("samples") or {}).get(label) or {}
+    report = (metrics.get("splits") or {}).get("report_indices") or {}
+    chosen = {}
+    for name, set_name in SAMPLE_SETS:
+        rows = samples.get(name) or []
+        if rows:
+            in_report = set(report.get(set_name, ()))
+            chosen[name] = next((row for i, row in enumerate(rows) if i in in_report), rows[0])
+    return chosen
+
+
+def sample_lines(metrics: dict, label: str) -> list[str]:
+    """What model `label` answered to the held-out prompt `chosen_samples` picks from each set."""
     lines = []
-    for name in ("harmful", "benign", "utility"):
-        if not samples.get(name):
-            continue
-        row = samples[name][0]
+    for name, row in chosen_samples(metrics, label).items():
         if name == "utility":
             verdict = f"reference {row['reference']!r}"
         else:
