@@ -171,7 +171,8 @@ def main(
             peak, seconds, code = child_peak(argv, {**env, "SSTMERGE_MALLOC_TRIM": trim}, log)
             if code != 0:
                 raise click.ClickException(f"the merge failed: {log.read_text()[-2000:]}")
-            runs[trim] = (peak, seconds, [float(v) for v in re.findall(r"rss_mib_at_start\W+([\d.]+)", log.read_text())])
+            starts = [float(v) for v in re.findall(r"rss_mib_at_start\W+([\d.]+)", log.read_text())]
+            runs[trim] = (peak, seconds, starts)
         peak, seconds, _ = runs["1"]
         held = loaded_weight_bytes(base) + adapter_bytes([Path(adapters["utility"]), Path(adapters["safety"])])
         report = json.loads((root / "out" / "merge_report.json").read_text())
