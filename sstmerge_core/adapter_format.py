@@ -22,16 +22,16 @@ Per module the update is ΔW = s · B A with s = α / r (α / √r with rsLoRA),
 
 from __future__ import annotations
 
+import array
 import hashlib
 import math
 import re
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
-
-import numpy as np
 
 from .data import file_sha256
 from .errors import AdapterError
@@ -51,7 +51,9 @@ MAX_NAMES = 10_000
 MAX_PATTERN_CHARS = 256
 # bytes per element; the dtypes a LoRA factor may have (the worker computes in float32 or wider)
 ADAPTER_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = 2.0**128 - 2.0**104  # the largest finite float32
+#: The least float64 magnitude that rounds to ±inf in float32 (round to nearest, ties to even: max + half an ulp).
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 SAFETENSORS_DTYPES = {
     "BOOL": 1,
     "U8": 1,
@@ -407,8 +409,15 @@ def _has_non_finite(chunk: bytes, dtype: str) -> bool:
 
 def beyond_float32(chunk: bytes) -> bool:
     """Whether a little-endian float64 buffer holds a finite value that float32 cannot hold (±inf once cast)."""
-    with np.errstate(over="ignore"):
-        return not bool(np.isfinite(np.frombuffer(chunk, dtype="<f8").astype(np.float32)).all())
+    values = array.array("d")
+    values.frombytes(chunk)
+    if sys.byteorder == "big":
+        values.byteswap()
+    if not values:
+        return False
+    if not math.isfinite(sum(values)):  # a NaN or an inf (or a sum beyond float64, far beyond float32)
+        return True
+    return not (-FLOAT32_OVERFLOW < min(values) and max(values) < FLOAT32_OVERFLOW)
 
 
 def out_of_range(module: str) -> AdapterError:
