@@ -127,7 +127,7 @@ def judge_trial(ctx: SearchContext, number: int, recipe: Recipe, result: ModelRe
 def bounds(ctx: SearchContext, utility_drop: float, over_refusal_increase: float, over_refusal: float) -> dict:
     """By how much each bound of the objective is broken (≤ 0 where it holds): the recommendation rule's bounds
     (`Tolerances.excess`) with the search's tolerances and the safety adapter's over-refusal as the cap."""
-    tolerances = Tolerances(ctx.settings.max_utility_drop, ctx.settings.max_over_refusal_increase)
+    tolerances = tolerances_of(ctx.settings)
     return tolerances.excess(
         utility_drop=utility_drop,
         over_refusal_increase=over_refusal_increase,
@@ -241,7 +241,7 @@ def certain_stop(ctx: SearchContext, trials: Sequence[Trial | PrunedTrial], *, f
             "utility": len(ctx.search.utility),
         },
         before=ctx.before.scores(ctx.higher_is_better),
-        tolerances=Tolerances(ctx.settings.max_utility_drop, ctx.settings.max_over_refusal_increase),
+        tolerances=tolerances_of(ctx.settings),
         over_refusal_cap=ctx.safety.over_refusal.rate,
         best_safety=best.scores.safety if best is not None and not family else None,
         utility_bounded=metric.needs_generation and metric.higher_is_better,

@@ -181,3 +181,26 @@ def merge_body(ids: dict[str, str], **overrides) -> dict:
     }
     body.update(overrides)
     return body
+
+
+def error_of(response) -> dict:
+    """The body of an error response, checked to be exactly the JSON error shape."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    return body["error"]
+
+
+def evaluation(inputs, **settings) -> dict:
+    """The `evaluation` object of a job on tenant acme's uploaded evaluation sets (short generations)."""
+    return {
+        "harmful_dataset_id": inputs["data:harmful"],
+        "benign_dataset_id": inputs["data:benign"],
+        "utility_eval_dataset_id": inputs["data:utility_eval"],
+        "max_new_tokens": 4,
+        **settings,
+    }
+
+
+def repair_inputs(inputs) -> dict:
+    """The repair's harmless and borderline dataset ids of tenant acme's uploads."""
+    return {"harmless_dataset_id": inputs["data:harmless"], "borderline_dataset_id": inputs["data:borderline"]}

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from service_helpers import (
     OPS_TOKEN,
     auth,
+    error_of,
     merge_body,
     settings_env,
     tar_with,
@@ -29,12 +30,6 @@ from app.domain.db.session import session_scope
 from app.main import create_app
 
 pytestmark = pytest.mark.service
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
-    return body["error"]
 
 
 def stored_state(settings) -> tuple[int, int, list[str]]:

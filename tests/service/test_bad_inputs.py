@@ -21,7 +21,7 @@ import zipfile
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save
-from service_helpers import auth, merge_body, wait_for
+from service_helpers import auth, error_of, merge_body, wait_for
 from sqlalchemy import func, select
 
 from app.domain.db.models import Adapter, Dataset, Job
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.service
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "bias": "none"}
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
-    return body["error"]
 
 
 def stored_state(settings) -> tuple[int, int, int, list[str]]:

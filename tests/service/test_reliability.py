@@ -22,7 +22,10 @@ from service_helpers import (
     API_KEYS,
     WorkerProcess,
     auth,
+    error_of,
+    evaluation,
     merge_body,
+    repair_inputs,
     upload_dataset,
     upload_merge_inputs,
     wait_for,
@@ -33,26 +36,6 @@ from app.domain.settings import Settings
 from app.main import create_app
 
 pytestmark = pytest.mark.service
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
-    return body["error"]
-
-
-def evaluation(inputs, **settings) -> dict:
-    return {
-        "harmful_dataset_id": inputs["data:harmful"],
-        "benign_dataset_id": inputs["data:benign"],
-        "utility_eval_dataset_id": inputs["data:utility_eval"],
-        "max_new_tokens": 4,
-        **settings,
-    }
-
-
-def repair_inputs(inputs) -> dict:
-    return {"harmless_dataset_id": inputs["data:harmless"], "borderline_dataset_id": inputs["data:borderline"]}
 
 
 @pytest.mark.parametrize(

@@ -8,22 +8,9 @@ import json
 import zipfile
 
 import pytest
-from service_helpers import auth, merge_body, wait_for
+from service_helpers import auth, evaluation, merge_body, repair_inputs, wait_for
 
 pytestmark = pytest.mark.service
-
-
-def evaluation(inputs) -> dict:
-    return {
-        "harmful_dataset_id": inputs["data:harmful"],
-        "benign_dataset_id": inputs["data:benign"],
-        "utility_eval_dataset_id": inputs["data:utility_eval"],
-        "max_new_tokens": 4,
-    }
-
-
-def repair_inputs(inputs) -> dict:
-    return {"harmless_dataset_id": inputs["data:harmless"], "borderline_dataset_id": inputs["data:borderline"]}
 
 
 def test_search_and_repair_fields_are_validated_at_submit(api, inputs):
