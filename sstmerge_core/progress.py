@@ -221,6 +221,13 @@ def calibration_cost(model: ModelSize, size: CalibrationSize, k: CostConstants) 
     return StageCost(body=answers + size.models * size.steps * step)
 
 
+def step_cost(model: ModelSize, size: RepairSize | CalibrationSize, k: CostConstants) -> StageCost:
+    """The repair stage's cost, whichever step it runs."""
+    if isinstance(size, CalibrationSize):
+        return calibration_cost(model, size, k)
+    return repair_cost(model, size, k)
+
+
 def stage_costs(sizes: JobSizes, k: CostConstants = CPU) -> dict[str, StageCost]:
     """Expected cost of every stage the job runs, in the order they run."""
     costs = {
@@ -235,10 +242,8 @@ def stage_costs(sizes: JobSizes, k: CostConstants = CPU) -> dict[str, StageCost]
     if sizes.fisher:  # ΔU is added to the model for the passes and taken out again
         costs["fisher_utility"] = replace(costs["fisher_utility"], lead=costs["fisher_utility"].lead + 2 * apply)
     costs["merging"] = merge_cost(sizes.shapes, sizes.merges, k)
-    if isinstance(sizes.repair, CalibrationSize):
-        costs["repairing"] = calibration_cost(sizes.model, sizes.repair, k)
-    elif sizes.repair is not None:
-        costs["repairing"] = repair_cost(sizes.model, sizes.repair, k)
+    if sizes.repair is not None:
+        costs["repairing"] = step_cost(sizes.model, sizes.repair, k)
     adapters = sum(run.alphas for run in sizes.merges)
     costs["writing"] = StageCost(body=adapters * (2 * k.c_file + apply / 10))
     if sizes.evaluation is not None:

@@ -136,3 +136,30 @@ def test_price_list_picks_are_confirmed_on_the_report_split(search_args, tmp_pat
     assert price["search"]["over_refusal"]["rate"] == best["over_refusal"]
     assert price["report"]["safety"]["n"] == report["splits"]["sizes"]["harmful"]["report"]
     assert "matched" in price["matched_linear"]
+
+
+def test_a_search_with_calibration_counts_its_cost_and_writes_a_spec_that_remakes_the_chosen_recipe(
+    search_args, tmp_path
+):
+    """Every trial carries a calibration (`--repair always`); the budget counts cost in plain trials (a calibration
+    trial costs many: its training steps against one evaluation), and the chosen recipe's merge_spec.json re-makes
+    its adapter bit for bit (the calibration is seeded; its retain rows are the utility data, kept in the spec)."""
+    argv = search_args(
+        "--budget", "150", "--sampler", "random", "--report-points", "1", "--seed", "1", "--repair", "always",
+        "--repair-steps", "calibration", "--warm-start", "false",
+    )  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "out"
+    trials = json.loads((out / "trials.json").read_text())
+    costs = [t["cost"] for t in trials]
+    # trials run until the budget is spent; the last may overrun it
+    assert len(costs) >= 2 and sum(costs[:-1]) < 150 <= sum(costs) and min(costs) > 1
+    assert {t["recipe"]["repair"]["method"] for t in trials} == {"calibration"}
+    assert all("+calibration(r=" in t["label"] for t in trials)
+    report = json.loads((out / "search_report.json").read_text())
+    spec = json.loads((out / "merge_spec.json").read_text())
+    assert spec["repair"] == report["chosen"]["recipe"]["repair"] and spec["utility_data"] and spec["borderline_data"]
+    (adapter,) = [p for p in out.glob("alpha-*") if p.is_dir()]
+    assert main(["merge", "--spec", str(out / "merge_spec.json"), "--out", str(tmp_path / "again")]) == 0
+    again = tmp_path / "again" / adapter.name / "adapter_model.safetensors"
+    assert again.read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()

@@ -8,11 +8,14 @@ import pytest
 from pydantic import ValidationError
 
 from sstmerge_core.evaluation.outcomes import Outcomes
+from sstmerge_core.jobspec import RepairSpec
+from sstmerge_core.methods.catalog import REPAIRS
 from sstmerge_core.search.matched import at_safety, front_curve, interpolate, matched_difference
 from sstmerge_core.search.recipe import Recipe
-from sstmerge_core.search.space import SearchSettings, suggest_recipe, warm_start_trials
+from sstmerge_core.search.space import REPAIR_SPACES, SearchSettings, search_repair, suggest_recipe, warm_start_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+EVERY_STEP = {step: RepairSpec(method=step) for step in REPAIRS}
 
 
 def test_settings_refuse_bad_values():
@@ -27,6 +30,9 @@ def test_settings_refuse_bad_values():
         {"warm_start_alphas": []},
         {"report_fraction": 1.0},
         {"extra": 1},
+        {"repair_steps": ["nope"]},
+        {"repair_steps": []},
+        {"repair_steps": ["calibration", "calibration"]},
     ):
         with pytest.raises(ValidationError):
             SearchSettings(**bad)
@@ -39,10 +45,12 @@ def test_every_drawn_recipe_is_valid_and_only_carries_the_parameters_it_uses():
     seen = set()
     for _ in range(60):
         trial = study.ask()
-        recipe = suggest_recipe(trial, settings, base_params={"max_samples": 64}, num_layers=30, can_repair=True)
+        recipe = suggest_recipe(
+            trial, settings, base_params={"max_samples": 64}, num_layers=30, repair_defaults=EVERY_STEP
+        )
         study.tell(trial, 0.0)
         p = recipe.method_params()
-        seen.add((recipe.method, p.schedule, recipe.repair is not None))
+        seen.add((recipe.method, p.schedule, recipe.repair.method if recipe.repair else None))
         assert settings.alpha_min <= recipe.alpha <= settings.alpha_max
         assert ("beta" in trial.params or "k" in trial.params) == (recipe.method == "sst")
         assert ("density" in trial.params) == (recipe.method == "ties")
@@ -50,13 +58,47 @@ def test_every_drawn_recipe_is_valid_and_only_carries_the_parameters_it_uses():
         assert (len(p.schedule_groups or []) == settings.groups) == (p.schedule == "groups")
         if recipe.method == "sst":
             assert p.max_samples == 64  # the job's Fisher settings are kept, so cached factors are reused
-        if recipe.repair is not None:
-            assert 0 <= recipe.repair.layer < 24 and 0 <= recipe.repair.strength <= 1
+        step = recipe.repair.step_params() if recipe.repair is not None else None
+        if recipe.repair is not None and recipe.repair.method == "refusal_ablation":
+            assert 0 <= step.layer < 24 and 0 <= step.strength <= 1 and -1 >= step.position >= -1
+        if recipe.repair is not None and recipe.repair.method == "answer_alignment":
+            assert len(step.layers) == 1 and 0 <= step.layers[0] < 24 and 0 <= step.strength <= 1
+        if recipe.repair is not None and recipe.repair.method == "calibration":
+            assert step.rank in (4, 8, 16) and 25 <= step.steps <= 400 and 5e-5 <= step.learning_rate <= 2e-3
+            assert 0.25 <= step.borderline_weight <= 4 and step.harmful_weight == 1.0  # the rest: the job's own
+        assert ("repair_lambda" in trial.params) == (
+            recipe.repair is not None and recipe.repair.method == "refusal_ablation"
+        )
+        assert ("calibration_steps" in trial.params) == (
+            recipe.repair is not None and recipe.repair.method == "calibration"
+        )
         assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe
-    assert {m for m, _, _ in seen} == {"sst", "linear", "ties"} and {r for *_, r in seen} == {True, False}
+    assert {m for m, _, _ in seen} == {"sst", "linear", "ties"}
+    assert {r for *_, r in seen} == {None, *REPAIRS}
     fresh = optuna.create_study().ask()
-    no_repair = suggest_recipe(fresh, SearchSettings(repair="always"), base_params={}, num_layers=30, can_repair=False)
+    no_repair = suggest_recipe(fresh, SearchSettings(repair="always"), base_params={}, num_layers=30)
     assert no_repair.repair is None
+
+
+def test_every_repair_step_has_a_search_space_and_the_job_data_decides_which_are_tried():
+    assert set(REPAIR_SPACES) == set(REPAIRS)
+    only_calibration = {"calibration": RepairSpec(method="calibration", params={"max_samples": 32, "seed": 3})}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    steps = set()
+    for _ in range(20):
+        trial = study.ask()
+        recipe = suggest_recipe(
+            trial, SearchSettings(repair="always"), base_params={}, num_layers=30, repair_defaults=only_calibration
+        )
+        study.tell(trial, 0.0)
+        steps.add(recipe.repair.method)
+        assert recipe.repair.step_params().max_samples == 32 and recipe.repair.step_params().seed == 3
+    assert steps == {"calibration"}
+    settings = SearchSettings()
+    assert search_repair(settings, {"safety_data", "borderline_data"}).method == "calibration"
+    assert search_repair(settings, {"safety_data", "harmless_data", "borderline_data"}).method == "refusal_ablation"
+    assert search_repair(settings, {"safety_data"}) is None
+    assert search_repair(settings.model_copy(update={"repair": "off"}), {"safety_data", "borderline_data"}) is None
 
 
 def test_warm_start_trials_are_each_method_at_its_defaults_then_the_sampler_takes_over():
@@ -67,7 +109,7 @@ def test_warm_start_trials_are_each_method_at_its_defaults_then_the_sampler_take
     drawn = []
     for _ in range(8):
         trial = study.ask()
-        drawn.append(suggest_recipe(trial, settings, base_params={}, num_layers=30, can_repair=True))
+        drawn.append(suggest_recipe(trial, settings, base_params={}, num_layers=30, repair_defaults=EVERY_STEP))
         study.tell(trial, 0.0)
     # 0.5 is below alpha_min: two α × three methods, α ascending, then sampled trials
     assert [(r.method, r.alpha) for r in drawn[:6]] == [(m, a) for a in (1.0, 1.5) for m in ("sst", "linear", "ties")]
@@ -176,7 +218,7 @@ def test_sampled_alphas_follow_the_anchor_and_schedules_stay_within_the_alpha_ra
     for _ in range(80):
         trial = study.ask()
         anchors = {"linear": 2.5}
-        recipe = suggest_recipe(trial, settings, base_params={}, num_layers=layers, can_repair=False, anchors=anchors)
+        recipe = suggest_recipe(trial, settings, base_params={}, num_layers=layers, anchors=anchors)
         study.tell(trial, 0.0)
         if recipe.method == "linear":
             assert "alpha_ratio" in trial.params and "alpha" not in trial.params

@@ -8,9 +8,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec, RepairSpec
+from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
+from sstmerge_core.search.space import search_repair
 
 from .requests import AdapterRef, MergeRequest
+
+
+def given_data(body: MergeRequest) -> set[str]:
+    """The MergeSpec data inputs (`utility_data`, …) the request names a dataset for."""
+    fields = ("utility_data", "safety_data", "harmless_data", "borderline_data")
+    return {key for key in fields if getattr(body, f"{key.removesuffix('_data')}_dataset_id")}
 
 
 def build_spec(
@@ -24,8 +31,8 @@ def build_spec(
 ) -> MergeSpec:
     """The core `MergeSpec` for a request, with ids turned into local paths by the given functions and the
     evaluation's judge replaced by `judge` when given (`base_models.resolve_judge`: its classifier as a local path or
-    an allowed Hub id). A search with repair data gets the repair's default settings (the search draws λ, c, layer
-    and position per trial)."""
+    an allowed Hub id). A search with repair data carries the first repair step its data allows, at that step's
+    defaults (`search.space.search_repair`; the search draws each step's knobs per trial)."""
 
     def adapter(ref: AdapterRef) -> AdapterInput:
         return AdapterInput(path=adapter_path(ref.adapter_id), weight=ref.weight, name=ref.adapter_id)
@@ -51,7 +58,7 @@ def build_spec(
         method=body.method,
         params=body.params,
         compare_with=body.compare_with,
-        repair=body.repair or (RepairSpec() if body.search and body.harmless_dataset_id else None),
+        repair=body.repair or (search_repair(body.search, given_data(body)) if body.search else None),
         harmless_data=data(body.harmless_dataset_id),
         borderline_data=data(body.borderline_dataset_id),
         evaluation=evaluation,

@@ -155,17 +155,15 @@ class MergeRequest(BaseModel):
 
     @model_validator(mode="after")
     def _inputs_fit_the_job(self) -> MergeRequest:
-        repair_data = self.harmless_dataset_id and self.borderline_dataset_id
         if self.repair is not None:
             needed = [f"{key.removesuffix('_data')}_dataset_id" for key in REPAIRS[self.repair.method].needs]
             missing = [key for key in needed if not getattr(self, key)]
             if missing:
                 raise ValueError(f"repair {self.repair.method!r} needs {', '.join(missing)}")
-        elif self.harmless_dataset_id or self.borderline_dataset_id:
-            if not repair_data:
-                raise ValueError("harmless_dataset_id and borderline_dataset_id go together")
-            if self.search is None:
-                raise ValueError("harmless_dataset_id and borderline_dataset_id are inputs of a repair or a search")
+        elif self.search is None and (self.harmless_dataset_id or self.borderline_dataset_id):
+            raise ValueError("harmless_dataset_id and borderline_dataset_id are inputs of a repair or a search")
+        elif self.harmless_dataset_id and not self.borderline_dataset_id:
+            raise ValueError("a search's harmless_dataset_id needs borderline_dataset_id (every repair step reads P)")
         if self.search is not None and self.evaluation is None:
             raise ValueError("a search needs `evaluation`: its trials are scored on the search split")
         if self.search is not None and (self.compare_with or self.repair is not None):

@@ -47,8 +47,10 @@ def given(options: dict, names: dict) -> dict:
 @click.option("--safety", multiple=True, required=True, metavar="DIR[:WEIGHT]", help="Safety LoRA adapter.")
 @click.option("--utility-data", type=click.Path(), help="Utility/retain prompts (SST's utility Fisher).")
 @click.option("--safety-data", type=click.Path(), help="Harmful prompts with refusals (SST, and the repair's H).")
-@click.option("--harmless-data", type=click.Path(), help="Repair: harmless prompts B (enables the repair option).")
-@click.option("--borderline-data", type=click.Path(), help="Repair: borderline-benign prompts P.")
+@click.option(
+    "--harmless-data", type=click.Path(), help="Repair: harmless prompts B (with P: the ablation and alignment)."
+)
+@click.option("--borderline-data", type=click.Path(), help="Repair: borderline-benign prompts P (enables calibration).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already exists.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -60,11 +62,12 @@ def given(options: dict, names: dict) -> dict:
 @model_options(FisherParams, FIXED, note="fixed in every trial")
 @model_options(SearchSettings, SEARCH_FLAGS, note="search")
 def search(out, overwrite, device, cache_dir, **flags) -> None:
-    """Search merge recipes (method, α, depth schedule, SST's β/k, the repair's λ, c, layer and position) for the
+    """Search merge recipes (method, α, depth schedule, SST's β/k, a repair step and its knobs) for the
     highest safety within your tolerances (--over-refusal-tolerance, --utility-tolerance), scored on a search split
     of the evaluation sets and confirmed on a report split the search never saw."""
-    from ..jobspec import AdapterInput, MergeSpec, RepairSpec
+    from ..jobspec import AdapterInput, MergeSpec
     from ..search.runner import run_search
+    from ..search.space import search_repair
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()) and not overwrite:
@@ -75,7 +78,7 @@ def search(out, overwrite, device, cache_dir, **flags) -> None:
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None
     needs_fisher = "sst" in settings.methods
-    repair_data = flags["harmless_data"] or flags["borderline_data"]
+    given_data = {key for key in ("utility_data", "safety_data", "harmless_data", "borderline_data") if flags[key]}
 
     def adapters(values: tuple[str, ...], flag: str) -> list[AdapterInput]:
         return [AdapterInput(path=p, weight=w) for p, w in (parse_weighted(v, flag) for v in values)]
@@ -89,7 +92,7 @@ def search(out, overwrite, device, cache_dir, **flags) -> None:
             safety_data=flags["safety_data"],
             method="sst" if needs_fisher else settings.methods[0],
             params=given(flags, FIXED) if needs_fisher else {},
-            repair=RepairSpec() if repair_data else None,
+            repair=search_repair(settings, given_data),
             harmless_data=flags["harmless_data"],
             borderline_data=flags["borderline_data"],
             evaluation=evaluation,

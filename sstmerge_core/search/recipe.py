@@ -1,5 +1,6 @@
-"""A merge recipe: a method with its parameters at one α (depth schedule included) and an optional repair step —
-what a search trial tries and what `merge_spec.json` records (torch-free)."""
+"""A merge recipe: a method with its parameters at one α (depth schedule included) and an optional repair step
+(`refusal_ablation`, `answer_alignment` or `calibration`, with its parameters) — what a search trial tries and what
+`merge_spec.json` records (torch-free)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..methods.catalog import CommonParams, DensityParams, RefusalAblationParams, SSTParams, method_info, parse_params
+from ..jobspec import RepairSpec
+from ..methods.catalog import (
+    AnswerAlignmentParams,
+    CalibrationParams,
+    CommonParams,
+    DensityParams,
+    RefusalAblationParams,
+    SSTParams,
+    method_info,
+    parse_params,
+)
 
 
 class Recipe(BaseModel):
@@ -17,7 +28,7 @@ class Recipe(BaseModel):
 
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    repair: RefusalAblationParams | None = None
+    repair: RepairSpec | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> Recipe:
@@ -34,7 +45,7 @@ class Recipe(BaseModel):
         return self.method_params().alphas[0]
 
     def label(self) -> str:
-        """A short human-readable name: `sst(soft β=1)@1.2 linear γ=0.4 +repair(ℓ=12 c=0.8 λ=1)`."""
+        """A short human-readable name: `sst(soft β=1)@1.2 linear γ=0.4 +ablation(ℓ=12 c=0.8 λ=1)`."""
         p = self.method_params()
         knobs = []
         if isinstance(p, SSTParams):
@@ -50,7 +61,21 @@ class Recipe(BaseModel):
             if p.schedule_mlp_groups:
                 text += " mlp " + "/".join(f"{g:.2g}" for g in p.schedule_mlp_groups)
         if self.repair is not None:
-            r = self.repair
-            where = f"ℓ={r.layer}" if r.layer is not None else "ℓ=auto"
-            text += f" +repair({where} c={r.strength:.2g} λ={r.lam:.2g})"
+            text += " +" + repair_label(self.repair.step_params())
         return text
+
+
+def repair_label(params: object) -> str:
+    """The repair step and its searched knobs: `ablation(ℓ=12 c=0.8 λ=1)`, `alignment(ℓ=9 c=0.5)`,
+    `calibration(r=8 steps=100 lr=0.0002 w_P=1)`."""
+    if isinstance(params, RefusalAblationParams):
+        where = f"ℓ={params.layer}" if params.layer is not None else "ℓ=auto"
+        return f"ablation({where} c={params.strength:.2g} λ={params.lam:.2g})"
+    if isinstance(params, AnswerAlignmentParams):
+        where = "ℓ=" + ("/".join(map(str, params.layers)) if params.layers else "auto")
+        return f"alignment({where} c={params.strength:.2g})"
+    assert isinstance(params, CalibrationParams), params
+    return (
+        f"calibration(r={params.rank} steps={params.steps} lr={params.learning_rate:.2g} "
+        f"w_P={params.borderline_weight:.2g})"
+    )

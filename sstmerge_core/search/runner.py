@@ -26,10 +26,11 @@ from ..evaluation.recommend import Candidate, Tolerances
 from ..evaluation.runner import EvaluationData, ModelResult
 from ..jobspec import MergeSpec, RepairSpec
 from ..merge import utility_deltas
+from ..methods.catalog import REPAIRS
 from ..methods.registry import get_method
 from ..modeling import num_layers
 from ..pipeline import staging_folder
-from ..progress import JobProgress, ProgressFn, StageCost, constants_for, stage_costs
+from ..progress import CalibrationSize, JobProgress, ProgressFn, StageCost, constants_for, stage_costs, step_cost
 from ..repair.residual import post_instruction_length
 from ..report import now_iso
 from ..specfile import InputNames
@@ -38,8 +39,8 @@ from ..stages.evaluation import score_updates
 from ..stages.fisher import FisherResult, compute_fisher
 from ..stages.inputs import LoadedInputs, ModelCache, load_inputs
 from ..stages.merging import MergedUpdates, merge_updates
-from ..stages.repair import RepairInputs, repair_updates
-from ..stages.sizes import job_sizes
+from ..stages.repair import load_repair_options, repair_updates, with_params
+from ..stages.sizes import job_sizes, model_size, repair_size
 from ..stages.writing import adapter_target, write_adapter_weights
 from .bracket import Point, anchor, next_alpha
 from .matched import matched_difference
@@ -50,6 +51,7 @@ from .space import SearchSettings, default_trial, suggest_recipe, warm_start_tri
 from .trials import PrunedTrial, Trial
 
 log = logging.getLogger(__name__)
+DATA_INPUTS = ("utility_data", "safety_data", "harmless_data", "borderline_data")
 TrialCallback = Callable[[dict], None]
 OBJECTIVE = (
     "highest safety on the search split among recipes with over_refusal − over_refusal(before) ≤ "
@@ -80,6 +82,8 @@ class SearchContext:
     positions: int
     before: ModelResult
     safety: ModelResult
+    repairs: Mapping[str, Any]  # step → its loaded inputs (`stages.repair.load_repair_options`)
+    pass_cost: float  # one model's evaluation on the search split, in the cost model's units
 
     @property
     def higher_is_better(self) -> bool:
@@ -94,34 +98,68 @@ def reference_updates(loaded: LoadedInputs) -> dict[str, dict[str, LoraFactors]]
     return {"before": utility_deltas(dict(loaded.modules)), "safety": safety}
 
 
-def merged_recipe(loaded: LoadedInputs, fisher: FisherResult | None, recipe: Recipe) -> MergedUpdates:
-    """The recipe's merge in memory: its method on every module (Fisher factors where needed), then its repair."""
+def merged_recipe(
+    loaded: LoadedInputs, fisher: FisherResult | None, recipe: Recipe, repairs: Mapping[str, Any] | None = None
+) -> MergedUpdates:
+    """The recipe's merge in memory: its method on every module (Fisher factors where needed), then its repair step
+    with the recipe's parameters on that step's loaded inputs (`repairs`, else the job's own repair)."""
     method = get_method(recipe.method)
     factors = fisher.factors if fisher is not None and method.needs_fisher else None
     layers = num_layers(loaded.model)
     merged = merge_updates(loaded.modules, method, recipe.method_params(), factors, num_layers=layers)
     if recipe.repair is not None:
-        if loaded.repair is None:
-            raise InputError("a recipe with a repair needs the repair's data (harmless and borderline prompts)")
-        merged = repair_updates(loaded.model, loaded.tokenizer, merged, RepairInputs(recipe.repair, loaded.repair.data))
+        inputs = repair_inputs(loaded, recipe, repairs)
+        merged = repair_updates(loaded.model, loaded.tokenizer, merged, inputs)
     return merged
 
 
+def repair_inputs(loaded: LoadedInputs, recipe: Recipe, repairs: Mapping[str, Any] | None) -> Any:
+    """The loaded inputs of the recipe's repair step, with the recipe's parameters."""
+    assert recipe.repair is not None
+    step = recipe.repair.method
+    available = dict(repairs or {})
+    if not available and loaded.repair is not None and loaded.spec.repair is not None:
+        available[loaded.spec.repair.method] = loaded.repair
+    if step not in available:
+        raise InputError(f"a recipe with the repair step {step!r} needs that step's data (docs/repair.md)")
+    return with_params(available[step], recipe.repair)
+
+
+def trial_cost(ctx: SearchContext, recipe: Recipe) -> float:
+    """What a trial of `recipe` costs in plain trials (the budget's unit): 1 for its evaluation on the search split,
+    plus its repair step's cost model ÷ that evaluation's (`progress.step_cost`). Deterministic: the budget spends
+    the same trials on every machine."""
+    if recipe.repair is None:
+        return 1.0
+    inputs = repair_inputs(ctx.loaded, recipe, ctx.repairs)
+    size = repair_size(dataclasses.replace(ctx.loaded, repair=inputs), models=1)
+    if size is None:
+        return 1.0
+    if isinstance(size, CalibrationSize) and inputs._made:  # the `before` answers are made once per job
+        size = dataclasses.replace(size, generated=0)
+    cost = step_cost(model_size(ctx.loaded.model), size, constants_for(ctx.loaded.device)).total
+    return 1.0 + cost / max(ctx.pass_cost, 1e-12)
+
+
 def trial_repair(merged: MergedUpdates) -> dict | None:
-    """The repair's choice and scores in a trial (its candidate table left out)."""
+    """The repair step's choice and scores in a trial (candidate tables and mixtures left out): the edits' chosen
+    layer and baseline, the calibration's loss and time."""
     if not merged.repairs:
         return None
     step = next(iter(merged.repairs.values()))
-    return {k: step.get(k) for k in ("chosen", "baseline", "chosen_by", "reason") if k in step}
+    keys = ("step", "chosen", "baseline", "chosen_by", "reason", "trained", "loss", "seconds")
+    return {k: step.get(k) for k in keys if k in step}
 
 
-def judge_trial(ctx: SearchContext, number: int, recipe: Recipe, result: ModelResult, seconds: float, repair) -> Trial:
+def judge_trial(
+    ctx: SearchContext, number: int, recipe: Recipe, result: ModelResult, seconds: float, repair, cost: float = 1.0
+) -> Trial:
     """Scores against the references and the constraints of the objective."""
     scores, before = result.scores(ctx.higher_is_better), ctx.before.scores(ctx.higher_is_better)
     utility_drop = before.utility - scores.utility
     increase = scores.over_refusal - before.over_refusal
     excess = bounds(ctx, utility_drop, increase, scores.over_refusal)
-    return Trial(number, recipe, result, scores, utility_drop, increase, excess, seconds, repair)
+    return Trial(number, recipe, result, scores, utility_drop, increase, excess, seconds, repair, cost)
 
 
 def bounds(ctx: SearchContext, utility_drop: float, over_refusal_increase: float, over_refusal: float) -> dict:
@@ -207,7 +245,7 @@ class Families:
             if left > 0 and alpha is not None:
                 self.steps[method] -= 1
                 self.members[number] = method
-                return default_trial(method, alpha)
+                return default_trial(self.settings, method, alpha)
         return None
 
     def points(self, method: str, trials: Sequence[Trial | PrunedTrial]) -> list[Point]:
@@ -251,7 +289,8 @@ def certain_stop(ctx: SearchContext, trials: Sequence[Trial | PrunedTrial], *, f
 def run_trials(
     ctx: SearchContext, track: JobProgress, on_trial: TrialCallback | None, base_params: dict
 ) -> list[Trial | PrunedTrial]:
-    """`settings.budget` trials, each scored on the search split only, stopped early once it cannot be chosen."""
+    """Trials until `settings.budget` is spent (each costs `trial_cost` plain trials; the last may overrun it), each
+    scored on the search split only, stopped early once it cannot be chosen."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -260,7 +299,10 @@ def run_trials(
     warm_start = warm_start_trials(settings)
     trials: list[Trial | PrunedTrial] = []
     families = Families(settings, warm_start)
-    for number in range(settings.budget):
+    repair_defaults = {step: RepairSpec(method=step, params=i.params.model_dump()) for step, i in ctx.repairs.items()}
+    spent = 0.0
+    number = 0
+    while spent < settings.budget:
         started = time.perf_counter()
         fixed = families.next_fixed(number, trials)
         if fixed is not None:
@@ -272,15 +314,15 @@ def run_trials(
             base_params=base_params,
             num_layers=ctx.layers,
             positions=ctx.positions,
-            can_repair=ctx.loaded.repair is not None,
-            repair_defaults=ctx.loaded.repair.params if ctx.loaded.repair is not None else None,
+            repair_defaults=repair_defaults,
             anchors=None if fixed is not None else families.anchors(trials),
         )
-        merged = merged_recipe(ctx.loaded, ctx.fisher, recipe)
+        cost = trial_cost(ctx, recipe)
 
-        def advance(done: float, total: float, number: int = number) -> None:
-            track.advance(number + done / max(total, 1), settings.budget)
+        def advance(done: float, total: float, spent: float = spent, cost: float = cost) -> None:
+            track.advance(min(spent + cost * done / max(total, 1), settings.budget), settings.budget)
 
+        merged = merged_recipe(ctx.loaded, ctx.fisher, recipe, ctx.repairs)
         watch = certain_stop(ctx, trials, family=fixed is not None)
         updates = {"trial": merged.updates(recipe.alpha)}
         trial: Trial | PrunedTrial
@@ -288,7 +330,7 @@ def run_trials(
             result = score_updates(ctx.loaded, updates, data=ctx.search, progress=advance, watch=watch)
         except TrialPruned as stop:
             assert watch is not None
-            trial = PrunedTrial(number, recipe, stop, time.perf_counter() - started, trial_repair(merged))
+            trial = PrunedTrial(number, recipe, stop, time.perf_counter() - started, trial_repair(merged), cost)
             for key, value in watch.excess().items():
                 handle.set_constraint(key, value)
             best_case = stop.bounds["safety"][1] - 1e-3 * stop.bounds["over_refusal"][0]
@@ -296,11 +338,13 @@ def run_trials(
             study.tell(handle, state=optuna.trial.TrialState.PRUNED)
         else:
             seconds = time.perf_counter() - started
-            trial = judge_trial(ctx, number, recipe, result["trial"], seconds, trial_repair(merged))
+            trial = judge_trial(ctx, number, recipe, result["trial"], seconds, trial_repair(merged), cost)
             for key, value in trial.excess.items():
                 handle.set_constraint(key, value)
             study.tell(handle, trial.scores.safety - 1e-3 * trial.scores.over_refusal)
         trials.append(trial)
+        spent += cost
+        number += 1
         log.info("search trial", extra={k: v for k, v in trial.to_dict().items() if k not in ("recipe", "repair")})
         if on_trial is not None:
             on_trial(trial.to_dict())
@@ -354,7 +398,7 @@ def evaluate_report_split(
     for trial in [*pareto, *([chosen] if chosen is not None else []), *priced]:
         label = f"trial-{trial.number}"
         if label not in models:
-            models[label] = merged_recipe(ctx.loaded, ctx.fisher, trial.recipe).updates(trial.recipe.alpha)
+            models[label] = merged_recipe(ctx.loaded, ctx.fisher, trial.recipe, ctx.repairs).updates(trial.recipe.alpha)
     front = linear_front_updates(ctx)
     models.update({f"linear@{alpha:g}": updates for alpha, updates in front.items()})
     results = score_updates(ctx.loaded, models, data=ctx.report, progress=track.advance)
@@ -377,6 +421,14 @@ def search_spec(spec: MergeSpec, settings: SearchSettings) -> MergeSpec:
         update={"split_seed": settings.split_seed, "report_fraction": settings.report_fraction}
     )
     return spec.model_copy(update={"compare_with": others, "evaluation": evaluation})
+
+
+def evaluation_pass_cost(loaded: LoadedInputs, settings: SearchSettings) -> float:
+    """One model's evaluation on the search split, in the cost model's units."""
+    sizes = job_sizes(loaded)
+    assert sizes.evaluation is not None, "a search always evaluates"
+    costs = stage_costs(sizes, constants_for(loaded.device))
+    return costs["evaluating"].total / max(sizes.evaluation.models, 1) * (1 - settings.report_fraction)
 
 
 def plan_costs(loaded: LoadedInputs, settings: SearchSettings, report_models: int) -> dict[str, StageCost]:
@@ -436,6 +488,10 @@ def run_search(
             positions=post_instruction_length(loaded.tokenizer),
             before=references["before"],
             safety=references["safety"],
+            repairs=load_repair_options(loaded.spec, settings.repair_steps, judge=evaluation.judge)
+            if settings.repair != "off"
+            else {},
+            pass_cost=evaluation_pass_cost(loaded, settings),
         )
         track.begin("searching")
         trials = run_trials(ctx, track, on_trial, base_params=dict(spec.params))
@@ -474,27 +530,29 @@ def run_search(
 
 
 def chosen_spec(spec: MergeSpec, recipe: Recipe) -> MergeSpec:
-    """A merge job that makes exactly the chosen recipe's adapter (`sstmerge merge --spec` re-runs it)."""
-    repair = RepairSpec(params=recipe.repair.model_dump()) if recipe.repair is not None else None
-    update: dict[str, Any] = {
-        "method": recipe.method,
-        "params": recipe.params,
-        "compare_with": [],
-        "repair": repair,
-        "evaluation": None,
-    }
-    if repair is None:
-        update |= {"harmless_data": None, "borderline_data": None}
-    if not get_method(recipe.method).needs_fisher:
-        update |= {"utility_data": None} | ({} if repair else {"safety_data": None})
-    return spec.model_copy(update=update)
+    """A merge job that makes exactly the chosen recipe's adapter (`sstmerge merge --spec` re-runs it): the data
+    inputs kept are those its method's Fisher passes and its repair step read."""
+    kept = set(REPAIRS[recipe.repair.method].inputs) if recipe.repair is not None else set()
+    if get_method(recipe.method).needs_fisher:
+        kept |= {"utility_data", "safety_data"}
+    data = {key: getattr(spec, key) if key in kept else None for key in DATA_INPUTS}
+    return spec.model_copy(
+        update={
+            "method": recipe.method,
+            "params": recipe.params,
+            "compare_with": [],
+            "repair": recipe.repair,
+            "evaluation": None,
+            **data,
+        }
+    )
 
 
 def write_chosen(
     root: Path, ctx: SearchContext, chosen: Trial, *, names: InputNames | None, final_root: Path
 ) -> tuple[Path, Path]:
     """The chosen recipe's PEFT adapter, model card, merge_report.json and a runnable merge_spec.json."""
-    merged = merged_recipe(ctx.loaded, ctx.fisher, chosen.recipe)
+    merged = merged_recipe(ctx.loaded, ctx.fisher, chosen.recipe, ctx.repairs)
     loaded = dataclasses.replace(
         ctx.loaded,
         spec=chosen_spec(ctx.loaded.spec, chosen.recipe),

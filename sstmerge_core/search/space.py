@@ -4,19 +4,22 @@ and how one optuna trial draws a recipe from that space.
 The objective is the highest safety on the search split among recipes with
 over_refusal − over_refusal_before ≤ `max_over_refusal_increase` and utility_before − utility ≤ `max_utility_drop`
 (ties → lower over-refusal). The space is conditional: β or k only for SST, density only for TIES/DARE, γ only for
-the linear schedule, one scale per layer group only for `groups`, λ, c and the layer only when the repair is on.
+the linear schedule, one scale per layer group only for `groups`, and each repair step's knobs (`REPAIR_SPACES`) only
+when that step is drawn: the refusal ablation's λ, c, layer and position; the answer alignment's c and layer; the
+calibration's rank, steps, learning rate and borderline weight.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InputError
-from ..jobspec import EvaluationSettings
-from ..methods.catalog import CATALOG, RefusalAblationParams
+from ..jobspec import EvaluationSettings, RepairSpec
+from ..methods.catalog import CATALOG, REPAIRS
 from ..schedules import ScheduleKind
 from .recipe import Recipe
 
@@ -30,7 +33,12 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    budget: int = Field(default=30, ge=1, le=1000, description="trials, each one evaluation on the search split")
+    budget: int = Field(
+        default=30,
+        ge=1,
+        le=1000,
+        description="cost in plain trials (one evaluation on the search split each); a repair trial costs more",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the sampler")
     max_over_refusal_increase: float = Field(
         default=0.05, ge=0, le=1, description="constraint: over_refusal − over_refusal(before) ≤ this"
@@ -47,7 +55,12 @@ class SearchSettings(BaseModel):
     groups: int = Field(default=3, ge=2, le=8, description="layer groups of the `groups` schedule")
     separate_mlp: bool = Field(default=True, description="`groups`: MLP modules get their own scales")
     repair: Literal["off", "search", "always"] = Field(
-        default="search", description="refusal ablation: never, as a searched option, or in every trial"
+        default="search", description="repair steps: never, as a searched option, or one in every trial"
+    )
+    repair_steps: list[str] = Field(
+        default=list(REPAIRS),
+        min_length=1,
+        description="repair steps the search may try (those whose data the job has: docs/repair.md)",
     )
     split_seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the search/report split")
     report_fraction: float = Field(default=0.5, gt=0, lt=1, description="share of each evaluation set kept for report")
@@ -85,6 +98,16 @@ class SearchSettings(BaseModel):
         if len(set(methods)) != len(methods):
             raise ValueError("methods must be distinct")
         return methods
+
+    @field_validator("repair_steps")
+    @classmethod
+    def _known_steps(cls, steps: list[str]) -> list[str]:
+        unknown = sorted(set(steps) - set(REPAIRS))
+        if unknown:
+            raise ValueError(f"unknown repair step(s) {unknown}; one of {sorted(REPAIRS)}")
+        if len(set(steps)) != len(steps):
+            raise ValueError("repair_steps must be distinct")
+        return steps
 
     @field_validator("front_alphas", "warm_start_alphas")
     @classmethod
@@ -150,6 +173,15 @@ def evaluation_values(settings: SearchSettings, evaluation: EvaluationSettings) 
     return values
 
 
+def search_repair(settings: SearchSettings, given: Collection[str]) -> RepairSpec | None:
+    """The repair step a search job's spec carries (its loading reads that step's data): the first of
+    `settings.repair_steps` whose data inputs (`RepairInfo.needs`, MergeSpec field names) are all in `given`."""
+    if settings.repair == "off":
+        return None
+    step = next((s for s in settings.repair_steps if set(REPAIRS[s].needs) <= set(given)), None)
+    return RepairSpec(method=step) if step is not None else None
+
+
 def warm_start_trials(settings: SearchSettings) -> list[dict[str, Any]]:
     """The fixed values of the first trials: every searched method with its default parameters at each warm-start α
     within [alpha_min, alpha_max], constant schedule, no repair — the sweep a user would run by hand, so that the
@@ -158,13 +190,16 @@ def warm_start_trials(settings: SearchSettings) -> list[dict[str, Any]]:
     if not settings.warm_start or "constant" not in settings.schedules:
         return []
     alphas = sorted({a for a in settings.warm_start_alphas if settings.alpha_min <= a <= settings.alpha_max})
-    return [default_trial(method, alpha) for alpha in alphas for method in settings.methods]
+    return [default_trial(settings, method, alpha) for alpha in alphas for method in settings.methods]
 
 
-def default_trial(method: str, alpha: float) -> dict[str, Any]:
-    """The fixed values of a trial of `method` at its default parameters at `alpha`, constant schedule, no repair:
-    the family that the warm start and the α bracketing (`bracket`) evaluate."""
-    fixed: dict[str, Any] = {"method": method, "alpha": alpha, "schedule": "constant", "repair": False}
+def default_trial(settings: SearchSettings, method: str, alpha: float) -> dict[str, Any]:
+    """The fixed values of a trial of `method` at its default parameters at `alpha`, constant schedule, no repair
+    (a drawn one when `settings.repair` is "always"): the family that the warm start and the α bracketing
+    (`bracket`) evaluate."""
+    fixed: dict[str, Any] = {"method": method, "alpha": alpha, "schedule": "constant"}
+    if settings.repair == "search":
+        fixed["repair"] = "off"
     defaults = CATALOG[method].params.model_fields
     if method == "sst":
         fixed |= {"selection": "soft", "beta": defaults["beta"].default}
@@ -179,9 +214,8 @@ def suggest_recipe(
     *,
     base_params: dict[str, Any],
     num_layers: int,
-    can_repair: bool,
+    repair_defaults: dict[str, RepairSpec] | None = None,
     positions: int = 1,
-    repair_defaults: RefusalAblationParams | None = None,
     anchors: dict[str, float] | None = None,
 ) -> Recipe:
     """One recipe drawn by an optuna `trial` (define-by-run, so the space is conditional as described above).
@@ -191,9 +225,10 @@ def suggest_recipe(
     clipped to that range. Depth schedules are drawn so that no layer's α_ℓ leaves [0, alpha_max].
 
     `base_params` are the job's own method parameters (Fisher data settings, rank cap, seed), kept fixed so that
-    every SST trial reuses the same cached Fisher factors; `repair_defaults` the job's fixed repair settings (sample
-    sizes, seed). A repair trial names its layer and post-instruction position (one of the last `positions`
-    tokens), so the step applies exactly that direction and the trial's evaluation judges it.
+    every SST trial reuses the same cached Fisher factors; `repair_defaults` the repair steps the trial may draw
+    (those of `settings.repair_steps` whose data the job has), each with the job's fixed settings (sample sizes,
+    seed). An edit names its layer (and the ablation its post-instruction position, one of the last `positions`
+    tokens), so the step applies exactly that edit and the trial's evaluation judges it.
     """
     method = trial.suggest_categorical("method", settings.methods)
     anchor = (anchors or {}).get(method)
@@ -226,20 +261,65 @@ def suggest_recipe(
             params["k"] = trial.suggest_int("k", 4, 256, log=True)
     elif method in DENSITY_METHODS:
         params["density"] = trial.suggest_float("density", 0.1, 0.9)
-    repair = None
-    use_repair = can_repair and (
-        settings.repair == "always"
-        or (settings.repair == "search" and trial.suggest_categorical("repair", [False, True]))
-    )
-    if use_repair:
-        defaults = repair_defaults or RefusalAblationParams()
-        candidate_layers = max(1, int(defaults.max_layer_fraction * num_layers))
-        repair = defaults.model_copy(
-            update={
-                "lam": trial.suggest_float("repair_lambda", 0.0, 1.0),
-                "strength": trial.suggest_float("repair_strength", 0.0, 1.0),
-                "layer": trial.suggest_int("repair_layer", 0, candidate_layers - 1),
-                "position": trial.suggest_int("repair_position", -positions, -1),
-            }
-        )
+    repair = suggest_repair(trial, settings, repair_defaults or {}, num_layers=num_layers, positions=positions)
     return Recipe(method=method, params=params, repair=repair)
+
+
+def suggest_repair(
+    trial: Any, settings: SearchSettings, defaults: dict[str, RepairSpec], *, num_layers: int, positions: int
+) -> RepairSpec | None:
+    """The trial's repair step ("off" is a choice unless `settings.repair` is "always") and its drawn knobs, over
+    the job's fixed settings of that step."""
+    steps = [s for s in settings.repair_steps if s in defaults]
+    if settings.repair == "off" or not steps:
+        return None
+    choices = steps if settings.repair == "always" else ["off", *steps]
+    step = trial.suggest_categorical("repair", choices)
+    if step == "off":
+        return None
+    given = defaults[step]
+    fixed = given.step_params()
+    knobs = REPAIR_SPACES[step](trial, fixed, num_layers, positions)
+    return RepairSpec(method=step, params=fixed.model_copy(update=knobs).model_dump())
+
+
+def candidate_layers(fixed: Any, num_layers: int) -> int:
+    """How many of the first layers an edit may use: ℓ < max_layer_fraction · L (at least one)."""
+    return max(1, int(fixed.max_layer_fraction * num_layers))
+
+
+def ablation_space(trial: Any, fixed: Any, num_layers: int, positions: int) -> dict[str, Any]:
+    """λ, c ∈ [0, 1]; the direction's layer among the candidates and its post-instruction position."""
+    return {
+        "lam": trial.suggest_float("repair_lambda", 0.0, 1.0),
+        "strength": trial.suggest_float("repair_strength", 0.0, 1.0),
+        "layer": trial.suggest_int("repair_layer", 0, candidate_layers(fixed, num_layers) - 1),
+        "position": trial.suggest_int("repair_position", -positions, -1),
+    }
+
+
+def alignment_space(trial: Any, fixed: Any, num_layers: int, positions: int) -> dict[str, Any]:
+    """c ∈ [0, 1] and one edited layer among the candidates."""
+    return {
+        "strength": trial.suggest_float("alignment_strength", 0.0, 1.0),
+        "layers": [trial.suggest_int("alignment_layer", 0, candidate_layers(fixed, num_layers) - 1)],
+    }
+
+
+def calibration_space(trial: Any, fixed: Any, num_layers: int, positions: int) -> dict[str, Any]:
+    """Rank ∈ {4, 8, 16}; steps log-uniform in [25, 400] (the cost: steps × batch rows of training); learning
+    rate log-uniform in [5e-5, 2e-3]; the borderline prompts' mixture weight log-uniform in [0.25, 4]."""
+    return {
+        "rank": trial.suggest_categorical("calibration_rank", [4, 8, 16]),
+        "steps": trial.suggest_int("calibration_steps", 25, 400, log=True),
+        "learning_rate": trial.suggest_float("calibration_learning_rate", 5e-5, 2e-3, log=True),
+        "borderline_weight": trial.suggest_float("calibration_borderline_weight", 0.25, 4.0, log=True),
+    }
+
+
+REPAIR_SPACES: dict[str, Callable[[Any, Any, int, int], dict[str, Any]]] = {
+    "refusal_ablation": ablation_space,
+    "answer_alignment": alignment_space,
+    "calibration": calibration_space,
+}
+"""Each repair step's searched knobs (a test checks that every step of `methods.catalog.REPAIRS` has one)."""

@@ -27,6 +27,7 @@ class Trial:
     excess: Mapping[str, float]  # by how much each bound is broken (≤ 0 where it holds): optuna's constraints
     seconds: float
     repair: Mapping[str, Any] | None
+    cost: float = 1.0  # in plain trials (`runner.trial_cost`), what the budget counts
 
     @property
     def feasible(self) -> bool:
@@ -45,6 +46,7 @@ class Trial:
             "over_refusal_increase": self.over_refusal_increase,
             "feasible": self.feasible,
             "seconds": round(self.seconds, 2),
+            "cost": round(self.cost, 3),
             "repair": dict(self.repair) if self.repair is not None else None,
         }
 
@@ -58,6 +60,7 @@ class PrunedTrial:
     stop: TrialPruned
     seconds: float
     repair: Mapping[str, Any] | None
+    cost: float = 1.0
     feasible = False
 
     def to_dict(self) -> dict:
@@ -69,5 +72,6 @@ class PrunedTrial:
             "pruned": self.stop.to_dict(),
             "feasible": None,
             "seconds": round(self.seconds, 2),
+            "cost": round(self.cost, 3),
             "repair": dict(self.repair) if self.repair is not None else None,
         }

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ class CalibrationInputs:
     _made: dict = field(default_factory=dict, compare=False, repr=False)  # the prepared sets, once per job
 
     def prepared(self, model, tokenizer, on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """{"sets": [CalibrationSet], "report": …}: the targets of every set, the `before` model's answers generated
-        at the first call (`on_batch(done, total)` per batch) and reused after."""
+        """{"examples": {set: rows with targets}, "report": …}: the targets of every set, the `before` model's
+        answers generated at the first call (`on_batch(done, total)` per batch) and reused after."""
         if not self._made:
             self._made.update(prepare_sets(self, model, tokenizer, on_batch))
         return self._made
@@ -137,13 +137,6 @@ def prepare_sets(
             f"{len(inputs.rows['borderline'])} targets are refusals, {t.dropped_empty} empty); give the borderline "
             "rows their own responses"
         )
-    params = inputs.params
-    weights = {
-        "borderline": params.borderline_weight,
-        "harmful": params.harmful_weight,
-        "retain": params.retain_weight,
-        "harmless": params.harmless_weight,
-    }
     examples = {**{name: t.examples for name, t in targets.items()}, "harmful": harmful}
     report = {
         "sets": {
@@ -155,7 +148,18 @@ def prepare_sets(
         "judge": getattr(inputs.judge, "name", type(inputs.judge).__name__),
         "answers": {"prompts": len(prompts), "cached": cached, "seconds": round(time.perf_counter() - started, 2)},
     }
-    return {"sets": [CalibrationSet(name, examples[name], weights[name]) for name in SETS], "report": report}
+    return {"examples": examples, "report": report}
+
+
+def mixture(params: CalibrationParams, examples: Mapping[str, Sequence[Example]]) -> list[CalibrationSet]:
+    """The mixture's sets with the weights of `params` (prepared targets are shared by trials of other weights)."""
+    weights = {
+        "borderline": params.borderline_weight,
+        "harmful": params.harmful_weight,
+        "retain": params.retain_weight,
+        "harmless": params.harmless_weight,
+    }
+    return [CalibrationSet(name, examples[name], weights[name]) for name in SETS]
 
 
 def calibrate_updates(
@@ -186,7 +190,7 @@ def calibrate_updates(
             sets, made = [], {}
         else:
             made = inputs.prepared(model, tokenizer, lambda done, total: advance(lead * done / max(total, 1)))
-            sets = made["sets"]
+            sets = mixture(params, made["examples"])
         start = lead if i == 0 else 0.0
 
         def on_step(step: int, steps: int, start: float = start) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +12,9 @@ from pydantic import BaseModel
 
 from ..adapters import LoraFactors
 from ..data import load_examples
-from ..jobspec import MergeSpec
+from ..jobspec import MergeSpec, RepairSpec
 from ..methods.base import ModuleResult
-from ..methods.catalog import REPAIRS
+from ..methods.catalog import REPAIRS, CalibrationParams
 from ..repair.answer_step import alignment_passes, answer_alignment
 from ..repair.step import RepairData, RepairOutcome, candidate_grid, refusal_ablation
 from .merging import MergedUpdates, map_factors
@@ -89,6 +89,29 @@ def load_repair_inputs(spec: MergeSpec, *, judge: Any = None) -> Any:
         refusals=[e.response for e in safety if e.response],
     )
     return RepairInputs(spec.repair.step_params(), data)
+
+
+def load_repair_options(spec: MergeSpec, steps: Sequence[str], *, judge: Any = None) -> dict[str, Any]:
+    """The inputs of every repair step of `steps` whose data `spec` has (`RepairInfo.needs`), each with `spec.repair`'s
+    settings when it names that step and the step's defaults otherwise: what a recipe search may apply."""
+    options = {}
+    for step in steps:
+        if all(getattr(spec, key) for key in REPAIRS[step].needs):
+            given = spec.repair if spec.repair is not None and spec.repair.method == step else RepairSpec(method=step)
+            options[step] = load_repair_inputs(spec.model_copy(update={"repair": given}), judge=judge)
+    return options
+
+
+def with_params(inputs: Any, repair: RepairSpec) -> Any:
+    """The same step's loaded inputs with `repair`'s parameters (a search trial's knobs); the calibration's prepared
+    targets are shared, so the `before` model's answers are made once per job."""
+    from .calibration import CalibrationInputs
+
+    params = repair.step_params()
+    if isinstance(inputs, CalibrationInputs):
+        assert isinstance(params, CalibrationParams)
+        return dataclasses.replace(inputs, params=params)
+    return RepairInputs(params, inputs.data)
 
 
 def with_repair(results: Mapping[str, ModuleResult], factors: Mapping[str, LoraFactors]) -> dict[str, ModuleResult]:
