@@ -146,7 +146,7 @@ def test_a_search_with_calibration_counts_its_cost_and_writes_a_spec_that_remake
     its adapter bit for bit (the calibration is seeded; its retain rows are the utility data, kept in the spec)."""
     argv = search_args(
         "--budget", "150", "--sampler", "random", "--report-points", "1", "--seed", "1", "--repair", "always",
-        "--repair-steps", "calibration", "--warm-start", "false",
+        "--repair-methods", "calibration", "--warm-start", "false",
     )  # fmt: skip
     assert main(argv) == 0
     out = tmp_path / "out"

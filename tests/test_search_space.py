@@ -30,9 +30,9 @@ def test_settings_refuse_bad_values():
         {"warm_start_alphas": []},
         {"report_fraction": 1.0},
         {"extra": 1},
-        {"repair_steps": ["nope"]},
-        {"repair_steps": []},
-        {"repair_steps": ["calibration", "calibration"]},
+        {"repair_methods": ["nope"]},
+        {"repair_methods": []},
+        {"repair_methods": ["calibration", "calibration"]},
     ):
         with pytest.raises(ValidationError):
             SearchSettings(**bad)

@@ -488,7 +488,7 @@ def run_search(
             positions=post_instruction_length(loaded.tokenizer),
             before=references["before"],
             safety=references["safety"],
-            repairs=load_repair_options(loaded.spec, settings.repair_steps, judge=evaluation.judge)
+            repairs=load_repair_options(loaded.spec, settings.repair_methods, judge=evaluation.judge)
             if settings.repair != "off"
             else {},
             pass_cost=evaluation_pass_cost(loaded, settings),

@@ -57,7 +57,7 @@ class SearchSettings(BaseModel):
     repair: Literal["off", "search", "always"] = Field(
         default="search", description="repair steps: never, as a searched option, or one in every trial"
     )
-    repair_steps: list[str] = Field(
+    repair_methods: list[str] = Field(
         default=list(REPAIRS),
         min_length=1,
         description="repair steps the search may try (those whose data the job has: docs/repair.md)",
@@ -99,14 +99,14 @@ class SearchSettings(BaseModel):
             raise ValueError("methods must be distinct")
         return methods
 
-    @field_validator("repair_steps")
+    @field_validator("repair_methods")
     @classmethod
     def _known_steps(cls, steps: list[str]) -> list[str]:
         unknown = sorted(set(steps) - set(REPAIRS))
         if unknown:
             raise ValueError(f"unknown repair step(s) {unknown}; one of {sorted(REPAIRS)}")
         if len(set(steps)) != len(steps):
-            raise ValueError("repair_steps must be distinct")
+            raise ValueError("repair_methods must be distinct")
         return steps
 
     @field_validator("front_alphas", "warm_start_alphas")
@@ -175,10 +175,10 @@ def evaluation_values(settings: SearchSettings, evaluation: EvaluationSettings) 
 
 def search_repair(settings: SearchSettings, given: Collection[str]) -> RepairSpec | None:
     """The repair step a search job's spec carries (its loading reads that step's data): the first of
-    `settings.repair_steps` whose data inputs (`RepairInfo.needs`, MergeSpec field names) are all in `given`."""
+    `settings.repair_methods` whose data inputs (`RepairInfo.needs`, MergeSpec field names) are all in `given`."""
     if settings.repair == "off":
         return None
-    step = next((s for s in settings.repair_steps if set(REPAIRS[s].needs) <= set(given)), None)
+    step = next((s for s in settings.repair_methods if set(REPAIRS[s].needs) <= set(given)), None)
     return RepairSpec(method=step) if step is not None else None
 
 
@@ -226,7 +226,7 @@ def suggest_recipe(
 
     `base_params` are the job's own method parameters (Fisher data settings, rank cap, seed), kept fixed so that
     every SST trial reuses the same cached Fisher factors; `repair_defaults` the repair steps the trial may draw
-    (those of `settings.repair_steps` whose data the job has), each with the job's fixed settings (sample sizes,
+    (those of `settings.repair_methods` whose data the job has), each with the job's fixed settings (sample sizes,
     seed). An edit names its layer (and the ablation its post-instruction position, one of the last `positions`
     tokens), so the step applies exactly that edit and the trial's evaluation judges it.
     """
@@ -270,7 +270,7 @@ def suggest_repair(
 ) -> RepairSpec | None:
     """The trial's repair step ("off" is a choice unless `settings.repair` is "always") and its drawn knobs, over
     the job's fixed settings of that step."""
-    steps = [s for s in settings.repair_steps if s in defaults]
+    steps = [s for s in settings.repair_methods if s in defaults]
     if settings.repair == "off" or not steps:
         return None
     choices = steps if settings.repair == "always" else ["off", *steps]

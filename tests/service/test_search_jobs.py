@@ -70,6 +70,10 @@ def test_calibration_inputs_are_validated_at_submit_naming_the_input(api, inputs
                     **borderline), "safety_dataset_id"),  # no H
         (merge_body(inputs, repair={"method": "calibration", "params": {"rank": 0}}, **borderline), "rank"),
         (merge_body(inputs, repair={"method": "calibration", "params": {"strength": 1}}, **borderline), "strength"),
+        (merge_body(inputs, evaluation=evaluation(inputs), search={"budget": 2},
+                    harmless_dataset_id=inputs["data:harmless"]), "needs borderline_dataset_id"),
+        (merge_body(inputs, evaluation=evaluation(inputs), search={"repair_methods": ["finetune"]}, **borderline),
+         "unknown repair step"),
     ]  # fmt: skip
     for body, named in cases:
         response = api.post("/merges", headers=auth("acme"), json=body)
