@@ -65,9 +65,11 @@ def testbed_spec(assets: Path, *, max_new_tokens: int, report_fraction: float, c
 
 def family_recipes(chosen: dict | None, linear_repair, sst_repair, alphas=ALPHAS) -> dict[str, list]:
     """The three families of the table as recipes over ALPHAS."""
+    from sstmerge_core.jobspec import RepairSpec
     from sstmerge_core.search.recipe import Recipe
 
-    def sweep(method: str, params: dict, repair) -> list:
+    def sweep(method: str, params: dict, ablation) -> list:
+        repair = RepairSpec(params=ablation.model_dump()) if ablation is not None else None
         return [Recipe(method=method, params={**params, "alphas": [a]}, repair=repair) for a in alphas]
 
     families = {}
@@ -78,7 +80,10 @@ def family_recipes(chosen: dict | None, linear_repair, sst_repair, alphas=ALPHAS
     if chosen is not None:
         recipe = Recipe.model_validate(chosen["recipe"])
         params = {k: v for k, v in recipe.params.items() if k != "alphas"}
-        families = {"chosen recipe (α swept)": sweep(recipe.method, params, recipe.repair), **families}
+        chosen_family = [
+            Recipe(method=recipe.method, params={**params, "alphas": [a]}, repair=recipe.repair) for a in alphas
+        ]
+        families = {"chosen recipe (α swept)": chosen_family, **families}
     return families
 
 
