@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sstmerge_core.errors import InputError
-from sstmerge_core.evaluation.judges import ClassifierJudge, KeywordJudge, make_judge, resolve_refusal_label
+from sstmerge_core.evaluation.classifier import ClassifierJudge
+from sstmerge_core.evaluation.judges import KeywordJudge, make_judge, resolve_refusal_label
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",

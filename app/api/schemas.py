@@ -8,6 +8,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sstmerge_core.evaluation.judges import JudgeInfo
+from sstmerge_core.evaluation.metrics import UtilityMetric
 from sstmerge_core.methods.catalog import MethodInfo, RepairInfo
 
 from ..domain.db.models import Job
@@ -77,9 +79,40 @@ class RepairOut(BaseModel):
         )
 
 
+class UtilityMetricOut(BaseModel):
+    name: str = Field(description="the value to put in a job's `evaluation.utility_metric`")
+    description: str
+    binary: bool = Field(description="scores are 0/1: the utility has k and a 95% Wilson interval")
+    higher_is_better: bool
+    needs_generation: bool = Field(description="scores generated completions (false: scores the reference itself)")
+
+    @classmethod
+    def from_info(cls, info: UtilityMetric) -> UtilityMetricOut:
+        return cls(
+            name=info.name,
+            description=info.description,
+            binary=info.binary,
+            higher_is_better=info.higher_is_better,
+            needs_generation=info.needs_generation,
+        )
+
+
+class JudgeOut(BaseModel):
+    name: str = Field(description="the kind of judge: a job's `evaluation.judge` is `name` or `name:ARGUMENT`")
+    syntax: str = Field(description="how `evaluation.judge` names it, e.g. `classifier:MODEL[#LABEL]`")
+    description: str
+    takes_model: bool = Field(description="its argument names a model, resolved as a base model is (GET /models)")
+
+    @classmethod
+    def from_info(cls, info: JudgeInfo) -> JudgeOut:
+        return cls(name=info.name, syntax=info.syntax, description=info.description, takes_model=info.takes_model)
+
+
 class MethodList(BaseModel):
     items: list[MethodOut]
     repairs: list[RepairOut] = Field(description="post-merge repair steps a job's `repair` may name")
+    utility_metrics: list[UtilityMetricOut] = Field(description="what a job's `evaluation.utility_metric` may name")
+    judges: list[JudgeOut] = Field(description="the refusal judges a job's `evaluation.judge` may name")
 
 
 class AdapterOut(BaseModel):
