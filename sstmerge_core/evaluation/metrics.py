@@ -12,6 +12,10 @@ per-example score function, whether scores are 0/1, its direction and its defini
   characters ("Paris" is in "The capital is Paris!", "4" is not in "42").
 - `rouge_l`: ROUGE-L F1 on word tokens (`\\w+` of the case-folded text): with L = LCS length,
   P = L/|prediction|, R = L/|reference|, F1 = 2PR/(P+R) (0 when L = 0).
+- `token_f1`: SQuAD's token F1: both texts normalised as SQuAD's evaluation script does (lower-case, ASCII
+  punctuation removed, the articles a/an/the removed, split on whitespace); with C the multiset intersection of
+  the two token lists, P = |C|/|prediction|, R = |C|/|reference|, F1 = 2PR/(P+R) = 2|C|/(|prediction|+|reference|)
+  (0 when C is empty; 1 when both lists are empty, 0 when only one is).
 - `nll`: mean per-token negative log-likelihood (nats) of the reference response given the prompt,
   averaged over examples; needs the model, so it is computed by `generation.response_nll`. Lower is
   better, the only such metric.
@@ -22,6 +26,8 @@ This module is torch-free (the API imports it for the request schema).
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -125,6 +131,33 @@ def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 = 2PR/(P+R) with P = LCS/|prediction|, R = LCS/|reference| on `\\w+` tokens."""
     pred, ref = _WORD.findall(prediction.casefold()), _WORD.findall(reference.casefold())
     common = lcs_length(pred, ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+_SQUAD_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def squad_tokens(text: str) -> list[str]:
+    """SQuAD's `normalize_answer(text).split()`: lower-case, drop ASCII punctuation, drop a/an/the, split."""
+    return _SQUAD_ARTICLES.sub(" ", text.lower().translate(_SQUAD_PUNCTUATION)).split()
+
+
+@utility_metric(
+    "token_f1",
+    binary=False,
+    description="SQuAD token F1: 2|C|/(|prediction|+|reference|) over the normalised token lists (lower-case, no "
+    "punctuation, no a/an/the), C their multiset intersection; 1 when both lists are empty, 0 when only one is",
+)
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 = 2PR/(P+R), P = |C|/|pred|, R = |C|/|ref|, C = pred ∩ ref as multisets of SQuAD-normalised tokens."""
+    pred, ref = squad_tokens(prediction), squad_tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
