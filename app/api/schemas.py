@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
 from sstmerge_core.evaluation.judges import JudgeInfo
 from sstmerge_core.evaluation.metrics import UtilityMetric
@@ -162,7 +163,8 @@ class JobOut(BaseModel):
     attempts: int
 
     @classmethod
-    def from_job(cls, job: Job) -> JobOut:
+    def from_job(cls, job: Job | Row) -> JobOut:
+        """From a `Job`, or a `Row` of its columns (`app.api.watch` selects those alone)."""
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
         return cls(
             id=job.id,
