@@ -9,8 +9,6 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row
 
-from sstmerge_core.evaluation.judges import JudgeInfo
-from sstmerge_core.evaluation.metrics import UtilityMetric
 from sstmerge_core.methods.catalog import MethodInfo, RepairInfo
 
 from ..domain.db.models import Job
@@ -81,32 +79,26 @@ class RepairOut(BaseModel):
 
 
 class UtilityMetricOut(BaseModel):
+    """A utility metric as its registry declares it (`sstmerge_core.evaluation.metrics.UtilityMetric`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     name: str = Field(description="the value to put in a job's `evaluation.utility_metric`")
     description: str
     binary: bool = Field(description="scores are 0/1: the utility has k and a 95% Wilson interval")
     higher_is_better: bool
     needs_generation: bool = Field(description="scores generated completions (false: scores the reference itself)")
 
-    @classmethod
-    def from_info(cls, info: UtilityMetric) -> UtilityMetricOut:
-        return cls(
-            name=info.name,
-            description=info.description,
-            binary=info.binary,
-            higher_is_better=info.higher_is_better,
-            needs_generation=info.needs_generation,
-        )
-
 
 class JudgeOut(BaseModel):
+    """A kind of judge as its registry declares it (`sstmerge_core.evaluation.judges.JudgeInfo`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     name: str = Field(description="the kind of judge: a job's `evaluation.judge` is `name` or `name:ARGUMENT`")
     syntax: str = Field(description="how `evaluation.judge` names it, e.g. `classifier:MODEL[#LABEL]`")
     description: str
     takes_model: bool = Field(description="its argument names a model, resolved as a base model is (GET /models)")
-
-    @classmethod
-    def from_info(cls, info: JudgeInfo) -> JudgeOut:
-        return cls(name=info.name, syntax=info.syntax, description=info.description, takes_model=info.takes_model)
 
 
 class MethodList(BaseModel):

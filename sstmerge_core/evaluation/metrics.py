@@ -25,6 +25,7 @@ This module is torch-free (the API imports it for the request schema).
 
 from __future__ import annotations
 
+import inspect
 import re
 import string
 from collections import Counter
@@ -69,12 +70,16 @@ def declare_metric(metric: UtilityMetric) -> UtilityMetric:
 
 
 def utility_metric(
-    name: str, *, binary: bool, description: str, higher_is_better: bool = True
+    name: str, *, binary: bool, higher_is_better: bool = True, description: str | None = None
 ) -> Callable[[Score], Score]:
-    """Declare the decorated `score(prediction, reference) -> float` as utility metric `name`."""
+    """Declare the decorated `score(prediction, reference) -> float` as utility metric `name`; its definition is
+    `description`, by default the first paragraph of the function's docstring."""
 
     def declare(score: Score) -> Score:
-        declare_metric(UtilityMetric(name, score, binary, description, higher_is_better))
+        text = description or " ".join(inspect.cleandoc(score.__doc__ or "").split("\n\n")[0].split())
+        if not text:
+            raise ValueError(f"utility metric {name!r} has no definition (a docstring or a description)")
+        declare_metric(UtilityMetric(name, score, binary, text, higher_is_better))
         return score
 
     return declare
@@ -85,25 +90,17 @@ def normalize(text: str) -> str:
     return _WHITESPACE.sub(" ", text.strip().casefold()).rstrip(_TRAILING_PUNCTUATION)
 
 
-@utility_metric(
-    "exact_match",
-    binary=True,
-    description="1 iff normalise(prediction) == normalise(reference); normalise = strip, case-fold, collapse "
-    "whitespace, drop trailing .,;:!?",
-)
+@utility_metric("exact_match", binary=True)
 def exact_match(prediction: str, reference: str) -> float:
-    """1.0 if the normalised strings are equal, else 0.0."""
+    """1 iff normalise(prediction) == normalise(reference); normalise = strip, case-fold, collapse whitespace, drop
+    trailing .,;:!?"""
     return float(normalize(prediction) == normalize(reference))
 
 
-@utility_metric(
-    "contains",
-    binary=True,
-    description="1 iff the normalised reference occurs in the normalised prediction as whole words (not flanked "
-    "by word characters)",
-)
+@utility_metric("contains", binary=True)
 def contains(prediction: str, reference: str) -> float:
-    """1.0 if the normalised reference occurs in the normalised prediction as whole words, else 0.0."""
+    """1 iff the normalised reference occurs in the normalised prediction as whole words (not flanked by word
+    characters)"""
     needle = normalize(reference)
     if not needle:
         return 0.0
@@ -121,14 +118,10 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
-@utility_metric(
-    "rouge_l",
-    binary=False,
-    description="ROUGE-L F1 on `\\w+` tokens of the case-folded texts: 2PR/(P+R), P = LCS/|prediction|, "
-    "R = LCS/|reference| (0 when LCS = 0)",
-)
+@utility_metric("rouge_l", binary=False)
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 = 2PR/(P+R) with P = LCS/|prediction|, R = LCS/|reference| on `\\w+` tokens."""
+    """ROUGE-L F1 on `\\w+` tokens of the case-folded texts: 2PR/(P+R), P = LCS/|prediction|, R = LCS/|reference|
+    (0 when LCS = 0)"""
     pred, ref = _WORD.findall(prediction.casefold()), _WORD.findall(reference.casefold())
     common = lcs_length(pred, ref)
     if common == 0:
@@ -146,14 +139,11 @@ def squad_tokens(text: str) -> list[str]:
     return _SQUAD_ARTICLES.sub(" ", text.lower().translate(_SQUAD_PUNCTUATION)).split()
 
 
-@utility_metric(
-    "token_f1",
-    binary=False,
-    description="SQuAD token F1: 2|C|/(|prediction|+|reference|) over the normalised token lists (lower-case, no "
-    "punctuation, no a/an/the), C their multiset intersection; 1 when both lists are empty, 0 when only one is",
-)
+@utility_metric("token_f1", binary=False)
 def token_f1(prediction: str, reference: str) -> float:
-    """F1 = 2PR/(P+R), P = |C|/|pred|, R = |C|/|ref|, C = pred ∩ ref as multisets of SQuAD-normalised tokens."""
+    """SQuAD token F1: 2PR/(P+R) = 2|C|/(|prediction|+|reference|), P = |C|/|prediction|, R = |C|/|reference|, over
+    the normalised token lists (`squad_tokens`: lower-case, no punctuation, no a/an/the), C their multiset
+    intersection; 1 when both lists are empty, 0 when only one is"""
     pred, ref = squad_tokens(prediction), squad_tokens(reference)
     if not pred or not ref:
         return float(pred == ref)

@@ -23,6 +23,6 @@ def list_methods() -> MethodList:
     return MethodList(
         items=[MethodOut.from_info(info) for info in CATALOG.values()],
         repairs=[RepairOut.from_info(info) for info in REPAIRS.values()],
-        utility_metrics=[UtilityMetricOut.from_info(metric) for metric in UTILITY_METRICS.values()],
-        judges=[JudgeOut.from_info(judge) for judge in JUDGES.values()],
+        utility_metrics=[UtilityMetricOut.model_validate(metric) for metric in UTILITY_METRICS.values()],
+        judges=[JudgeOut.model_validate(judge) for judge in JUDGES.values()],
     )
