@@ -22,7 +22,10 @@ import click
 from .domain.settings import TENANT_PATTERN, Settings, get_settings
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from fastapi import FastAPI
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def _use_data_dir(data_dir: Path | None) -> None:
 def _require_worker_command() -> None:
     """`serve` runs its worker as `sstmerge worker`, which needs the worker extras (torch, the core)."""
     root = click.get_current_context().find_root()
-    if root.command.get_command(root, "worker") is None:  # type: ignore[attr-defined]
+    if not isinstance(root.command, click.Group) or root.command.get_command(root, "worker") is None:
         raise click.UsageError(
             "this installation has no `sstmerge worker` (install sstmerge[worker]); run the API alone with --no-worker"
         )
@@ -57,6 +60,7 @@ class WorkerProcess:
 
     def _supervise(self) -> None:
         while not self._stopping.is_set():
+            assert self._proc is not None  # start() spawns the child before it starts this thread
             code = self._proc.wait()
             if self._stopping.is_set():
                 return
@@ -198,7 +202,7 @@ def keys() -> None:
     """Manage API keys (stored as SHA-256 hashes; a key is shown once, at creation)."""
 
 
-def _session():
+def _session() -> AbstractContextManager[Session]:
     from .domain.bootstrap import prepare
     from .domain.db.session import session_scope
 

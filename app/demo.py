@@ -19,10 +19,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .client import ApiError, Client, JobFailed
+
+if TYPE_CHECKING:
+    from sstmerge_core.example import ExampleAssets
 
 
 def free_port() -> int:
@@ -42,7 +46,7 @@ def wait_ready(client: Client, server: subprocess.Popen, timeout: float = 120) -
     raise click.ClickException("the service did not become ready in time")
 
 
-def run_job(client: Client, assets, base_name: str) -> dict:
+def run_job(client: Client, assets: ExampleAssets, base_name: str) -> dict:
     """Upload the example, submit the demo job (`sstmerge_core.example`), follow it to the end (a progress bar on
     a terminal, a line per stage otherwise); returns the job."""
     from sstmerge_core.example import DEMO_COMPARE_WITH, DEMO_EVALUATION, DEMO_METHOD, DEMO_PARAMS
@@ -147,9 +151,8 @@ def demo_service(workdir: str, port: int | None) -> None:
             metrics, adapter = download_results(client, job, root / "downloads")
     except ApiError as exc:
         raise click.ClickException(f"{exc} (the service's log: {service_log})") from None
-    except click.ClickException as exc:
-        exc.message += f" (the service's log: {service_log})"
-        raise
+    except click.ClickException as exc:  # the same failure (all plain ClickExceptions), naming the log
+        raise click.ClickException(f"{exc.message} (the service's log: {service_log})") from exc
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -6,13 +6,18 @@ The CLI builds a `MergeSpec` from flags and the worker from a stored job; both h
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .evaluation.judges import JUDGES, judge_spec_pattern
+from .evaluation.metrics import UTILITY_METRICS
 from .methods.catalog import CATALOG, REPAIRS, CommonParams, parse_params, parse_repair
 
-UtilityMetric = Literal["exact_match", "contains", "rouge_l", "nll"]
+if TYPE_CHECKING:
+    UtilityMetric = str
+else:  # the registry's names, as a Literal: pydantic checks them and the JSON Schema lists them (an `enum`)
+    UtilityMetric = Literal[tuple(UTILITY_METRICS)]
 
 
 class AdapterInput(BaseModel):
@@ -30,33 +35,51 @@ class EvaluationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    utility_metric: UtilityMetric = "exact_match"
+    utility_metric: UtilityMetric = Field(
+        default="exact_match",
+        description="utility score of a completion against the reference response (`evaluation.metrics."
+        "UTILITY_METRICS` defines each; nll: lower is better)",
+    )
     judge: str = Field(
         default="keyword",
         max_length=400,
-        pattern=r"^(keyword|classifier:[^\x00-\x1f\x7f]+)$",
-        description="`keyword` or `classifier:<model>[#LABEL]`; the service takes <model> as it takes a base model "
+        pattern=judge_spec_pattern(),
+        description="refusal judge: "
+        + ", ".join(f"`{info.syntax}`" for info in JUDGES.values())
+        + " (`evaluation.judges.JUDGES` defines each); the service takes a judge's MODEL as it takes a base model "
         "(a name of GET /models, or an allowed Hub id when the Hub is on), the CLI also a local folder",
     )
-    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="tokens generated per prompt (greedy)")
     limit: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="at most this many prompts per evaluation set"
+        default=None, ge=1, le=1_000_000, description="use only the first N prompts of each set (unset: every row)"
     )
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         default="auto",
-        description="prompts per generation batch, or `auto`: the most that fit the memory budget",
+        description="prompts per generation batch, or `auto`: the most that fit the memory budget (CUDA: free memory "
+        "and the KV cache per sequence; CPU: half the weights' size, at most 64)",
     )
     split_seed: int = Field(
         default=0, ge=0, lt=2**31, description="seed of the search/report split of every evaluation set"
     )
     report_fraction: float = Field(
-        default=0.5, gt=0, lt=1, description="share of each evaluation set held out as the report split"
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="share of each evaluation set held out as the report split; the recommendation is chosen on the "
+        "rest (the search split)",
     )
     utility_tolerance: float = Field(
-        default=0.02, ge=0, le=1, description="recommendation: utility_drop ≤ this (in the utility metric's units)"
+        default=0.02,
+        ge=0,
+        le=1,
+        description="recommendation: utility_drop ≤ this (in the utility metric's units) on the search split",
     )
     over_refusal_tolerance: float | None = Field(
-        default=0.05, ge=0, le=1, description="recommendation: over_refusal_increase ≤ this (unbounded when null)"
+        default=0.05,
+        ge=0,
+        le=1,
+        description="recommendation: over_refusal_increase ≤ this on the search split (null or 1: unbounded; the "
+        "safety adapter's own over-refusal is always a cap)",
     )
 
 

@@ -273,9 +273,36 @@ def test_evaluation_flags_show_their_defaults(capsys):
     assert "[default: 0.05;" in flag_help("--over-refusal-tolerance")
     assert "[default: 0.02;" in flag_help("--utility-tolerance")
     assert "[default: 0.5;" in flag_help("--report-fraction")
-    assert "[default: 0]" in flag_help("--split-seed")
-    assert "[default: (every row)" in flag_help("--limit")
+    assert "[default: 0; 0<=x<2147483648]" in flag_help("--split-seed")
+    assert "(unset: every row)" in flag_help("--limit") and "[default:" not in flag_help("--limit")
     assert "[default: 64;" in flag_help("--max-new-tokens")
+
+
+def test_every_evaluation_setting_is_a_generated_flag(capsys):
+    """One flag per `EvaluationSettings` field in every command that evaluates, with the field's default, range and
+    choices (the registries' metrics and judges); the flags' defaults give the settings' defaults."""
+    from sstmerge_core.commands.evaluate import evaluate
+    from sstmerge_core.commands.options import evaluation_spec, setting_flag
+    from sstmerge_core.evaluation.judges import JUDGES
+    from sstmerge_core.evaluation.metrics import UTILITY_METRICS
+    from sstmerge_core.jobspec import EvaluationSettings
+
+    for command in ("evaluate", "merge", "search"):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        for name in EvaluationSettings.model_fields:
+            assert f"--{setting_flag(name).replace('_', '-')}" in out, (command, name)
+    options = {p.name: p for p in evaluate.params}
+    assert list(options["utility_metric"].type.choices) == list(UTILITY_METRICS)
+    assert all(info.syntax in options["judge"].metavar for info in JUDGES.values())
+    assert (options["report_fraction"].type.min, options["report_fraction"].type.max) == (0, 1)
+    assert options["report_fraction"].type.min_open and options["max_new_tokens"].type.max == 4096
+    defaults = {p.name: p.default for p in evaluate.params}
+    spec = evaluation_spec({**defaults, "harmful": "h", "benign": "b", "utility_eval": "u"})
+    assert spec.model_dump(include=set(EvaluationSettings.model_fields)) == EvaluationSettings().model_dump()
+    bad = ["evaluate", "--base", "m", "--harmful", "h", "--benign", "b", "--utility-eval", "u", "--out", "o.json"]
+    code, err = run([*bad, "--utility-tolerance", "2"], capsys)
+    assert code == 2 and "--utility-tolerance" in err
 
 
 @pytest.mark.parametrize("value", ["0", "big", "-3"])

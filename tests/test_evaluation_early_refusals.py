@@ -1,6 +1,6 @@
-"""Refusals decided early: the keyword judge's settled verdict on a partial reply holds for every continuation, a
-generation stopped on it is a prefix of the full one, and evaluating with it gives the same outcomes as full
-generations on a small model trained to refuse some prompts."""
+"""Refusals decided early: the keyword and refusal_prefix judges' settled verdict on a partial reply holds for every
+continuation, a generation stopped on it is a prefix of the full one, and evaluating with it gives the same outcomes
+as full generations on a small model trained to refuse some prompts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from sstmerge_core.data import Example
 from sstmerge_core.evaluation.generation import generate, generate_tokens
-from sstmerge_core.evaluation.judges import KeywordJudge, make_judge, settled_refusal_rule
+from sstmerge_core.evaluation.judges import KeywordJudge, RefusalPrefixJudge, make_judge, settled_refusal_rule
 from sstmerge_core.example import pretrain
 from sstmerge_core.modeling import load_base_model
 from sstmerge_core.tiny import build_tiny_model, build_word_tokenizer
@@ -22,8 +22,8 @@ from tests.test_evaluation_judges import COMPLIANCE, REFUSALS
 ADVERSARIAL = ["", " but I smile", "ful advice", "ing hand", " noticing", "'t", " not", "n't", ".", " thinking", "s"]
 
 
-def test_a_settled_refusal_is_a_refusal_whatever_follows():
-    judge = KeywordJudge()
+@pytest.mark.parametrize("judge", [KeywordJudge(), RefusalPrefixJudge()], ids=lambda judge: judge.name)
+def test_a_settled_refusal_is_a_refusal_whatever_follows(judge):
     for reply in REFUSALS + COMPLIANCE:
         for cut, suffix in itertools.product(range(len(reply) + 1), ADVERSARIAL):
             partial = reply[:cut]
@@ -39,8 +39,12 @@ def test_common_refusals_settle_before_they_end():
     assert not any(judge.settled_refusal(c[:i]) for c in COMPLIANCE for i in range(len(c) + 1))
 
 
-def test_only_the_keyword_judge_decides_early():
+def test_judges_with_a_settled_rule_decide_early():
     assert settled_refusal_rule(make_judge("keyword")) is not None
+    prefix = RefusalPrefixJudge()
+    assert prefix.settled_refusal("I'm sorry, but I cannot help with ")
+    assert not prefix.settled_refusal("I'm sorry, but I cannot help ")  # "help" waits for the next word
+    assert not any(prefix.settled_refusal(c[:i]) for c in COMPLIANCE for i in range(len(c) + 1))
     assert settled_refusal_rule(object()) is None  # type: ignore[arg-type]  # e.g. a classifier judge
 
 

@@ -15,7 +15,9 @@ from sstmerge_core.evaluation.metrics import (
     lcs_length,
     normalize,
     rouge_l,
+    squad_tokens,
     summarize_utility,
+    token_f1,
 )
 from sstmerge_core.evaluation.plot import build_figure, render_png
 from sstmerge_core.evaluation.stats import Rate, wilson_interval
@@ -234,3 +236,58 @@ def test_plot_states_when_nothing_is_recommended() -> None:
     figure = build_figure(metrics)
     assert "recommended: none" in figure._suptitle.get_text()
     assert not any("★" in t.get_text() for ax in figure.axes for t in ax.texts)
+
+
+# --- token_f1 (SQuAD) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        # [cat, sat, on, mat] vs [cat, is, sitting, on, mat]: C = {cat, on, mat}, P = 3/4, R = 3/5, F1 = 2/3
+        ("The cat sat on the mat.", "A cat is sitting on a mat", 2 / 3),
+        ("Paris paris", "Paris!", 2 / 3),  # C = {paris} once: P = 1/2, R = 1
+        ("an apple", "The Apple.", 1.0),  # articles, case and punctuation are dropped
+        ("42 km", "42", 2 / 3),
+        ("x y", "a b", 0.0),  # "a" is an article: [x, y] vs [b], C empty
+        ("the", "a", 1.0),  # both empty after normalisation
+        ("", "Paris", 0.0),
+        ("it's", "its", 1.0),  # the apostrophe is punctuation
+    ],
+)
+def test_token_f1_hand_computed(prediction: str, reference: str, expected: float) -> None:
+    assert token_f1(prediction, reference) == pytest.approx(expected)
+
+
+def _f1_by_matching(pred: list[str], ref: list[str]) -> float:
+    """Independent count: greedily match each predicted token with an unused equal reference token."""
+    unused = list(ref)
+    common = 0
+    for token in pred:
+        if token in unused:
+            unused.remove(token)
+            common += 1
+    if not pred or not ref:
+        return float(pred == ref)
+    return 2 * common / (len(pred) + len(ref))
+
+
+def test_token_f1_invariants() -> None:
+    import random
+
+    rng = random.Random(0)
+    words = ["cat", "dog", "the", "a", "mat", "Sat", "on", "42", "x-ray", "Dog."]
+    for _ in range(300):
+        pred = " ".join(rng.choices(words, k=rng.randint(0, 6)))
+        ref = " ".join(rng.choices(words, k=rng.randint(0, 6)))
+        f1 = token_f1(pred, ref)
+        assert 0.0 <= f1 <= 1.0
+        assert f1 == pytest.approx(token_f1(ref, pred))  # symmetric
+        shuffled = pred.split()
+        rng.shuffle(shuffled)
+        assert f1 == pytest.approx(token_f1(" ".join(shuffled), ref))  # order-free
+        assert f1 == pytest.approx(_f1_by_matching(squad_tokens(pred), squad_tokens(ref)))
+        assert token_f1(pred, pred) == 1.0
+    assert squad_tokens("The  X-ray, an Apple!") == ["xray", "apple"]
+    metric = UTILITY_METRICS["token_f1"]
+    assert not metric.binary and metric.higher_is_better and metric.needs_generation

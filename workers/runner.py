@@ -15,7 +15,9 @@ import logging
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypedDict
 
 from sqlalchemy.exc import OperationalError
 
@@ -32,7 +34,9 @@ from sstmerge_core.cache import FisherCache
 from sstmerge_core.errors import Cancelled, InputError
 from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.pipeline import MergeOutcome, ModelCache, run_merge
+from sstmerge_core.progress import ProgressFn
 from sstmerge_core.search.runner import SearchOutcome, run_search
+from sstmerge_core.specfile import InputNames
 
 from .inputs import InputCache
 
@@ -136,6 +140,16 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
 
 
+class RunHooks(TypedDict):
+    """What `run_merge` and `run_search` take from the worker besides the job: progress, cancellation, the warm
+    model and the inputs' public names."""
+
+    progress: ProgressFn
+    should_cancel: Callable[[], bool]
+    model_cache: ModelCache
+    names: InputNames
+
+
 class JobRunner:
     def __init__(self, settings: Settings, storage: Storage, model_cache: ModelCache) -> None:
         self.settings, self.storage, self.model_cache = settings, storage, model_cache
@@ -200,7 +214,7 @@ class JobRunner:
         except Exception:  # noqa: BLE001 - housekeeping never fails a job
             log.warning("cache trim failed", exc_info=True)
 
-    def _finish(self, claim: Claim, status: str, **outcome) -> bool:
+    def _finish(self, claim: Claim, status: str, **outcome: Any) -> bool:
         """`JobStore.finish`, retried while the database is unreachable (for up to a lease or 30 s)."""
         deadline = time.monotonic() + max(self.settings.job_lease_seconds, 30.0)
         delay = 0.5
@@ -228,7 +242,7 @@ class JobRunner:
         self, claim: Claim, heartbeat: Heartbeat, spec: MergeSpec, names: dict[str, str], work: Path, prefix: str
     ) -> tuple[dict, dict]:
         """The merge (or the search) of the job and its stored artifacts: (summary, manifest)."""
-        common = dict(
+        common = RunHooks(
             progress=ProgressWriter(self.store, claim),
             should_cancel=heartbeat.should_cancel,
             model_cache=self.model_cache,

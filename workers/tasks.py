@@ -131,21 +131,21 @@ def register_tasks(worker_app: Celery, settings: Settings) -> None:
         """Run job `job_id` (idempotent: a finished, cancelled or live-owned job is left alone)."""
         runner().run(job_id)
 
-    def _logging(**_) -> None:
+    def _logging(**_: object) -> None:
         configure_logging(settings.log_level, settings.log_json)
 
-    def _prepare(**_) -> None:
+    def _prepare(**_: object) -> None:
         prepare(settings)
         try:
             sweep_worker_leftovers(settings)
         except Exception:  # noqa: BLE001 - housekeeping never stops a worker from starting
             log.warning("start-up sweep incomplete", exc_info=True)
 
-    def _start_recovery(**_) -> None:
+    def _start_recovery(**_: object) -> None:
         recovery.start()
         webhooks.start()
 
-    def _stop_recovery(**_) -> None:
+    def _stop_recovery(**_: object) -> None:
         recovery.stop()
         webhooks.stop()
 

@@ -182,6 +182,8 @@ def document_errors(app: FastAPI) -> None:
             app.openapi_schema = add_error_responses(generate())
         return app.openapi_schema
 
+    # FastAPI's documented way to extend the OpenAPI document is to assign `app.openapi` ("Extending OpenAPI");
+    # mypy sees a method being replaced.
     app.openapi = openapi  # type: ignore[method-assign]
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
 from sstmerge_core.methods.catalog import MethodInfo, RepairInfo
 
@@ -77,9 +78,34 @@ class RepairOut(BaseModel):
         )
 
 
+class UtilityMetricOut(BaseModel):
+    """A utility metric as its registry declares it (`sstmerge_core.evaluation.metrics.UtilityMetric`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str = Field(description="the value to put in a job's `evaluation.utility_metric`")
+    description: str
+    binary: bool = Field(description="scores are 0/1: the utility has k and a 95% Wilson interval")
+    higher_is_better: bool
+    needs_generation: bool = Field(description="scores generated completions (false: scores the reference itself)")
+
+
+class JudgeOut(BaseModel):
+    """A kind of judge as its registry declares it (`sstmerge_core.evaluation.judges.JudgeInfo`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str = Field(description="the kind of judge: a job's `evaluation.judge` is `name` or `name:ARGUMENT`")
+    syntax: str = Field(description="how `evaluation.judge` names it, e.g. `classifier:MODEL[#LABEL]`")
+    description: str
+    takes_model: bool = Field(description="its argument names a model, resolved as a base model is (GET /models)")
+
+
 class MethodList(BaseModel):
     items: list[MethodOut]
     repairs: list[RepairOut] = Field(description="post-merge repair steps a job's `repair` may name")
+    utility_metrics: list[UtilityMetricOut] = Field(description="what a job's `evaluation.utility_metric` may name")
+    judges: list[JudgeOut] = Field(description="the refusal judges a job's `evaluation.judge` may name")
 
 
 class AdapterOut(BaseModel):
@@ -129,7 +155,8 @@ class JobOut(BaseModel):
     attempts: int
 
     @classmethod
-    def from_job(cls, job: Job) -> JobOut:
+    def from_job(cls, job: Job | Row) -> JobOut:
+        """From a `Job`, or a `Row` of its columns (`app.api.watch` selects those alone)."""
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
         return cls(
             id=job.id,

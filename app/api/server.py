@@ -82,6 +82,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_bytes = 0
 
     # connections per client
+    # The ignore below: uvicorn's HttpToolsProtocol already narrows asyncio's BaseTransport to Transport (what the
+    # event loop passes a stream protocol); this override keeps uvicorn's signature.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         peer = self.client[0] if self.client else None

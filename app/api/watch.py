@@ -65,7 +65,7 @@ class JobState:
 
     @classmethod
     def of(cls, job: Job | Row) -> JobState:
-        body = JobOut.from_job(job).model_dump_json().encode()  # type: ignore[arg-type]  # a Row has Job's names
+        body = JobOut.from_job(job).model_dump_json().encode()
         etag = f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
         return cls(body, etag, job.status, job.stage, job.percent)
 

@@ -9,11 +9,11 @@ from typing import IO
 
 from sqlalchemy.orm import Session
 
-from sstmerge_core.adapter_format import refuse_pickles
+from sstmerge_core.adapter_format import WEIGHTS_NAME, refuse_pickles
 from sstmerge_core.errors import AdapterError
 
 from . import archives
-from .adapter_files import KEPT_FILES, WEIGHTS_NAME, find_adapter_folder, inspect_adapter, invalid
+from .adapter_files import KEPT_FILES, find_adapter_folder, inspect_adapter, invalid
 from .db.models import Adapter, new_id
 from .errors import InvalidInput, TooLarge, UpstreamFailed
 from .inputs import check_quota, delete_input, get_input, list_inputs

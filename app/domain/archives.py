@@ -94,8 +94,10 @@ def _zip_members(archive: zipfile.ZipFile) -> Iterator[tuple[Member, IO[bytes] |
 
 def _check_zip_directory(path: Path, max_members: int) -> None:
     """Refuse a zip whose central directory (read whole by `zipfile`) lists or weighs more than the limits allow."""
+    # zipfile's private helpers (absent from typeshed, hence the ignores) read the end of central directory record,
+    # zip64 aware, without reading the directory itself, which is what this check must not do first
     with path.open("rb") as handle:
-        end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]  # end of central directory (zip64 aware)
+        end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
     if end is None:
         raise ArchiveError("invalid_archive", "not a readable zip file (no end of central directory)")
     entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
@@ -112,7 +114,7 @@ def _bounded_tarinfo(max_header_bytes: int) -> type[tarfile.TarInfo]:
     class BoundedTarInfo(tarfile.TarInfo):
         chain = 0
 
-        def _proc_member(self, archive):  # tarfile's hook: called on every header before it is processed
+        def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:  # tarfile's hook, on every header
             cls = type(self)
             if self.type in _EXTENDED:
                 cls.chain += 1
@@ -126,9 +128,9 @@ def _bounded_tarinfo(max_header_bytes: int) -> type[tarfile.TarInfo]:
                 cls.chain = 0
             if self.type == tarfile.GNUTYPE_SPARSE:
                 raise ArchiveError("unsafe_archive", f"member {quote(self.name)}: sparse files are not allowed")
-            return super()._proc_member(archive)
+            return super()._proc_member(archive)  # type: ignore[misc]  # a private hook, absent from typeshed
 
-        def _sparse(self, *_) -> None:
+        def _sparse(self, *_: object) -> None:
             raise ArchiveError("unsafe_archive", f"member {quote(self.name)}: sparse files are not allowed")
 
         _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse

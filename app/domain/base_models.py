@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from sstmerge_core.evaluation.judges import JUDGES
+
 from .adapter_files import read_safetensors_header
 from .errors import InvalidInput
 from .settings import Settings
@@ -122,11 +124,13 @@ def _weight_shapes(folder: Path, stamp: tuple) -> dict[str, list[int]]:
 
 
 def resolve_judge(settings: Settings, judge: str) -> tuple[str, BaseModelRef | None]:
-    """The judge as the worker runs it, and its classifier model if any: `keyword` as is; `classifier:<model>[#LABEL]`
-    with <model> resolved exactly as a base model is (`resolve`: a folder name under `SSTMERGE_MODEL_DIRS`, a Hub id
-    only when the Hub is on and `hub_models` allow it; never a path), else `InvalidInput` with code `unknown_judge`."""
+    """The judge as the worker runs it, and its model if any: a judge that takes no model (`keyword`) as is; one that
+    does (`JUDGES[kind].takes_model`: `classifier:<model>[#LABEL]`) with <model> resolved exactly as a base model is
+    (`resolve`: a folder name under `SSTMERGE_MODEL_DIRS`, a Hub id only when the Hub is on and `hub_models` allow it;
+    never a path), else `InvalidInput` with code `unknown_judge`."""
     kind, _, target = judge.partition(":")
-    if kind != "classifier":
+    info = JUDGES.get(kind)
+    if info is None or not info.takes_model:
         return judge, None
     model, sep, label = target.partition("#")
     try:

@@ -63,7 +63,7 @@ class InsufficientStorage(DomainError):
     """The storage or scratch space is (nearly) full: nothing is written below the configured free space."""
 
     code = "insufficient_storage"
-    retry_after = 60
+    retry_after: int | None = 60
 
 
 class QuotaExceeded(InsufficientStorage):

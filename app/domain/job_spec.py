@@ -27,7 +27,7 @@ def build_spec(
     dataset_path: Callable[[str], str],
     *,
     judge: str | None = None,
-    **overrides,
+    **overrides: object,
 ) -> MergeSpec:
     """The core `MergeSpec` for a request, with ids turned into local paths by the given functions and the
     evaluation's judge replaced by `judge` when given (`base_models.resolve_judge`: its classifier as a local path or

@@ -32,12 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from typing_extensions import Self
 
 from .db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
-from .db.session import session_scope
+from .db.session import rows_changed, session_scope
 from .settings import Settings
 from .webhooks import record_terminal
 
@@ -113,7 +114,7 @@ class JobStore:
     def time_limit_message(self) -> str:
         return f"the job ran longer than its time limit of {self.time_limit.total_seconds():g} s"
 
-    def _claimable(self, now):
+    def _claimable(self, now: datetime) -> ColumnElement[bool]:
         stale = now - self.lease
         return or_(
             Job.status == "queued",
@@ -133,7 +134,8 @@ class JobStore:
                     log.warning("job past its time limit failed", extra={"job_id": job_id})
                 return None
             if job.attempts >= self.max_attempts:
-                failed = session.execute(
+                failed = rows_changed(
+                    session,
                     update(Job)
                     .where(Job.id == job_id, self._claimable(now))
                     .values(
@@ -144,13 +146,14 @@ class JobStore:
                             f"the job was started {job.attempts} times and its worker was lost each time "
                             "(out of memory or killed?)"
                         ),
-                    )
-                ).rowcount
+                    ),
+                )
                 if failed:
                     session.add(JobEvent(job_id=job_id, kind="status", message="failed: worker_lost"))
                     record_terminal(session, job_id)
                 return None
-            taken = session.execute(
+            taken = rows_changed(
+                session,
                 update(Job)
                 .where(Job.id == job_id, self._claimable(now))
                 .values(
@@ -162,8 +165,8 @@ class JobStore:
                     started_at=func.coalesce(Job.started_at, now),
                     stage="starting",
                     percent=0.0,
-                )
-            ).rowcount
+                ),
+            )
             if not taken:
                 log.info("delivery dropped: job owned by a live worker", extra={"job_id": job_id})
                 return None
@@ -174,13 +177,14 @@ class JobStore:
             return Claim(job_id, token, job.tenant_id, dict(job.request), job.attempts, job.started_at or now)
 
     @staticmethod
-    def _fail_where(session, job_id: str, condition, code: str, message: str) -> bool:
+    def _fail_where(session: Session, job_id: str, condition: ColumnElement[bool], code: str, message: str) -> bool:
         """Fail the job if `condition` still holds (one conditional UPDATE); returns whether it did."""
-        failed = session.execute(
+        failed = rows_changed(
+            session,
             update(Job)
             .where(Job.id == job_id, condition)
-            .values(status="failed", error_code=code, error_message=message, finished_at=utcnow())
-        ).rowcount
+            .values(status="failed", error_code=code, error_message=message, finished_at=utcnow()),
+        )
         if failed:
             session.add(JobEvent(job_id=job_id, kind="status", message=f"failed: {code}: {message}"[:2000]))
             record_terminal(session, job_id)
@@ -189,21 +193,23 @@ class JobStore:
     def beat(self, claim: Claim) -> tuple[bool, bool]:
         """Refresh the heartbeat; returns (still owned, cancel requested)."""
         with session_scope(self.url) as session:
-            owned = session.execute(
+            owned = rows_changed(
+                session,
                 update(Job)
                 .where(Job.id == claim.job_id, Job.attempt_token == claim.token, Job.status == "running")
-                .values(heartbeat_at=utcnow())
-            ).rowcount
+                .values(heartbeat_at=utcnow()),
+            )
             cancel = session.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id))
         return bool(owned), bool(cancel)
 
     def progress(self, claim: Claim, stage: str, percent: float, new_stage: bool) -> None:
         with session_scope(self.url) as session:
-            owned = session.execute(
+            owned = rows_changed(
+                session,
                 update(Job)
                 .where(Job.id == claim.job_id, Job.attempt_token == claim.token)
-                .values(stage=stage, percent=percent, heartbeat_at=utcnow())
-            ).rowcount
+                .values(stage=stage, percent=percent, heartbeat_at=utcnow()),
+            )
             if owned and new_stage:
                 session.add(
                     JobEvent(job_id=claim.job_id, kind="stage", stage=stage, percent=percent, message=f"stage {stage}")
@@ -245,11 +251,12 @@ class JobStore:
         if status == "succeeded":
             values |= {"summary": summary, "artifact_prefix": artifact_prefix, "percent": 100.0, "stage": "done"}
         with session_scope(self.url) as session:
-            owned = session.execute(
+            owned = rows_changed(
+                session,
                 update(Job)
                 .where(Job.id == claim.job_id, Job.attempt_token == claim.token, Job.status == "running")
-                .values(**values)
-            ).rowcount
+                .values(**values),
+            )
             if owned:
                 message = ": ".join(part for part in (status, error_code, error_message or reason) if part)
                 session.add(JobEvent(job_id=claim.job_id, kind="status", message=message[:2000]))
@@ -269,11 +276,12 @@ class JobStore:
                 select(Job.id).where(Job.status == "running", Job.heartbeat_at < now - self.lease)
             ).all()
             for job_id in stale:
-                done = session.execute(
+                done = rows_changed(
+                    session,
                     update(Job)
                     .where(Job.id == job_id, self._claimable(now), Job.status == "running")
-                    .values(status="queued", attempt_token=None, worker=None, enqueued_at=None)
-                ).rowcount
+                    .values(status="queued", attempt_token=None, worker=None, enqueued_at=None),
+                )
                 if done:
                     session.add(JobEvent(job_id=job_id, kind="status", message="worker lost; re-queued"))
                     requeued.append(job_id)
@@ -325,11 +333,12 @@ class JobStore:
         """Record a send of a queued job seen with `publish_count`; False when another process took it first or the
         job is no longer queued (a compare-and-set on `publish_count`)."""
         with session_scope(self.url) as session:
-            taken = session.execute(
+            taken = rows_changed(
+                session,
                 update(Job)
                 .where(Job.id == job_id, Job.status == "queued", Job.publish_count == publish_count)
-                .values(enqueued_at=utcnow(), publish_count=publish_count + 1)
-            ).rowcount
+                .values(enqueued_at=utcnow(), publish_count=publish_count + 1),
+            )
         return bool(taken)
 
     def undo_send(self, job_id: str, publish_count: int) -> None:
@@ -402,7 +411,7 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 

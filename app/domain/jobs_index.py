@@ -48,7 +48,9 @@ def active_references(
     ]
 
 
-def lock_for_delete(session: Session, model: type[Adapter] | type[Dataset], tenant: str, ident: str):
+def lock_for_delete(
+    session: Session, model: type[Adapter] | type[Dataset], tenant: str, ident: str
+) -> Adapter | Dataset:
     """The tenant's adapter or dataset `ident`, locked until commit against a concurrent submit naming it (which
     then fails with `*_not_found`, or commits first and makes `active_references` see its job); 404 if absent."""
     begin_write(session)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select, update
@@ -19,6 +20,7 @@ from sstmerge_core.search.space import evaluation_values, from_evaluation
 from . import artifacts, base_models, webhooks
 from .db.locking import begin_write, locked
 from .db.models import TERMINAL_STATUSES, Adapter, Dataset, Job, JobEvent, utcnow
+from .db.session import rows_changed
 from .errors import Conflict, InvalidInput, not_found
 from .job_spec import build_spec
 from .pagination import page_of, paginate
@@ -27,6 +29,7 @@ from .settings import Settings
 from .storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
+Owned = TypeVar("Owned", Adapter, Dataset)
 Enqueue = Callable[[str], None]
 
 
@@ -60,7 +63,7 @@ def one_search_place(body: MergeRequest) -> MergeRequest:
     return body.model_copy(update={"search": search, "evaluation": evaluation})
 
 
-def _owned(session: Session, model, tenant: str, ids: set[str], *, lock: bool = False) -> dict[str, object]:
+def _owned(session: Session, model: type[Owned], tenant: str, ids: set[str], *, lock: bool = False) -> dict[str, Owned]:
     """The tenant's rows of `model` among `ids`; with `lock`, share-locked until commit (`db.locking`)."""
     query = select(model).where(model.tenant_id == tenant, model.id.in_(ids))
     rows = session.scalars(locked(query, shared=True) if lock else query).all()
@@ -80,7 +83,7 @@ def _require_inputs(session: Session, tenant: str, body: MergeRequest, *, lock: 
         raise InvalidInput(
             f"dataset(s) not found: {', '.join(missing)}", code="dataset_not_found", details={"ids": missing}
         )
-    return adapters  # type: ignore[return-value]
+    return adapters
 
 
 def _check_base_model(base: base_models.BaseModelRef, adapters: list[Adapter]) -> None:
@@ -227,17 +230,18 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
     """A queued job is cancelled now; a running one by its worker, between two batches of its current pass."""
     job = get_job(session, tenant, job_id)
     now = utcnow()
-    queued = session.execute(
+    queued = rows_changed(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now)
-    ).rowcount
+        .values(status="cancelled", cancel_requested=True, finished_at=now),
+    )
     running = (
         0
         if queued
-        else session.execute(
-            update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
-        ).rowcount
+        else rows_changed(
+            session, update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
+        )
     )
     if queued or running:
         message = "cancelled" if queued else "cancel requested"
@@ -256,11 +260,12 @@ def delete_job(session: Session, storage: Storage, tenant: str, job_id: str) -> 
     """Delete a finished job: its row, its events and every artifact of every attempt. A queued or running job is
     refused (`job_active`): cancel it first, so that no worker is writing what this removes."""
     job = get_job(session, tenant, job_id)
-    deleted = session.execute(
+    deleted = rows_changed(
+        session,
         delete(Job)
         .where(Job.id == job.id, Job.status.in_(TERMINAL_STATUSES))
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not deleted:
         session.rollback()
         session.refresh(job)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Select, and_, or_
 
+from .db.models import Adapter, Dataset, Job
 from .errors import InvalidInput
 from .requests import well_formed_id
 
@@ -46,7 +47,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created.astimezone(timezone.utc), pair[1]
 
 
-def paginate(query: Select, model, limit: int, cursor: str | None) -> Select:
+def paginate(query: Select, model: type[Adapter] | type[Dataset] | type[Job], limit: int, cursor: str | None) -> Select:
     """`query` restricted to the page after `cursor`, ordered newest first, one extra row to detect more."""
     if cursor:
         created, ident = decode_cursor(cursor)

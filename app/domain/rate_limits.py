@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -31,6 +32,8 @@ from limits.storage import storage_from_string
 
 from .errors import RateLimited
 from .settings import Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 STORE_TIMEOUT = 0.5  # seconds: a Redis that does not answer costs a request at most this much
@@ -71,11 +74,14 @@ class RateLimits:
     def store_down(self) -> bool:
         return self.shared and time.monotonic() < self._down_until
 
-    async def _call(self, action: Callable[[SlidingWindowCounterRateLimiter], Awaitable]):
-        """`action` on the shared limiter, or on this process's own when the shared store is unreachable."""
+    async def _call(
+        self, action: Callable[[SlidingWindowCounterRateLimiter, RateLimitItem], Awaitable[T]], item: RateLimitItem
+    ) -> T:
+        """`action(limiter, item)` on the shared limiter, or on this process's own when the shared store is
+        unreachable."""
         if not self.store_down:
             try:
-                result = await action(self.limiter)
+                result = await action(self.limiter, item)
             except Exception:  # noqa: BLE001 - any failure of the store: see the module docstring
                 if self._down_until == 0.0:
                     log.warning("rate limit store unreachable; counting in this process", exc_info=True)
@@ -85,16 +91,16 @@ class RateLimits:
                     log.warning("rate limit store reachable again; shared counting resumed")
                     self._down_until = 0.0
                 return result
-        return await action(self.local)
+        return await action(self.local, item)
 
     async def _retry_after(self, item: RateLimitItem, *keys: str) -> int:
-        reset = (await self._call(lambda limiter: limiter.get_window_stats(item, *keys))).reset_time
+        reset = (await self._call(lambda limiter, item: limiter.get_window_stats(item, *keys), item)).reset_time
         return max(math.ceil(reset - time.time()), 1)
 
     async def check_client(self, client: str, bucket: str) -> None:
         """`RateLimited` when `client` has used up its failed authentications with keys of `bucket`."""
         for item in self.failed_auth:
-            if not await self._call(lambda limiter, item=item: limiter.test(item, "auth-failed", client, bucket)):
+            if not await self._call(lambda limiter, item: limiter.test(item, "auth-failed", client, bucket), item):
                 raise RateLimited(
                     f"too many failed authentications from this address with this key (limit {item})",
                     retry_after=await self._retry_after(item, "auth-failed", client, bucket),
@@ -102,12 +108,12 @@ class RateLimits:
 
     async def count_failure(self, client: str, bucket: str) -> None:
         for item in self.failed_auth:
-            await self._call(lambda limiter, item=item: limiter.hit(item, "auth-failed", client, bucket))
+            await self._call(lambda limiter, item: limiter.hit(item, "auth-failed", client, bucket), item)
 
     async def hit_tenant(self, tenant: str) -> None:
         """Count one request of `tenant`; `RateLimited` past its limit."""
         for item in self.per_tenant:
-            if not await self._call(lambda limiter, item=item: limiter.hit(item, "tenant", tenant)):
+            if not await self._call(lambda limiter, item: limiter.hit(item, "tenant", tenant), item):
                 raise RateLimited(
                     f"too many requests for this tenant (limit {item})",
                     retry_after=await self._retry_after(item, "tenant", tenant),

@@ -184,7 +184,8 @@ class MergeRequest(BaseModel):
         """The schema ties `params` to `method`: a named schema per catalogue method's parameter model, and `if`
         method is m `then` params follow m's model. `anyOf`, not `oneOf`, for the list: `{}` fits every method."""
         schema = handler.resolve_ref_schema(handler(core_schema))
-        # generate_inner registers each model as a definition and returns its $ref (handler() would inline it)
+        # generate_inner registers each model as a definition and returns its $ref (handler() would inline it); the
+        # handler pydantic passes is a GenerateJsonSchemaHandler, whose generator the public protocol does not declare
         generate = handler.generate_json_schema.generate_inner  # type: ignore[attr-defined]
         models = {name: generate(info.params.__pydantic_core_schema__) for name, info in CATALOG.items()}
         properties = schema["properties"]

@@ -45,7 +45,7 @@ def sweep_uploads(settings: Settings) -> int:
     return len(scratch.remove_leftovers(list(root.iterdir()), locked_grace(settings)))
 
 
-def _existing(session: Session, model, ids: list[str]) -> set[str]:
+def _existing(session: Session, model: type[Adapter] | type[Dataset] | type[Job], ids: list[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(ids), _CHUNK):
         found.update(session.scalars(select(model.id).where(model.id.in_(ids[start : start + _CHUNK]))))

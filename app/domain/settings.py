@@ -231,7 +231,7 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         pairs = []
-        for item in _split(value, ","):
+        for item in (part.strip() for part in value.split(",") if part.strip()):
             tenant, sep, key = item.partition(":")
             if not sep or not key or not TENANT_PATTERN.match(tenant):
                 raise ValueError("SSTMERGE_API_KEYS must look like 'tenant:key,tenant2:key2'")

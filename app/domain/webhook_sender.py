@@ -24,7 +24,7 @@ import httpx
 from sqlalchemy import select, update
 
 from .db.models import JobEvent, WebhookDelivery, utcnow
-from .db.session import session_scope
+from .db.session import rows_changed, session_scope
 from .settings import Settings
 from .webhooks import host_of, signed_headers, tenant_secret, url_allowed
 
@@ -98,15 +98,16 @@ class WebhookSender:
                 .limit(limit)
             ).all()
             for delivery_id, attempts in rows:
-                taken = session.execute(
+                taken = rows_changed(
+                    session,
                     update(WebhookDelivery)
                     .where(
                         WebhookDelivery.id == delivery_id,
                         WebhookDelivery.status == "pending",
                         WebhookDelivery.attempts == attempts,
                     )
-                    .values(attempts=attempts + 1, next_attempt_at=now + self.lease)
-                ).rowcount
+                    .values(attempts=attempts + 1, next_attempt_at=now + self.lease),
+                )
                 if not taken:
                     continue
                 row = session.get(WebhookDelivery, delivery_id)
@@ -161,15 +162,16 @@ class WebhookSender:
             "next_attempt_at": next_at.isoformat() if next_at else None,
         }
         with session_scope(self.url) as session:
-            updated = session.execute(
+            updated = rows_changed(
+                session,
                 update(WebhookDelivery)
                 .where(
                     WebhookDelivery.id == due.id,
                     WebhookDelivery.status == "pending",
                     WebhookDelivery.attempts == due.attempt,
                 )
-                .values(**values)
-            ).rowcount
+                .values(**values),
+            )
             if updated:
                 session.add(JobEvent(job_id=due.job_id, kind="webhook", message=json.dumps(event)))
         level = logging.INFO if result == "delivered" else logging.WARNING

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from ..errors import InputError
 from .progress import progress_bar  # noqa: F401  (re-exported for the commands)
-
-UTILITY_METRICS = ["exact_match", "contains", "rouge_l", "nll"]
-
-
-def _default(field: str):
-    """The default of an `EvaluationSettings` field (one source for the CLI, the API and the library)."""
-    from ..jobspec import EvaluationSettings
-
-    return EvaluationSettings.model_fields[field].default
 
 
 class BatchSizeType(click.ParamType):
@@ -43,9 +37,62 @@ BATCH_SIZE = BatchSizeType()
 #: What click's option decorators take and give back: a command function, or a command already made.
 FC = TypeVar("FC", bound=Callable[..., Any] | click.Command)
 
+#: Evaluation settings whose flag is not `--<field>`: `--batch-size` is the Fisher pass's in `merge`.
+SETTING_FLAGS = {"batch_size": "eval_batch_size"}
+
+
+def setting_flag(field: str) -> str:
+    """The option name (click's destination) of an `EvaluationSettings` field."""
+    return SETTING_FLAGS.get(field, field)
+
+
+def _bounds(info: FieldInfo) -> dict[str, Any]:
+    """click range arguments from a field's `ge`/`gt`/`le`/`lt`."""
+    bounds: dict[str, Any] = {}
+    for item in info.metadata:
+        for attribute, key, is_open in (
+            ("ge", "min", False),
+            ("gt", "min", True),
+            ("le", "max", False),
+            ("lt", "max", True),
+        ):
+            value = getattr(item, attribute, None)
+            if value is not None:
+                bounds[key] = value
+                bounds[f"{key}_open"] = is_open
+    return bounds
+
+
+def setting_type(info: FieldInfo) -> click.ParamType:
+    """The click type of an evaluation-setting field: a Literal's choices, an int/float range from its bounds, a
+    positive integer or `auto` for a batch size, else a string (pydantic checks the rest)."""
+    annotation = info.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if any(typing.get_origin(a) is typing.Literal and typing.get_args(a) == ("auto",) for a in options):
+            return BATCH_SIZE
+        (annotation,) = options
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(v) for v in typing.get_args(annotation)])
+    if annotation in (int, float):
+        bounds = _bounds(info)
+        if annotation is int:
+            return click.IntRange(**bounds)
+        return click.FloatRange(**bounds)
+    return click.STRING
+
+
+def _setting_help(name: str, info: FieldInfo) -> str:
+    text = info.description or name.replace("_", " ")
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
 
 def evaluation_options(required: bool) -> Callable[[FC], FC]:
-    """--harmful/--benign/--utility-eval and the judging/generation settings (sstmerge_core/evaluation/README.md)."""
+    """--harmful/--benign/--utility-eval, then one flag per `EvaluationSettings` field (sstmerge_core/evaluation/
+    README.md): its type, range, default and help are the field's, so a new setting is a flag without more code."""
+    from ..evaluation.judges import judge_syntax
+    from ..jobspec import EvaluationSettings
+
     flags = [
         click.option(
             "--harmful",
@@ -65,73 +112,21 @@ def evaluation_options(required: bool) -> Callable[[FC], FC]:
             required=required,
             help="Held-out utility prompts with reference `response`s (JSONL/CSV).",
         ),
-        click.option(
-            "--utility-metric",
-            type=click.Choice(UTILITY_METRICS),
-            default=_default("utility_metric"),
-            show_default=True,
-            help="Utility score of a completion against the reference response (nll: lower is better).",
-        ),
-        click.option(
-            "--judge",
-            default=_default("judge"),
-            show_default=True,
-            metavar="keyword|classifier:MODEL[#LABEL]",
-            help="Refusal judge: the keyword rules, or a sequence-classification model and its refusal label.",
-        ),
-        click.option(
-            "--max-new-tokens",
-            type=click.IntRange(1, 4096),
-            default=_default("max_new_tokens"),
-            show_default=True,
-            help="Tokens generated per prompt (greedy).",
-        ),
-        click.option(
-            "--limit",
-            type=click.IntRange(1),
-            default=None,
-            show_default="every row",
-            help="Use only the first N prompts of each set.",
-        ),
-        click.option(
-            "--eval-batch-size",
-            type=BATCH_SIZE,
-            default=_default("batch_size"),
-            show_default=True,
-            metavar="N|auto",
-            help="Prompts per generation batch; auto: the most that fit the memory budget (CUDA: free memory and "
-            "the KV cache per sequence; CPU: half the weights' size, at most 64).",
-        ),
-        click.option(
-            "--split-seed",
-            type=int,
-            default=_default("split_seed"),
-            show_default=True,
-            help="Seed of the search/report split of every evaluation set.",
-        ),
-        click.option(
-            "--report-fraction",
-            type=click.FloatRange(0, 1, min_open=True, max_open=True),
-            default=_default("report_fraction"),
-            show_default=True,
-            help="Share of each evaluation set held out for reporting; the recommendation is chosen on the rest.",
-        ),
-        click.option(
-            "--utility-tolerance",
-            type=click.FloatRange(0),
-            default=_default("utility_tolerance"),
-            show_default=True,
-            help="Recommendation: utility_drop ≤ this (in the utility metric's units) on the search split.",
-        ),
-        click.option(
-            "--over-refusal-tolerance",
-            type=click.FloatRange(0),
-            default=_default("over_refusal_tolerance"),
-            show_default=True,
-            help="Recommendation: over_refusal_increase ≤ this on the search split (1 removes the bound; the "
-            "safety adapter's own over-refusal is always a cap).",
-        ),
     ]
+    metavars = {"judge": judge_syntax(), "batch_size": BATCH_SIZE.name}
+    for name, info in EvaluationSettings.model_fields.items():
+        dest = setting_flag(name)
+        flags.append(
+            click.option(
+                f"--{dest.replace('_', '-')}",
+                dest,
+                type=setting_type(info),
+                default=info.default,
+                show_default=info.default is not None,
+                metavar=metavars.get(name),
+                help=_setting_help(name, info),
+            )
+        )
 
     def decorate(command: FC) -> FC:
         for flag in reversed(flags):
@@ -143,25 +138,15 @@ def evaluation_options(required: bool) -> Callable[[FC], FC]:
 
 def evaluation_spec(options: dict):
     """An `EvaluationSpec` from the evaluation flags (all three data sets required)."""
-    from ..jobspec import EvaluationSpec
+    from ..jobspec import EvaluationSettings, EvaluationSpec
 
     missing = [f"--{k.replace('_', '-')}" for k in ("harmful", "benign", "utility_eval") if not options.get(k)]
     if missing:
         raise InputError(f"evaluation needs {', '.join(missing)}")
+    settings = {name: options[setting_flag(name)] for name in EvaluationSettings.model_fields}
     try:
         return EvaluationSpec(
-            harmful=options["harmful"],
-            benign=options["benign"],
-            utility_eval=options["utility_eval"],
-            utility_metric=options["utility_metric"],
-            judge=options["judge"],
-            max_new_tokens=options["max_new_tokens"],
-            limit=options["limit"],
-            batch_size=options.get("eval_batch_size", _default("batch_size")),
-            split_seed=options.get("split_seed", _default("split_seed")),
-            report_fraction=options.get("report_fraction", _default("report_fraction")),
-            utility_tolerance=options["utility_tolerance"],
-            over_refusal_tolerance=options["over_refusal_tolerance"],
+            harmful=options["harmful"], benign=options["benign"], utility_eval=options["utility_eval"], **settings
         )
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None

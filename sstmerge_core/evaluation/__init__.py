@@ -2,10 +2,10 @@
 
 Modules, in the order data flows through them:
 
-- `judges`: is a completion a refusal? (`keyword`, `classifier:<model>`)
+- `judges`: is a completion a refusal? (the registry `JUDGES`: `keyword`, `classifier:<model>` in `classifier`, …)
 - `batching`: how many prompts fit one batch (the memory model behind batch size "auto")
 - `generation`: batched greedy completions and reference-response NLL
-- `metrics`: utility scores (`exact_match`, `contains`, `rouge_l`, `nll`)
+- `metrics`: utility scores (the registry `UTILITY_METRICS`: `exact_match`, `contains`, `rouge_l`, `nll`, …)
 - `stats`: rates with 95% Wilson intervals
 - `outcomes`: per-prompt outcomes of a model, and its rates on any subset of the prompts
 - `splits`: the search/report split of every evaluation set
@@ -15,6 +15,6 @@ Modules, in the order data flows through them:
 - `plot`: the safety-vs-utility and safety-vs-over-refusal PNG
 - `runner`: `evaluate_variants` / `run_evaluation`, which produce `metrics.json`
 
-Only `judges`, `batching`, `generation` and `runner` import torch; import the others freely from torch-free
+Only `classifier`, `batching`, `generation` and `runner` import torch; import the others freely from torch-free
 code (`bootstrap` and `plot` need numpy and matplotlib).
 """

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.domain.settings import Settings
 from app.main import create_app
+from sstmerge_core.evaluation.judges import JUDGES, judge_spec_pattern
+from sstmerge_core.evaluation.metrics import UTILITY_METRICS
 from sstmerge_core.methods.catalog import CATALOG, MethodInfo
 
 AUTH = {"Authorization": "Bearer key-acme"}
@@ -175,3 +177,31 @@ def test_a_method_added_to_the_catalogue_is_served_without_touching_app(tmp_path
             assert good.json()["error"]["code"] == "unknown_base_model", good.text
     finally:
         del CATALOG["scaled_test"]
+
+
+def test_utility_metrics_and_judges_are_served_from_their_registries(client):
+    """GET /methods lists every registered utility metric and judge; the request schema's choices are theirs."""
+    body = client.get("/methods").json()
+    assert body["utility_metrics"] == [
+        {
+            "name": name,
+            "description": metric.description,
+            "binary": metric.binary,
+            "higher_is_better": metric.higher_is_better,
+            "needs_generation": metric.needs_generation,
+        }
+        for name, metric in UTILITY_METRICS.items()
+    ]
+    assert body["judges"] == [
+        {"name": name, "syntax": info.syntax, "description": info.description, "takes_model": info.takes_model}
+        for name, info in JUDGES.items()
+    ]
+    assert {"keyword", "classifier"} <= set(JUDGES) and {"exact_match", "nll"} <= set(UTILITY_METRICS)
+    evaluation = client.get("/openapi.json").json()["components"]["schemas"]["EvaluationRequest"]["properties"]
+    assert evaluation["utility_metric"]["enum"] == list(UTILITY_METRICS)
+    assert evaluation["judge"]["pattern"] == judge_spec_pattern()
+    for judge, code in (("keyword", "unknown_base_model"), ("regex", "validation_error")):
+        sets = {"harmful_dataset_id": "ds_h", "benign_dataset_id": "ds_b", "utility_eval_dataset_id": "ds_e"}
+        request = {**job("linear", {}), "evaluation": {**sets, "judge": judge}}
+        response = client.post("/merges", headers=AUTH, json=request)
+        assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from typing import IO
+
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ...domain import adapters as service
+from ...domain.db.models import Adapter
 from ...domain.requests import AdapterSource
 from ..bodies import upload_or_json, upload_or_json_openapi
 from ..deps import DbDep, MetricsDep, SettingsDep, StorageDep, TenantDep
@@ -24,10 +27,10 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 async def create_adapter(
     request: Request, tenant: TenantDep, db: DbDep, storage: StorageDep, settings: SettingsDep, metrics: MetricsDep
 ) -> AdapterOut:
-    async def from_upload(file, filename, name):
+    async def from_upload(file: IO[bytes], filename: str | None, name: str | None) -> Adapter:
         return await run_in_threadpool(service.create_from_archive, db, storage, settings, tenant, file, filename, name)
 
-    async def from_json(body: AdapterSource):
+    async def from_json(body: AdapterSource) -> Adapter:
         return await run_in_threadpool(service.create_from_hub, db, storage, settings, tenant, body.source, body.name)
 
     adapter = await upload_or_json(request, AdapterSource, from_upload, from_json)

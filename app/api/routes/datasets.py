@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from typing import IO
+
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ...domain import datasets as service
+from ...domain.db.models import Dataset
 from ...domain.requests import DatasetSource
 from ..bodies import upload_or_json, upload_or_json_openapi
 from ..deps import DbDep, MetricsDep, SettingsDep, StorageDep, TenantDep
@@ -24,10 +27,10 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 async def create_dataset(
     request: Request, tenant: TenantDep, db: DbDep, storage: StorageDep, settings: SettingsDep, metrics: MetricsDep
 ) -> DatasetOut:
-    async def from_upload(file, filename, name):
+    async def from_upload(file: IO[bytes], filename: str | None, name: str | None) -> Dataset:
         return await run_in_threadpool(service.create_from_upload, db, storage, settings, tenant, file, filename, name)
 
-    async def from_json(body: DatasetSource):
+    async def from_json(body: DatasetSource) -> Dataset:
         return await run_in_threadpool(service.create_from_hub, db, storage, settings, tenant, body)
 
     dataset = await upload_or_json(request, DatasetSource, from_upload, from_json)

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from ...domain.health import readiness
+from ...domain.settings import Settings
 from ..deps import DbDep, MetricsDep, QueueDep, SettingsDep, StorageDep
 from ..schemas import ReadyOut
 
@@ -23,7 +24,7 @@ _ops_bearer = HTTPBearer(auto_error=False, description="the operator token (SSTM
 OpsCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_ops_bearer)]
 
 
-def is_operator(settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
+def is_operator(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
     """The request carries the configured operator token (compared in constant time)."""
     token = settings.ops_token.get_secret_value() if settings.ops_token is not None else ""
     return bool(token) and credentials is not None and hmac.compare_digest(credentials.credentials, token)

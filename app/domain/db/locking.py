@@ -20,7 +20,9 @@ def begin_write(session: Session) -> None:
     if session.get_bind().dialect.name != "sqlite":
         return
     connection = session.connection()
-    if not connection.connection.driver_connection.in_transaction:
+    driver = connection.connection.driver_connection
+    assert driver is not None  # a connection the session checked out has its DBAPI connection
+    if not driver.in_transaction:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 

@@ -52,8 +52,9 @@ def upgrade(url: str) -> None:
                 connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _PG_LOCK_ID})
                 connection.commit()
     else:
-        on_disk = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
-        lock = _file_lock(Path(parsed.database).with_suffix(".migrate.lock")) if on_disk else nullcontext()
+        database = parsed.database
+        on_disk = parsed.get_backend_name() == "sqlite" and bool(database) and database != ":memory:"
+        lock = _file_lock(Path(database).with_suffix(".migrate.lock")) if on_disk and database else nullcontext()
         with lock, engine.begin() as connection:
             command.upgrade(alembic_config(connection), "head")
     log.info("database schema up to date", extra={"database": parsed.render_as_string(hide_password=True)})

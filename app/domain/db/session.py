@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,7 +24,7 @@ CONNECT_ARGS = {"postgresql": {"connect_timeout": 5}}
 """A database host that does not answer fails a connection in seconds (503) instead of hanging the request."""
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
@@ -75,3 +76,9 @@ def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     with session_factory(url)() as session, session.begin():
         yield session
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """How many rows an UPDATE or DELETE `statement` matched. `Session.execute` returns a `CursorResult` for such a
+    statement but is typed to return its base class `Result`, which has no `rowcount`: the cast says which it is."""
+    return cast(CursorResult, session.execute(statement)).rowcount

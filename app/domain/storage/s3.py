@@ -38,7 +38,7 @@ class S3Storage(Storage):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _errors(self):
+    def _errors(self) -> tuple[type[Exception], ...]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         return (BotoCoreError, ClientError)
