@@ -27,7 +27,8 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimitMiddleware, PrintablePathMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .outages import install_outage_handlers, upload_space
-from .routes import adapters, datasets, health, merges, methods, models, webhooks
+from .routes import health, merges, methods, models, webhooks
+from .routes.inputs import adapters_router, datasets_router
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_outage_handlers(app)
     # the polled routes first: a request is matched against the routes in order
-    routers = (merges.router, models.router, methods.router, adapters.router, datasets.router, health.router)
+    routers = (merges.router, models.router, methods.router, adapters_router, datasets_router, health.router)
     for router in (*routers, webhooks.router):
-        uploads = router in (adapters.router, datasets.router)
+        uploads = router in (adapters_router, datasets_router)
         app.include_router(router, dependencies=[Depends(upload_space), Depends(upload_quota)] if uploads else None)
     app.add_middleware(
         BodySizeLimitMiddleware, limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes

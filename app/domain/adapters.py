@@ -16,7 +16,7 @@ from . import archives
 from .adapter_files import KEPT_FILES, find_adapter_folder, inspect_adapter, invalid
 from .db.models import Adapter, new_id
 from .errors import InvalidInput, TooLarge, UpstreamFailed
-from .inputs import check_quota, delete_input, get_input, list_inputs
+from .inputs import check_quota, delete_input
 from .settings import Settings
 from .storage import Storage
 from .uploads import display_name, recorded_size, save_stream, staging_dir, stored_with_row, upload_source
@@ -138,14 +138,6 @@ def create_from_hub(
     with staging_dir(settings.resolved_work_dir) as staging:
         _fetch_from_hub(source, staging)
         return _store(session, storage, settings, tenant, staging, name=name, source=source)
-
-
-def list_adapters(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Adapter], str | None]:
-    return list_inputs(session, Adapter, tenant, limit, cursor)
-
-
-def get_adapter(session: Session, tenant: str, adapter_id: str) -> Adapter:
-    return get_input(session, Adapter, tenant, adapter_id)
 
 
 def delete_adapter(session: Session, storage: Storage, tenant: str, adapter_id: str) -> None:

@@ -14,7 +14,7 @@ from sstmerge_core.errors import DatasetError
 
 from .db.models import Dataset, new_id
 from .errors import InvalidInput
-from .inputs import check_quota, delete_input, get_input, list_inputs
+from .inputs import check_quota, delete_input
 from .requests import DatasetSource
 from .settings import Settings
 from .storage import Storage
@@ -106,14 +106,6 @@ def create_from_hub(
                     row["response"] = example.response
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         return _store(session, storage, settings, tenant, path, name=name, source=body.source)
-
-
-def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
-    return list_inputs(session, Dataset, tenant, limit, cursor)
-
-
-def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
-    return get_input(session, Dataset, tenant, dataset_id)
 
 
 def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: str) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -201,46 +202,79 @@ async def list_events(
     )
 
 
-@router.get(
-    "/{job_id}/metrics",
-    summary="metrics.json of the evaluation",
-    responses={200: {"content": {"application/json": {}}}},
+@dataclass(frozen=True)
+class ArtifactRoute:
+    """A file of a job's results served as stored: `GET /merges/{job_id}/<path>` streams `artifact` (its name in the
+    job's artifact folder, `app.domain.artifacts`) as `media_type`, with `headers`; `name` is the endpoint's name
+    (and so its OpenAPI operation id)."""
+
+    path: str
+    artifact: str
+    name: str
+    media_type: str
+    summary: str
+    description: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+JSON = "application/json"
+ARTIFACT_ROUTES = (
+    ArtifactRoute("metrics", artifacts.METRICS, "get_metrics", JSON, "metrics.json of the evaluation"),
+    ArtifactRoute(
+        "report", artifacts.REPORT, "get_report", JSON, "merge_report.json (per-module spectra and retained energy)"
+    ),
+    ArtifactRoute(
+        "search",
+        artifacts.SEARCH_REPORT,
+        "get_search_report",
+        JSON,
+        "search_report.json of a search job (docs/search.md)",
+        "The chosen recipe with its search- and report-split numbers and its comparison with linear at the same "
+        "safety, the Pareto set and linear's front on the report split, and the split sizes.",
+    ),
+    ArtifactRoute(
+        "trials",
+        artifacts.TRIALS,
+        "get_trials",
+        JSON,
+        "trials.json of a search job: every trial's recipe and search-split scores",
+    ),
+    ArtifactRoute(
+        "plot.png", artifacts.PLOT, "get_plot", "image/png", "Safety vs utility plot of every evaluated point"
+    ),
+    ArtifactRoute(
+        "report.html",
+        artifacts.HTML,
+        "get_report_html",
+        "text/html; charset=utf-8",
+        "The job's report as one self-contained HTML page",
+        "The recommendation with its rule, the price of safety, every evaluated model with its intervals, the plot, "
+        "sample answers, the search's trials and matched-safety comparison (a search job) and the inputs with their "
+        "sha256. Inline CSS and a data: image only: no script, nothing fetched (its Content-Security-Policy forbids "
+        "both).",
+        (("Content-Security-Policy", REPORT_HTML_POLICY), ("X-Content-Type-Options", "nosniff")),
+    ),
 )
-def get_metrics(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
-    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.METRICS)
-    return _stream(storage, key, "application/json")
 
 
-@router.get(
-    "/{job_id}/report",
-    summary="merge_report.json (per-module spectra and retained energy)",
-    responses={200: {"content": {"application/json": {}}}},
-)
-def get_report(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
-    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.REPORT)
-    return _stream(storage, key, "application/json")
+def _artifact_endpoint(route: ArtifactRoute) -> Callable[..., StreamingResponse]:
+    def endpoint(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
+        key = artifacts.artifact_key(service.get_job(db, tenant, job_id), route.artifact)
+        return _stream(storage, key, route.media_type, extra=dict(route.headers))
+
+    return endpoint
 
 
-@router.get(
-    "/{job_id}/search",
-    summary="search_report.json of a search job (docs/search.md)",
-    description="The chosen recipe with its search- and report-split numbers and its comparison with linear at "
-    "the same safety, the Pareto set and linear's front on the report split, and the split sizes.",
-    responses={200: {"content": {"application/json": {}}}},
-)
-def get_search_report(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
-    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.SEARCH_REPORT)
-    return _stream(storage, key, "application/json")
-
-
-@router.get(
-    "/{job_id}/trials",
-    summary="trials.json of a search job: every trial's recipe and search-split scores",
-    responses={200: {"content": {"application/json": {}}}},
-)
-def get_trials(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
-    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.TRIALS)
-    return _stream(storage, key, "application/json")
+for _route in ARTIFACT_ROUTES:
+    router.add_api_route(
+        f"/{{job_id}}/{_route.path}",
+        _artifact_endpoint(_route),
+        methods=["GET"],
+        name=_route.name,
+        summary=_route.summary,
+        description=_route.description or "",
+        responses={200: {"content": {_route.media_type.partition(";")[0]: {}}}},
+    )
 
 
 @router.get(
@@ -260,28 +294,3 @@ def get_adapter(
 ) -> StreamingResponse:
     key, filename = artifacts.adapter_key(service.get_job(db, tenant, job_id), alpha, method)
     return _stream(storage, key, "application/zip", filename)
-
-
-@router.get(
-    "/{job_id}/plot.png",
-    summary="Safety vs utility plot of every evaluated point",
-    responses={200: {"content": {"image/png": {}}}},
-)
-def get_plot(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
-    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.PLOT)
-    return _stream(storage, key, "image/png")
-
-
-@router.get(
-    "/{job_id}/report.html",
-    summary="The job's report as one self-contained HTML page",
-    description="The recommendation with its rule, the price of safety, every evaluated model with its intervals, "
-    "the plot, sample answers, the search's trials and matched-safety comparison (a search job) and the inputs with "
-    "their sha256. Inline CSS and a data: image only: no script, nothing fetched (its Content-Security-Policy "
-    "forbids both).",
-    responses={200: {"content": {"text/html": {}}}},
-)
-def get_report_html(job_id: str, tenant: TenantDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
-    key = artifacts.artifact_key(service.get_job(db, tenant, job_id), artifacts.HTML)
-    headers = {"Content-Security-Policy": REPORT_HTML_POLICY, "X-Content-Type-Options": "nosniff"}
-    return _stream(storage, key, "text/html; charset=utf-8", extra=headers)
