@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -62,9 +63,9 @@ def families(front_alphas, sst_alphas, calibrated_alphas, aligned_alphas) -> dic
 
     return {
         "linear": sweep("linear", front_alphas),
-        "SST (soft β=1)": sweep("sst", sst_alphas),
-        "SST + calibration": sweep("sst", calibrated_alphas, calibration),
         "linear + calibration": sweep("linear", calibrated_alphas, calibration),
+        "SST + calibration": sweep("sst", calibrated_alphas, calibration),
+        "SST (soft β=1)": sweep("sst", sst_alphas),
         "SST + answer_alignment": sweep("sst", aligned_alphas, alignment),
     }
 
@@ -131,7 +132,7 @@ def run(
     fisher = compute_fisher(loaded)
     data = loaded.evaluation.data
     splits = data.splits(split_seed, report_fraction)
-    report_data, search_data = data.subset(splits, "report"), data.subset(splits, "search")
+    report_data = data.subset(splits, "report")
     manifest = json.loads((assets / "testbed.json").read_text())
     categories = {
         r["prompt"]: r.get("category", "?") for r in read_jsonl(Path(manifest["datasets"]["borderline_pool"]))
@@ -140,7 +141,7 @@ def run(
 
     started = time.perf_counter()
     loaded.repair.prepared(loaded.model, loaded.tokenizer)  # the `before` model's answers, once (cached on disk)
-    costs: dict[str, float] = {"calibration_targets_s": time.perf_counter() - started}
+    targets_s = time.perf_counter() - started
     made: dict[str, object] = {}
 
     def merged_of(recipe):
@@ -150,68 +151,64 @@ def run(
             made[key] = merged_recipe(loaded, fisher, recipe, repairs)
         return made[key]
 
-    plain = families([1.0], [], [], [])["linear"][0]
-    calibrated = families([], [], [1.0], [])["linear + calibration"][0]
-    for name, recipe in (("trial_plain_s", plain), ("trial_with_calibration_s", calibrated)):
-        started = time.perf_counter()
-        merged = merged_of(recipe)
-        trained = time.perf_counter() - started  # the merge, and the calibration's training when it has one
-        score_updates(loaded, {"trial": merged.updates(1.0)}, data=search_data)
-        costs[name] = time.perf_counter() - started
-        if recipe.repair is None:  # a plain trial is one evaluation pass on the search split (its merge: < 0.1 s)
-            costs["evaluation_pass_search_split_s"] = costs[name] - trained
-        else:
-            costs["calibration_training_s"] = merged.repairs[1.0]["seconds"]
-            costs["calibration_step_s"] = trained
-    pass_s = costs["evaluation_pass_search_split_s"]
-    costs["calibration_training_over_evaluation_pass"] = round(costs["calibration_training_s"] / pass_s, 3)
-    costs["trial_with_calibration_over_plain_trial"] = round(
-        costs["trial_with_calibration_s"] / costs["trial_plain_s"], 3
-    )
-
     references = score_updates(loaded, {"before": reference_updates(loaded)["before"]}, data=report_data)
-    rates = {name: _rates(r) for name, r in references.items()}
     points: dict[str, list] = {}
     rows: dict[str, list[dict]] = {}
     categories_by_model = {"before": by_category(references["before"].outcomes, report_prompts, categories)}
+    passes: list[float] = []
+
+    def summary() -> dict:
+        """The table so far: every family matched on linear's front, the sizes, the costs (measured in this run:
+        each calibration's training and the median evaluation pass of a merge on the report split)."""
+        linear = points["linear"]
+        trainings = [r["repair"]["seconds"] for rs in rows.values() for r in rs if "seconds" in r.get("repair", {})]
+        one_pass = statistics.median(passes)
+        return {
+            "report_split": _sizes(report_data),
+            "calibration_data": {name: len(rows_) for name, rows_ in loaded.repair.rows.items()},
+            "calibration_targets": loaded.repair.prepared(loaded.model, loaded.tokenizer)["report"],
+            "calibration": CALIBRATION,
+            "alignment": ALIGNMENT,
+            "references": {name: _rates(r) for name, r in references.items()},
+            "families": rows,
+            "matched": {
+                name: {f"{t:.2f}": at_safety(p, linear, t) for t in TARGETS}
+                for name, p in points.items()
+                if name != "linear"
+            },
+            "linear_at": {f"{t:.2f}": at_safety(linear, linear, t) for t in TARGETS},
+            "by_category": categories_by_model,
+            "costs": {
+                "calibration_targets_s": round(targets_s, 1),
+                "evaluation_pass_report_split_s_median": round(one_pass, 2),
+                "calibration_training_s": trainings,
+                "calibration_training_over_evaluation_pass": [round(t / one_pass, 3) for t in trainings],
+                "trial_with_calibration_over_plain_trial": [round((t + one_pass) / one_pass, 3) for t in trainings],
+            },
+            "utility_metric": UTILITY_METRICS[loaded.evaluation.spec.utility_metric].name,
+            "split_seed": split_seed,
+            "report_fraction": report_fraction,
+            "max_new_tokens": max_new_tokens,
+        }
+
     for name, recipes in families(*alphas).items():
-        points[name] = []
-        rows[name] = []
+        points[name], rows[name] = [], []
         for recipe in recipes:
+            started = time.perf_counter()
             merged = merged_of(recipe)
+            made_s = time.perf_counter() - started
             result = score_updates(loaded, {"m": merged.updates(recipe.alpha)}, data=report_data)["m"]
+            passes.append(time.perf_counter() - started - made_s)
             points[name].append((recipe.alpha, result.outcomes))
-            row = {"alpha": recipe.alpha, "label": recipe.label(), **_rates(result)}
+            row = {"alpha": recipe.alpha, "label": recipe.label(), **_rates(result), "merge_s": round(made_s, 2)}
             if merged.repairs:
                 step = merged.repairs[recipe.alpha]
                 row["repair"] = {k: step.get(k) for k in ("step", "chosen", "loss", "seconds", "mixture") if k in step}
             rows[name].append(row)
             categories_by_model[f"{name} @{recipe.alpha:g}"] = by_category(result.outcomes, report_prompts, categories)
             log.info("boundary %s: %s", name, json.dumps(row))
-    linear = points["linear"]
-    matched = {
-        name: {f"{t:.2f}": at_safety(p, linear, t) for t in TARGETS} for name, p in points.items() if name != "linear"
-    }
-    linear_at = {f"{t:.2f}": at_safety(linear, linear, t) for t in TARGETS}
-    table = {
-        "report_split": _sizes(report_data),
-        "search_split": _sizes(search_data),
-        "calibration_data": {name: len(rows_) for name, rows_ in loaded.repair.rows.items()},
-        "calibration_targets": loaded.repair.prepared(loaded.model, loaded.tokenizer)["report"],
-        "calibration": CALIBRATION,
-        "alignment": ALIGNMENT,
-        "references": rates,
-        "families": rows,
-        "matched": matched,
-        "linear_at": linear_at,
-        "by_category": categories_by_model,
-        "costs": {k: round(v, 3) for k, v in costs.items()},
-        "utility_metric": UTILITY_METRICS[loaded.evaluation.spec.utility_metric].name,
-        "split_seed": split_seed,
-        "report_fraction": report_fraction,
-        "max_new_tokens": max_new_tokens,
-    }
-    (out / "table.json").write_text(json.dumps(table, indent=2))  # kept should the side check below fail
+        (out / "table.json").write_text(json.dumps(summary(), indent=2))  # after each family: a partial run reports
+    table = summary()
     # what calibration costs elsewhere: the calibrated merges at α = 1 and the same merges without it
     at_one = families([1.0], [1.0], [1.0], [])
     models = {
@@ -233,11 +230,10 @@ def _cell(block: dict, key: str) -> str:
 
 def render(table: dict) -> str:
     """The markdown of the RESULTS section's tables."""
-    r, s = table["report_split"], table["search_split"]
+    r = table["report_split"]
     lines = [
-        f"Report split: harmful {r['harmful']}, borderline {r['benign']}, utility {r['utility']} "
-        f"(search split, used only for the costs: {s['harmful']}/{s['benign']}/{s['utility']}). Calibration data "
-        "(disjoint from both): " + ", ".join(f"{k} {v}" for k, v in table["calibration_data"].items()),
+        f"Report split: harmful {r['harmful']}, borderline {r['benign']}, utility {r['utility']}. Calibration data "
+        "(disjoint from every pool): " + ", ".join(f"{k} {v}" for k, v in table["calibration_data"].items()),
         "",
         "| at safety | family | over-refusal (Δ vs linear [95% paired CI]) | utility (Δ vs linear [95% paired CI]) |",
         "|---|---|---|---|",
