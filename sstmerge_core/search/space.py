@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Collection
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import InputError
 from ..jobspec import EvaluationSettings, RepairSpec
@@ -89,25 +89,16 @@ class SearchSettings(BaseModel):
     sampler: Literal["tpe", "random"] = Field(default="tpe", description="optuna sampler")
     startup_trials: int = Field(default=8, ge=1, le=1000, description="random trials before TPE models the space")
 
-    @field_validator("methods")
+    @field_validator("methods", "repair_methods")
     @classmethod
-    def _known(cls, methods: list[str]) -> list[str]:
-        unknown = sorted(set(methods) - set(CATALOG))
+    def _known(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        known, kind = (CATALOG, "method") if info.field_name == "methods" else (REPAIRS, "repair step")
+        unknown = sorted(set(names) - set(known))
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; one of {sorted(CATALOG)}")
-        if len(set(methods)) != len(methods):
-            raise ValueError("methods must be distinct")
-        return methods
-
-    @field_validator("repair_methods")
-    @classmethod
-    def _known_steps(cls, steps: list[str]) -> list[str]:
-        unknown = sorted(set(steps) - set(REPAIRS))
-        if unknown:
-            raise ValueError(f"unknown repair step(s) {unknown}; one of {sorted(REPAIRS)}")
-        if len(set(steps)) != len(steps):
-            raise ValueError("repair_methods must be distinct")
-        return steps
+            raise ValueError(f"unknown {kind}(s) {unknown}; one of {sorted(known)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{info.field_name} must be distinct")
+        return names
 
     @field_validator("front_alphas", "warm_start_alphas")
     @classmethod
