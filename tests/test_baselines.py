@@ -95,39 +95,3 @@ def test_svd_error_is_reported(pair):
     errors = [r.diagnostics["svd_rel_error"] for r in results.values()]
     assert all(0 < e < 1 for e in errors)
     assert all(r.factors.rank == 2 for r in results.values())
-
-
-def peft_factors(base, u, s, weights: list[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """PEFT's `cat` adapter "m" of u and s with `weights`: (B, A, scaling) per module."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), u, adapter_name="u")
-    model.load_adapter(s, adapter_name="s")
-    model.add_weighted_adapter(["u", "s"], weights, "m", combination_type="cat")
-    return {
-        name: (module.lora_B["m"].weight.detach(), module.lora_A["m"].weight.detach(), module.scaling["m"])
-        for name, module in model.base_model.model.named_modules()
-        if hasattr(module, "lora_A") and "m" in module.lora_A
-    }
-
-
-@pytest.mark.parametrize("alpha", [ALPHA, 0.0])
-def test_cat_is_exact_and_is_peft_cat_factor_for_factor(pair, alpha):
-    """ΔW = w_U s_U B_U A_U + α s_S B_S A_S against the dense sum, and B, A, rank and scaling as PEFT's `cat` writes
-    them (weights and scalings on A)."""
-    base, u, s, inputs = pair
-    params = parse_params("cat", {"alphas": [alpha]})
-    results = merge_modules(get_method("cat"), inputs, params)[alpha]
-    reference = peft_factors(base, u, s, [W_U, alpha])
-    assert set(results) == set(reference) == set(inputs)
-    for name, m in inputs.items():
-        factors = results[name].factors
-        dense = W_U * m.utility[0].delta().double() + alpha * m.safety.delta().double()
-        torch.testing.assert_close(factors.delta().double(), dense, rtol=1e-6, atol=1e-7)
-        assert factors.rank == m.utility[0].rank + m.safety.rank  # ranks add, a weight-0 input included
-        B, A, scaling = reference[name]
-        assert factors.scale == scaling == 1.0
-        torch.testing.assert_close(factors.B, B, rtol=0, atol=0)
-        torch.testing.assert_close(factors.A, A, rtol=1e-6, atol=0)
-    if alpha == ALPHA:  # the update of linear, up to float32 rounding (linear folds the weights into B)
-        linear = ours(inputs, "linear")
-        for name in linear:
-            torch.testing.assert_close(results[name].factors.delta().double(), linear[name], rtol=1e-6, atol=1e-7)

@@ -130,19 +130,6 @@ class LinearParams(CommonParams):
     pass
 
 
-@method(
-    "cat",
-    description=(
-        "PEFT's `cat` combination: every input's factors concatenated, its weight (α for the safety side) and LoRA "
-        "scaling folded into A, so ΔW = Σ_i w_i s_i B_i A_i + α s_S B_S A_S exactly and the ranks add (an input of "
-        "weight 0 kept, as zero rows). The ΔW of `linear` (which folds them into B and drops the safety side at α = 0)."
-    ),
-    reference="https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/model.py (add_weighted_adapter, cat)",
-)
-class CatParams(CommonParams):
-    pass
-
-
 class DensityParams(CommonParams):
     density: float = Field(default=0.5, gt=0, le=1, description="fraction of entries kept per task update")
 
