@@ -111,6 +111,10 @@ class RepairSpec(BaseModel):
         return parse_repair(self.method, self.params)
 
 
+DATA_INPUTS = ("utility_data", "safety_data", "harmless_data", "borderline_data")
+"""The data inputs of a merge job (MergeSpec fields): the Fisher passes' and the repair steps' prompt sets."""
+
+
 class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from sstmerge_core.jobspec import AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
+from sstmerge_core.jobspec import DATA_INPUTS, AdapterInput, EvaluationSettings, EvaluationSpec, MergeSpec
 from sstmerge_core.search.space import search_repair
 
 from .requests import AdapterRef, MergeRequest
@@ -16,8 +16,7 @@ from .requests import AdapterRef, MergeRequest
 
 def given_data(body: MergeRequest) -> set[str]:
     """The MergeSpec data inputs (`utility_data`, …) the request names a dataset for."""
-    fields = ("utility_data", "safety_data", "harmless_data", "borderline_data")
-    return {key for key in fields if getattr(body, f"{key.removesuffix('_data')}_dataset_id")}
+    return {key for key in DATA_INPUTS if getattr(body, f"{key.removesuffix('_data')}_dataset_id")}
 
 
 def build_spec(

@@ -28,7 +28,7 @@ import click
 from sstmerge_core.logs import configure as configure_logging
 
 from .datasets import read_jsonl
-from .search import SST_FIXED, TARGETS, _rates, _sizes, testbed_spec
+from .search import SST_FIXED, TARGETS, _rates, _sizes, matched_table, testbed_spec
 
 log = logging.getLogger(__name__)
 FRONT_ALPHAS = (0.75, 1.0, 1.25, 1.5)
@@ -220,14 +220,6 @@ def run(
     return table
 
 
-def _cell(block: dict, key: str) -> str:
-    if not block.get("matched"):
-        return "outside its range"
-    ci = block.get(f"delta_{key}_ci")
-    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-    return f"{block[key]:.3f} ({block[f'delta_{key}']:+.3f}{interval})"
-
-
 def render(table: dict) -> str:
     """The markdown of the RESULTS section's tables."""
     r = table["report_split"]
@@ -235,16 +227,8 @@ def render(table: dict) -> str:
         f"Report split: harmful {r['harmful']}, borderline {r['benign']}, utility {r['utility']}. Calibration data "
         "(disjoint from every pool): " + ", ".join(f"{k} {v}" for k, v in table["calibration_data"].items()),
         "",
-        "| at safety | family | over-refusal (Δ vs linear [95% paired CI]) | utility (Δ vs linear [95% paired CI]) |",
-        "|---|---|---|---|",
+        *matched_table(table["linear_at"], table["matched"]),
     ]
-    for target in (f"{t:.2f}" for t in TARGETS):
-        lin = table["linear_at"][target]
-        value = f"{lin['over_refusal']:.3f} | {lin['utility']:.3f}" if lin.get("matched") else "outside | "
-        lines.append(f"| {target} | linear (interpolated front) | {value} |")
-        for name, by_target in table["matched"].items():
-            block = by_target[target]
-            lines.append(f"| {target} | {name} | {_cell(block, 'over_refusal')} | {_cell(block, 'utility')} |")
     lines += ["", "| family | α | safety | over-refusal | utility |", "|---|---|---|---|---|"]
     for name, rows in table["families"].items():
         for row in rows:

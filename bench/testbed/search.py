@@ -267,16 +267,21 @@ def render(search_report: dict, table: dict) -> str:
             lines.append(f"- outside linear's safety range {m['reference_safety_range']}: no matched comparison")
     else:
         lines.append(f"Nothing recommended: {search_report['reason']}")
-    lines += ["", "| at safety | family | over-refusal (Δ vs linear [95% paired CI]) | utility (Δ vs linear) |",
-              "|---|---|---|---|"]  # fmt: skip
+    return "\n".join([*lines, "", *matched_table(table["linear_at"], table["matched"])])
+
+
+def matched_table(linear_at: dict, matched: dict) -> list[str]:
+    """The markdown rows of the matched-safety table: linear's interpolated front, then each family, per target."""
+    lines = ["| at safety | family | over-refusal (Δ vs linear [95% paired CI]) | utility (Δ vs linear) |",
+             "|---|---|---|---|"]  # fmt: skip
     for target in (f"{t:.2f}" for t in TARGETS):
-        lin = table["linear_at"][target]
+        lin = linear_at[target]
         value = f"{lin['over_refusal']:.3f} | {lin['utility']:.3f}" if lin.get("matched") else "outside the front |"
         lines.append(f"| {target} | linear (interpolated front) | {value} |")
-        for name, by_target in table["matched"].items():
+        for name, by_target in matched.items():
             block = by_target[target]
             lines.append(f"| {target} | {name} | {_fmt(block, 'over_refusal')} | {_fmt(block, 'utility')} |")
-    return "\n".join(lines)
+    return lines
 
 
 @click.command()

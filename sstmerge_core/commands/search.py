@@ -65,7 +65,7 @@ def search(out, overwrite, device, cache_dir, **flags) -> None:
     """Search merge recipes (method, α, depth schedule, SST's β/k, a repair step and its knobs) for the
     highest safety within your tolerances (--over-refusal-tolerance, --utility-tolerance), scored on a search split
     of the evaluation sets and confirmed on a report split the search never saw."""
-    from ..jobspec import AdapterInput, MergeSpec
+    from ..jobspec import DATA_INPUTS, AdapterInput, MergeSpec
     from ..search.runner import run_search
     from ..search.space import search_repair
 
@@ -78,7 +78,7 @@ def search(out, overwrite, device, cache_dir, **flags) -> None:
     except ValidationError as exc:
         raise InputError(one_line(exc)) from None
     needs_fisher = "sst" in settings.methods
-    given_data = {key for key in ("utility_data", "safety_data", "harmless_data", "borderline_data") if flags[key]}
+    given_data = {key for key in DATA_INPUTS if flags[key]}
 
     def adapters(values: tuple[str, ...], flag: str) -> list[AdapterInput]:
         return [AdapterInput(path=p, weight=w) for p, w in (parse_weighted(v, flag) for v in values)]

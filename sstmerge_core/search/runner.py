@@ -24,7 +24,7 @@ from ..evaluation.metrics import UTILITY_METRICS
 from ..evaluation.pricing import SAFETY_TARGETS, WARNING_BELOW, price_list, tolerance_change, warning_text
 from ..evaluation.recommend import Candidate, Tolerances
 from ..evaluation.runner import EvaluationData, ModelResult
-from ..jobspec import MergeSpec, RepairSpec
+from ..jobspec import DATA_INPUTS, MergeSpec, RepairSpec
 from ..merge import utility_deltas
 from ..methods.catalog import REPAIRS
 from ..methods.registry import get_method
@@ -51,7 +51,6 @@ from .space import SearchSettings, default_trial, suggest_recipe, warm_start_tri
 from .trials import PrunedTrial, Trial
 
 log = logging.getLogger(__name__)
-DATA_INPUTS = ("utility_data", "safety_data", "harmless_data", "borderline_data")
 TrialCallback = Callable[[dict], None]
 OBJECTIVE = (
     "highest safety on the search split among recipes with over_refusal − over_refusal(before) ≤ "
@@ -135,7 +134,7 @@ def trial_cost(ctx: SearchContext, recipe: Recipe) -> float:
     size = repair_size(dataclasses.replace(ctx.loaded, repair=inputs), models=1)
     if size is None:
         return 1.0
-    if isinstance(size, CalibrationSize) and inputs._made:  # the `before` answers are made once per job
+    if isinstance(size, CalibrationSize) and inputs.targets_made:  # the `before` answers are made once per job
         size = dataclasses.replace(size, generated=0)
     cost = step_cost(model_size(ctx.loaded.model), size, constants_for(ctx.loaded.device)).total
     return 1.0 + cost / max(ctx.pass_cost, 1e-12)
@@ -423,17 +422,23 @@ def search_spec(spec: MergeSpec, settings: SearchSettings) -> MergeSpec:
     return spec.model_copy(update={"compare_with": others, "evaluation": evaluation})
 
 
-def evaluation_pass_cost(loaded: LoadedInputs, settings: SearchSettings) -> float:
-    """One model's evaluation on the search split, in the cost model's units."""
-    sizes = job_sizes(loaded)
-    assert sizes.evaluation is not None, "a search always evaluates"
-    costs = stage_costs(sizes, constants_for(loaded.device))
-    return costs["evaluating"].total / max(sizes.evaluation.models, 1) * (1 - settings.report_fraction)
+def search_repairs(loaded: LoadedInputs, settings: SearchSettings) -> dict[str, Any]:
+    """The inputs of every repair step the search may apply (`stages.repair.load_repair_options`), the job's own step
+    as `load_inputs` already loaded it."""
+    if settings.repair == "off":
+        return {}
+    spec = loaded.spec
+    own = {spec.repair.method: loaded.repair} if spec.repair is not None and loaded.repair is not None else {}
+    assert loaded.evaluation is not None, "a search always evaluates"
+    return load_repair_options(spec, settings.repair_methods, judge=loaded.evaluation.judge, loaded=own)
 
 
-def plan_costs(loaded: LoadedInputs, settings: SearchSettings, report_models: int) -> dict[str, StageCost]:
-    """The progress plan: loading and Fisher passes as in a merge job; a trial ≈ one evaluation on the search
-    split; the report ≈ one evaluation per model on the report split."""
+def plan_costs(
+    loaded: LoadedInputs, settings: SearchSettings, report_models: int
+) -> tuple[dict[str, StageCost], float]:
+    """The progress plan — loading and Fisher passes as in a merge job; a trial ≈ one evaluation on the search
+    split; the report ≈ one evaluation per model on the report split — and one model's evaluation on the search
+    split, the unit of `trial_cost`."""
     sizes = job_sizes(loaded)
     costs = stage_costs(sizes, constants_for(loaded.device))
     assert sizes.evaluation is not None, "a search always evaluates"
@@ -444,7 +449,7 @@ def plan_costs(loaded: LoadedInputs, settings: SearchSettings, report_models: in
     plan["reporting_split"] = StageCost(body=report_models * per_model * settings.report_fraction)
     plan["writing"] = StageCost(body=costs["writing"].total / max(len(sizes.merges), 1))
     plan["reporting"] = costs["reporting"]
-    return plan
+    return plan, per_model * (1 - settings.report_fraction)
 
 
 def run_search(
@@ -470,7 +475,8 @@ def run_search(
         track.begin("loading")
         loaded = load_inputs(search_spec(spec, settings), model_cache=model_cache, names=names)
         report_models = 2 + settings.report_points + 1 + len(SAFETY_TARGETS) + len(settings.reference_alphas())
-        track.plan(plan_costs(loaded, settings, report_models))
+        plan, pass_cost = plan_costs(loaded, settings, report_models)
+        track.plan(plan)
         fisher = compute_fisher(loaded, progress=track) if loaded.fisher_data else None
         evaluation = loaded.evaluation
         assert evaluation is not None, "a search always evaluates"
@@ -488,10 +494,8 @@ def run_search(
             positions=post_instruction_length(loaded.tokenizer),
             before=references["before"],
             safety=references["safety"],
-            repairs=load_repair_options(loaded.spec, settings.repair_methods, judge=evaluation.judge)
-            if settings.repair != "off"
-            else {},
-            pass_cost=evaluation_pass_cost(loaded, settings),
+            repairs=search_repairs(loaded, settings),
+            pass_cost=pass_cost,
         )
         track.begin("searching")
         trials = run_trials(ctx, track, on_trial, base_params=dict(spec.params))

@@ -43,6 +43,11 @@ class CalibrationInputs:
     cache: AnswerCache | None
     _made: dict = field(default_factory=dict, compare=False, repr=False)  # the prepared sets, once per job
 
+    @property
+    def targets_made(self) -> bool:
+        """Whether the targets (the `before` model's answers) are already prepared for this job."""
+        return bool(self._made)
+
     def prepared(self, model, tokenizer, on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """{"examples": {set: rows with targets}, "report": …}: the targets of every set, the `before` model's
         answers generated at the first call (`on_batch(done, total)` per batch) and reused after."""
@@ -175,7 +180,7 @@ def calibrate_updates(
     within the first, the `before` model's answers (when not yet made) weigh their prompts against the training's
     steps × batch rows."""
     params = inputs.params
-    fresh = 0 if inputs._made or params.steps == 0 else len(inputs.to_generate())
+    fresh = 0 if inputs.targets_made or params.steps == 0 else len(inputs.to_generate())
     train_rows = params.steps * params.batch_size
     lead = fresh / (fresh + train_rows) if fresh else 0.0
     by_alpha: dict[float, dict] = {}

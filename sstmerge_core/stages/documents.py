@@ -12,6 +12,7 @@ from typing import Any
 
 from ..card import model_card
 from ..htmlreport import REPORT_HTML, merge_view, render_page
+from ..jobspec import DATA_INPUTS
 from ..methods.catalog import REPAIRS
 from ..report import build_report, package_version
 from ..specfile import SPEC_FILE, InputNames, base_model_name, display_name, input_hashes, write_spec_file
@@ -80,7 +81,7 @@ def input_rows(spec, hashes: Mapping[str, str], names: InputNames | None) -> lis
     """Every input of `spec` as the report lists it: {"role", "name" (as the caller named it), "sha256"}."""
     rows = [("base model", spec.base_model)]
     rows += [("utility adapter", a.path) for a in spec.utility] + [("safety adapter", a.path) for a in spec.safety]
-    for role in ("utility_data", "safety_data", "harmless_data", "borderline_data"):
+    for role in DATA_INPUTS:
         rows.append((role.replace("_", " "), getattr(spec, role)))
     if spec.evaluation is not None:
         rows += [

@@ -14,7 +14,7 @@ from ..cache import model_fingerprint
 from ..data import Example, examples_sha256, file_sha256, load_examples
 from ..errors import InputError
 from ..fisher import Estimator, FisherConfig
-from ..jobspec import AdapterInput, EvaluationSpec, MergeSpec
+from ..jobspec import DATA_INPUTS, AdapterInput, EvaluationSpec, MergeSpec
 from ..merge import WeightedAdapter, module_inputs
 from ..methods.base import MergeMethod, ModuleInputs
 from ..methods.catalog import CommonParams, FisherParams
@@ -173,9 +173,7 @@ def load_evaluation(spec: MergeSpec, names: InputNames | None = None) -> Evaluat
     evaluation = spec.evaluation
     assert evaluation is not None, "called for a job with an evaluation"
     data = EvaluationData.load(evaluation)
-    merge_files = {
-        key: getattr(spec, key) for key in ("utility_data", "safety_data", "harmless_data", "borderline_data")
-    }
+    merge_files = {key: getattr(spec, key) for key in DATA_INPUTS}
     merge_prompts = {key: {e.prompt.strip() for e in load_examples(path)} for key, path in merge_files.items() if path}
     for name, examples in (("harmful", data.harmful), ("benign", data.benign), ("utility_eval", data.utility)):
         rows = [

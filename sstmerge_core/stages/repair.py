@@ -91,12 +91,17 @@ def load_repair_inputs(spec: MergeSpec, *, judge: Any = None) -> Any:
     return RepairInputs(spec.repair.step_params(), data)
 
 
-def load_repair_options(spec: MergeSpec, steps: Sequence[str], *, judge: Any = None) -> dict[str, Any]:
+def load_repair_options(
+    spec: MergeSpec, steps: Sequence[str], *, judge: Any = None, loaded: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The inputs of every repair step of `steps` whose data `spec` has (`RepairInfo.needs`), each with `spec.repair`'s
-    settings when it names that step and the step's defaults otherwise: what a recipe search may apply."""
+    settings when it names that step and the step's defaults otherwise: what a recipe search may apply. Steps in
+    `loaded` (already loaded inputs) are taken from it, not read again."""
     options = {}
     for step in steps:
-        if all(getattr(spec, key) for key in REPAIRS[step].needs):
+        if loaded and step in loaded:
+            options[step] = loaded[step]
+        elif all(getattr(spec, key) for key in REPAIRS[step].needs):
             given = spec.repair if spec.repair is not None and spec.repair.method == step else RepairSpec(method=step)
             options[step] = load_repair_inputs(spec.model_copy(update={"repair": given}), judge=judge)
     return options
