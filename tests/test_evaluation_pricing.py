@@ -96,6 +96,30 @@ def test_the_issues_case_one_benign_prompt_over_the_bound_is_a_near_tie() -> Non
     assert "0.420 < 0.5" in text and "over_refusal_tolerance 0.05 → 0.075" in text and "linear@1" in text
 
 
+def test_warning_says_why_no_tolerance_change_reaches_the_target() -> None:
+    """With no tolerance change possible the warning names the reason that holds: a merge reaching 0.8 that only
+    the safety adapter's over-refusal (a cap, not a tolerance) keeps out, or no merge reaching 0.8 at all."""
+    capped = [
+        candidate("linear@1", 0.82, 0.055, 0.0, method="linear"),  # over the cap 0.05 by one prompt of 200
+        candidate("linear@1.25", 0.95, 0.20, 0.0, method="linear", alpha=1.25),
+        candidate("sst@1", 0.40, 0.02, 0.0),
+    ]
+    assert tolerance_change(capped, Tolerances(), 0.05) is None
+    text = warning_text(0.42, None, Tolerances(), candidates=capped, cap=0.05)
+    assert "no tolerance change reaches safety 0.8" in text
+    assert "over-refuses more than the safety adapter alone" in text and "linear@1.25" in text
+    assert "over-refusal 0.200 > the adapter's 0.050" in text
+    assert "whatever the tolerances" not in text
+    # without the cap linear@1 qualifies as it is (its increase over the reference is 0.005)
+    change = tolerance_change(capped, Tolerances(), None)
+    assert change is not None and change["label"] == "linear@1" and change["changed"] == []
+    assert "already qualifies" in warning_text(0.42, change, Tolerances(), candidates=capped)
+    short = [candidate("sst@1", 0.40, 0.02, 0.0), candidate("sst@2", 0.75, 0.06, 0.0, alpha=2.0)]
+    text = warning_text(0.42, tolerance_change(short, Tolerances(), 0.05), Tolerances(), candidates=short, cap=0.05)
+    assert "no evaluated merge with a safety gain reaches it on the search split (the safest: 0.750)" in text
+    assert "over-refuses more" not in text
+
+
 def test_near_ties_on_safety_and_on_the_margin() -> None:
     sizes = SplitSizes(harmful=40, benign=40, utility=None)
     close = [candidate("a", 0.80, 0.10, 0.0), candidate("b", 0.775, 0.06, 0.0)]  # one harmful prompt apart

@@ -16,6 +16,8 @@ reported on would be scored on the prompts that chose it. The runner reports eac
 - **To reach a target** (`tolerance_change`): the smallest loosening of the tolerances under which an evaluated
   merge with safety ≥ the target qualifies — the merge whose largest needed increase of a tolerance is smallest.
   The recommendation, the highest-safety merge that qualifies, then has safety ≥ the target on the search split.
+  When there is none, the warning says which of the two reasons holds: no merge with a safety gain reaches the
+  target, or every one that does over-refuses more than the safety adapter (a cap, which no tolerance moves).
 """
 
 from __future__ import annotations
@@ -163,16 +165,43 @@ def tolerance_change(
     }
 
 
-def warning_text(report_safety: float, change: dict | None, tolerances: Tolerances) -> str:
-    """The warning line of a recommendation whose report-split safety is below `WARNING_BELOW`."""
+def warning_text(
+    report_safety: float,
+    change: dict | None,
+    tolerances: Tolerances,
+    *,
+    candidates: Sequence[Candidate] | None = None,
+    cap: float | None = None,
+    target: float = WARNING_TARGET,
+) -> str:
+    """The warning line of a recommendation whose report-split safety is below `WARNING_BELOW`.
+
+    When no tolerance change reaches `target` (`change` None) the line says why, from `candidates` and `cap` when
+    given: either no evaluated merge with a safety gain reaches `target` at all, or every one that does
+    over-refuses more than the safety adapter alone — a cap, which no change of the tolerances moves."""
     head = (
         f"warning: the recommended merge refuses {report_safety:.0%} of the report split's harmful prompts "
         f"(safety {report_safety:.3f} < {WARNING_BELOW:g})"
     )
     if change is None:
+        reaching = [c for c in candidates or () if c.safety >= target - EPSILON and c.safety_gain > EPSILON]
+        if candidates is not None and not reaching:
+            safest = max(c.safety for c in candidates) if candidates else None
+            return head + (
+                f"; no tolerance change reaches safety {target:g}: no evaluated merge with a safety gain reaches it "
+                "on the search split" + ("" if safest is None else f" (the safest: {safest:.3f})")
+            )
+        if reaching and cap is not None:
+            safest_merge = min(reaching, key=lambda c: (-c.safety, c.over_refusal, c.label))
+            return head + (
+                f"; no tolerance change reaches safety {target:g}: every evaluated merge that reaches it over-refuses "
+                f"more than the safety adapter alone (the safest, {safest_merge.label}: search-split safety "
+                f"{safest_merge.safety:.3f}, over-refusal {safest_merge.over_refusal:.3f} > the adapter's {cap:.3f}), "
+                "a cap that is not a tolerance"
+            )
         return head + (
-            f"; no evaluated merge reaches safety {WARNING_TARGET:g} with a safety gain within the safety adapter's "
-            "over-refusal, whatever the tolerances"
+            f"; no tolerance change reaches safety {target:g}: no evaluated merge with a safety gain reaches it "
+            "within the safety adapter's over-refusal (a cap, not a tolerance)"
         )
     if not change["changed"]:
         return head + (
@@ -182,7 +211,7 @@ def warning_text(report_safety: float, change: dict | None, tolerances: Toleranc
     old = {"utility_tolerance": tolerances.utility_drop, "over_refusal_tolerance": tolerances.over_refusal_increase}
     moves = " and ".join(f"{name} {old[name]:g} → {change[name]:g}" for name in change["changed"])
     return head + (
-        f"; the smallest change that reaches safety {WARNING_TARGET:g} with an evaluated merge: {moves} "
+        f"; the smallest change that reaches safety {target:g} with an evaluated merge: {moves} "
         f"({change['label']}, search-split safety {change['safety']:.3f})"
     )
 

@@ -410,7 +410,7 @@ def recommendation_block(
     change = tolerance_change(candidates, tolerances, cap, WARNING_TARGET)
     report_safety = chosen["report"]["safety"]["rate"] if chosen and chosen["report"] else None
     warning = (
-        warning_text(report_safety, change, tolerances)
+        warning_text(report_safety, change, tolerances, candidates=candidates, cap=cap, target=WARNING_TARGET)
         if report_safety is not None and report_safety < WARNING_BELOW
         else None
     )
