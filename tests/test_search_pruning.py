@@ -88,11 +88,9 @@ def test_an_unbounded_utility_never_stops_a_trial():
 
 
 @pytest.fixture
-def example_search(tmp_path_factory):
+def example_search(example_assets, tmp_path_factory):
     """The demo's world (a tiny Llama whose safety adapter refuses and over-refuses) and a search over it."""
-    from sstmerge_core.example import prepare_example
-
-    assets = prepare_example(tmp_path_factory.mktemp("example"))
+    assets = example_assets
     root = tmp_path_factory.mktemp("searches")
 
     def run(name: str, *extra: str) -> tuple[dict, list[dict]]:

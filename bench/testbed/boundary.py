@@ -33,7 +33,10 @@ from .search import SST_FIXED, TARGETS, _rates, _sizes, matched_table, testbed_s
 log = logging.getLogger(__name__)
 FRONT_ALPHAS = (0.75, 1.0, 1.25, 1.5)
 SST_ALPHAS = (1.25, 1.75)
-CALIBRATED_ALPHAS = (1.0, 1.25)
+LINEAR_CALIBRATED_ALPHAS = (0.75, 1.25)
+SST_CALIBRATED_ALPHAS = (1.0, 1.5)
+"""Two points per calibrated family, fixed before any run: calibration trains on refusals too, so it is expected to
+reach a given safety at a smaller α than the merge alone; SST needs a larger α than linear for the same safety."""
 ALIGNED_ALPHAS = (1.25, 1.75)
 CALIBRATION = {
     "rank": 8,
@@ -49,7 +52,9 @@ for the CPU budget of this run)."""
 ALIGNMENT = {"layer_stride": 3, "max_samples": 64, "batch_size": 32}
 
 
-def families(front_alphas, sst_alphas, calibrated_alphas, aligned_alphas) -> dict[str, list]:
+def families(
+    front_alphas, sst_alphas, linear_calibrated_alphas, sst_calibrated_alphas, aligned_alphas
+) -> dict[str, list]:
     """The recipes of every family, by name."""
     from sstmerge_core.jobspec import RepairSpec
     from sstmerge_core.search.recipe import Recipe
@@ -63,8 +68,8 @@ def families(front_alphas, sst_alphas, calibrated_alphas, aligned_alphas) -> dic
 
     return {
         "linear": sweep("linear", front_alphas),
-        "linear + calibration": sweep("linear", calibrated_alphas, calibration),
-        "SST + calibration": sweep("sst", calibrated_alphas, calibration),
+        "linear + calibration": sweep("linear", linear_calibrated_alphas, calibration),
+        "SST + calibration": sweep("sst", sst_calibrated_alphas, calibration),
         "SST (soft β=1)": sweep("sst", sst_alphas),
         "SST + answer_alignment": sweep("sst", aligned_alphas, alignment),
     }
@@ -209,12 +214,14 @@ def run(
             log.info("boundary %s: %s", name, json.dumps(row))
         (out / "table.json").write_text(json.dumps(summary(), indent=2))  # after each family: a partial run reports
     table = summary()
-    # what calibration costs elsewhere: the calibrated merges at α = 1 and the same merges without it
-    at_one = families([1.0], [1.0], [1.0], [])
+    # what calibration costs elsewhere: a calibrated merge of each method beside the same merge without it (the first
+    # α of each calibrated family, so no calibration is trained twice)
+    linear_at, sst_at = alphas[2][0], alphas[3][0]
+    side_by_side = families([linear_at], [sst_at], [linear_at], [sst_at], [])
     models = {
-        f"{name} @1": merged_of(recipes[0]).updates(1.0)
-        for name, recipes in at_one.items()
-        if name in ("linear", "SST (soft β=1)", "SST + calibration", "linear + calibration")
+        f"{name} @{recipes[0].alpha:g}": merged_of(recipes[0]).updates(recipes[0].alpha)
+        for name, recipes in side_by_side.items()
+        if recipes
     }
     table["general_benign"] = general_benign(loaded, {"before": reference_updates(loaded)["before"], **models}, assets)
     return table
@@ -266,8 +273,8 @@ def main(
             CALIBRATION.update(steps=2, max_target_tokens=8)
         if steps is not None:
             CALIBRATION.update(steps=steps)
-        alphas = ((1.0, 2.0), (1.0,), (1.0,), (1.0,)) if quick else (FRONT_ALPHAS, SST_ALPHAS, CALIBRATED_ALPHAS,
-                                                                     ALIGNED_ALPHAS)  # fmt: skip
+        alphas = ((1.0, 2.0), (1.0,), (1.0,), (1.0,), (1.0,)) if quick else (
+            FRONT_ALPHAS, SST_ALPHAS, LINEAR_CALIBRATED_ALPHAS, SST_CALIBRATED_ALPHAS, ALIGNED_ALPHAS)  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         table = run(assets, out, split_seed=split_seed, report_fraction=report_fraction,
                     max_new_tokens=max_new_tokens, alphas=alphas, limit=8 if quick else limit,

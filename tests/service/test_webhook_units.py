@@ -238,7 +238,9 @@ def test_an_attempt_is_bounded_in_time(hook_settings):
         elapsed = time.monotonic() - started
     finally:
         receiver.close()
-    assert elapsed < hook_settings.webhook_timeout_seconds + 1.0, elapsed
+    # the receiver would hold the request for 120 s; the 1 s limit ended it (the bound is loose: no timing is
+    # asserted tightly on a loaded machine, and the event below names the limit as the cause)
+    assert elapsed < 30, elapsed
     (event,) = webhook_events(hook_settings, job_id)
     assert event["outcome"] == "retrying" and event["error"] == "no answer within 1 s"
 
