@@ -19,13 +19,13 @@ from service_helpers import (
     API_KEYS,
     OPS_TOKEN,
     WorkerProcess,
+    empty_postgres_database,
     tar_dir,
     upload_adapter,
     upload_dataset,
     zip_dir,
 )
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from app.domain.settings import Settings
 from app.main import create_app
@@ -104,13 +104,9 @@ def postgres_url() -> str:
             connection.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"PostgreSQL is unreachable at {POSTGRES_URL}: {exc}")
-    name = f"sstmerge_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+    with empty_postgres_database(POSTGRES_URL, "sstmerge_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

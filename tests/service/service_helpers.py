@@ -10,7 +10,12 @@ import tarfile
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from app.domain.settings import Settings
 from tests.helpers.files import write_jsonl
@@ -19,6 +24,21 @@ from tests.helpers.processes import kill_process_group, stop_process_group
 API_KEYS = {"acme": "key-acme-7c1f0d2b9e", "globex": "key-globex-4a8e6f3d1c"}
 OPS_TOKEN = "ops-token-5b2e9a0c7d"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@contextmanager
+def empty_postgres_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new, uniquely named database on the server of `server_url` (any database URL of it); dropped on exit."""
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def auth(tenant: str) -> dict[str, str]:

@@ -4,14 +4,13 @@ without a migration fails here (the sensitivity test below adds a column the mig
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Column, MetaData, String, create_engine, text
-from sqlalchemy.engine import make_url
+from service_helpers import empty_postgres_database
+from sqlalchemy import Column, MetaData, String, create_engine
 
 from app.domain.db.migrate import upgrade
 from app.domain.db.models import Base
@@ -47,16 +46,8 @@ def test_a_column_without_migration_is_drift(tmp_path):
 @pytest.fixture
 def fresh_postgres(postgres_url) -> Iterator[str]:
     """An empty database of its own on the test server, dropped afterwards."""
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"sstmerge_drift_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with empty_postgres_database(postgres_url, "sstmerge_drift") as url:
+        yield url
 
 
 @pytest.mark.service

@@ -14,9 +14,8 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import WorkerProcess, auth, merge_body, upload_merge_inputs, wait_for
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from service_helpers import WorkerProcess, auth, empty_postgres_database, merge_body, upload_merge_inputs, wait_for
+from sqlalchemy import select
 from standardwebhooks import Webhook, WebhookVerificationError
 from webhook_receiver import Receiver
 
@@ -32,26 +31,20 @@ LINEAR = {"method": "linear", "params": {"alphas": [1.0]}}
 
 @pytest.fixture(scope="module")
 def hook_settings(settings, postgres_url, tmp_path_factory) -> Settings:
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"sstmerge_hooks_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield settings.model_copy(
-        update={
-            "data_dir": tmp_path_factory.mktemp("hooks-data"),
-            "database_url": make_url(postgres_url).set(database=name).render_as_string(hide_password=False),
-            "queue": f"{settings.queue}-hooks",
-            "webhook_allowed_hosts": ["127.0.0.1"],
-            "webhook_retry_base_seconds": 1.0,
-            "webhook_retry_max_seconds": 2.0,
-            "webhook_timeout_seconds": 2.0,
-            "webhook_max_attempts": 3,
-            "webhook_poll_seconds": 0.2,
-        }
-    )
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with empty_postgres_database(postgres_url, "sstmerge_hooks") as url:
+        yield settings.model_copy(
+            update={
+                "data_dir": tmp_path_factory.mktemp("hooks-data"),
+                "database_url": url,
+                "queue": f"{settings.queue}-hooks",
+                "webhook_allowed_hosts": ["127.0.0.1"],
+                "webhook_retry_base_seconds": 1.0,
+                "webhook_retry_max_seconds": 2.0,
+                "webhook_timeout_seconds": 2.0,
+                "webhook_max_attempts": 3,
+                "webhook_poll_seconds": 0.2,
+            }
+        )
 
 
 @pytest.fixture(scope="module")
