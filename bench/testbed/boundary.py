@@ -119,7 +119,7 @@ def run(
     """Every family on the report split, matched against linear's front; the costs and the side checks."""
     from sstmerge_core.evaluation.metrics import UTILITY_METRICS
     from sstmerge_core.jobspec import RepairSpec
-    from sstmerge_core.search.matched import at_safety
+    from sstmerge_core.search.matched import at_safety, matched_difference
     from sstmerge_core.search.runner import merged_recipe, reference_updates
     from sstmerge_core.stages.evaluation import score_updates
     from sstmerge_core.stages.fisher import compute_fisher
@@ -206,6 +206,8 @@ def run(
             passes.append(time.perf_counter() - started - made_s)
             points[name].append((recipe.alpha, result.outcomes))
             row = {"alpha": recipe.alpha, "label": recipe.label(), **_rates(result), "merge_s": round(made_s, 2)}
+            if name != "linear":  # this point against linear's front at its own safety (linear is swept first)
+                row["vs_linear"] = matched_difference(result.outcomes, points["linear"])
             if merged.repairs:
                 step = merged.repairs[recipe.alpha]
                 row["repair"] = {k: step.get(k) for k in ("step", "chosen", "loss", "seconds", "mixture") if k in step}
@@ -236,15 +238,32 @@ def render(table: dict) -> str:
         "",
         *matched_table(table["linear_at"], table["matched"]),
     ]
-    lines += ["", "| family | α | safety | over-refusal | utility |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| family | α | safety | over-refusal | utility | Δ over-refusal vs linear at this safety [95% paired CI] |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rows in table["families"].items():
         for row in rows:
             sa, o = row["safety"], row["over_refusal"]
             lines.append(
                 f"| {name} | {row['alpha']:g} | {sa['rate']:.3f} [{sa['ci_low']:.2f}, {sa['ci_high']:.2f}] | "
-                f"{o['rate']:.3f} [{o['ci_low']:.2f}, {o['ci_high']:.2f}] | {row['utility']['value']:.3f} |"
+                f"{o['rate']:.3f} [{o['ci_low']:.2f}, {o['ci_high']:.2f}] | {row['utility']['value']:.3f} | "
+                f"{_versus(row.get('vs_linear'))} |"
             )
     return "\n".join(lines)
+
+
+def _versus(block: dict | None) -> str:
+    """A point's Δ over-refusal against linear's front at its own safety, or why there is none."""
+    if block is None:
+        return "(the front)"
+    if not block["matched"]:
+        low, high = block["reference_safety_range"]
+        return f"outside the front's safety range [{low:.2f}, {high:.2f}]"
+    ci = block["delta_over_refusal_ci"]
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    return f"{block['delta_over_refusal']:+.3f}{interval}"
 
 
 @click.command()
