@@ -272,6 +272,28 @@ def test_answer_alignment_reports_its_choice_and_is_deterministic(chat_model, me
     assert sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules()) == hooks
 
 
+@pytest.mark.parametrize("layers", [None, [0, 1]], ids=["chosen", "given"])
+def test_passes_are_those_of_the_cost_model(layers, chat_model, merged, monkeypatch):
+    """Two first reads (fit and held-out halves), then `alignment_passes` more: the first edited layer is fitted on
+    the first read, every later one on a read with the edits below it, and one held-out read with all edits."""
+    import sstmerge_core.repair.answer_step as step
+
+    _, model, tokenizer = chat_model
+    params = AnswerAlignmentParams(
+        refusal_threshold=median_threshold(model, tokenizer, merged), max_samples=24, layers=layers, num_layers=2
+    )
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(args[2])
+        return last_token_activations(*args, **kwargs)
+
+    monkeypatch.setattr(step, "last_token_activations", counted)
+    outcome = answer_alignment(model, tokenizer, DATA, params, merged=merged)
+    assert len(outcome.report["chosen"]) == 2
+    assert len(reads) == 2 + step.alignment_passes(3, params)
+
+
 def test_strength_zero_is_the_identity(chat_model, merged):
     _, model, tokenizer = chat_model
     threshold = median_threshold(model, tokenizer, merged)

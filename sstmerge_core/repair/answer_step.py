@@ -91,9 +91,10 @@ def candidate_layers(layers: int, params: AnswerAlignmentParams) -> list[int]:
 
 def alignment_passes(layers: int, params: AnswerAlignmentParams) -> int:
     """Passes over a half of the prompts beyond the first reads of the fit and held-out halves: one over the fit half
-    per edited layer and one over the held-out half with the edits (the cost model's count)."""
-    chosen = len(candidate_layers(layers, params))
-    return (chosen if params.layers is not None else min(params.num_layers, chosen)) + 1
+    per edited layer after the first (the first is fitted on the first read) and one over the held-out half with the
+    edits (the cost model's count)."""
+    candidates = len(candidate_layers(layers, params))
+    return candidates if params.layers is not None else min(params.num_layers, candidates)
 
 
 def splits(data: RepairData, params: AnswerAlignmentParams) -> tuple[Split, Split]:
@@ -213,7 +214,8 @@ def _align(
             model, tokenizer, split.prompts, layers, refusal_ids, params.batch_size, writer_inputs=inputs
         )
 
-    fit, held = read(fit_split, candidates), read(held_split, candidates)
+    # the fit half's first read also keeps the writers' inputs: the first edited layer is fitted on it (no edits yet)
+    fit, held = read(fit_split, candidates, inputs=True), read(held_split, candidates)
     check_finite(fit)
     check_finite(held)
     answered = (fit.refusal <= params.refusal_threshold, held.refusal <= params.refusal_threshold)
@@ -267,9 +269,12 @@ def _align(
     edits: dict[str, LoraFactors] = {}
     report["chosen"] = []
     for i, probe in enumerate(chosen):
-        with lora_forward(model, edits):
-            now = read(fit_split, [probe.layer], inputs=True)
-        check_finite(now)
+        if edits:
+            with lora_forward(model, edits):
+                now = read(fit_split, [probe.layer], inputs=True)
+            check_finite(now)
+        else:
+            now = fit
         factors, numbers = edit_layer(probe, fit.residual[probe.layer], now, params)
         edits[writers[probe.layer]] = factors
         report["chosen"].append({"layer": probe.layer, "module": writers[probe.layer], **probe.accuracy, **numbers})
