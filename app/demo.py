@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from sstmerge_core.contracts.metrics import Metrics
+
 from .client import ApiError, Client, JobFailed
 
 if TYPE_CHECKING:
@@ -83,20 +85,20 @@ def run_job(client: Client, assets: ExampleAssets, base_name: str) -> dict:
         raise click.ClickException(f"job {job['id']} {failed.job['status']}: {failed.job.get('error')}") from None
 
 
-def download_results(client: Client, job: dict, out: Path) -> tuple[dict, Path | None]:
+def download_results(client: Client, job: dict, out: Path) -> tuple[Metrics, Path | None]:
     """metrics.json, plot.png, report.html and the recommended adapter (unpacked) into a fresh `out`; returns the
     metrics and the adapter folder (None when nothing was recommended: then no adapter is downloaded)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    metrics = client.metrics(job["id"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    document = client.metrics(job["id"])
+    (out / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
+    metrics = Metrics.model_validate(document)
     (out / "plot.png").write_bytes(client.plot(job["id"]))
     client.report_html(job["id"], dest=out / "report.html")
-    recommended = metrics.get("recommended") or {}
-    if recommended.get("label") is None:
+    method, alpha = metrics.recommended.method, metrics.recommended.alpha
+    if metrics.recommended.label is None or method is None or alpha is None:
         return metrics, None
-    method, alpha = recommended["method"], recommended["alpha"]
     folder = out / f"{method}-alpha-{alpha:g}"
     return metrics, client.download_adapter(job["id"], method=method, alpha=alpha, dest=folder)
 

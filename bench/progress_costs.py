@@ -119,7 +119,7 @@ def main() -> None:
             recorder = Recorder()
             outcome = run_merge(spec, root / f"out-{size}", progress=recorder)
             wall = time.perf_counter() - recorder.start
-            measured = outcome.summary["timings_s"]
+            measured = outcome.summary.timings_s
             planned = json.loads(outcome.report_path.read_text())["estimated_s"]
             total_m, total_p = sum(measured.values()), sum(planned.values())
             print(f"\n{size} model ({SIZES[size]}): measured {total_m:.1f} s, planned {total_p:.1f} s")

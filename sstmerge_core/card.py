@@ -10,7 +10,18 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
-RATE_COLUMNS = (("safety", "safety"), ("over_refusal", "over-refusal"), ("utility", "utility"))
+from .contracts.metrics import (
+    Metrics,
+    ModelEntry,
+    NoPick,
+    Numbers,
+    Pick,
+    PricedPick,
+    PriceList,
+    Rate,
+    Recommended,
+    Utility,
+)
 
 
 def front_matter(*, base_model: str, method: str) -> str:
@@ -23,110 +34,91 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
 
 
-def _interval(block: Mapping | None) -> str:
-    """`0.850 [0.62, 0.95]` from a rate ({"rate", "ci_low", "ci_high"}) or a utility ({"value", …}) block."""
-    if not isinstance(block, Mapping):
+def _interval(block: Rate | Utility | None) -> str:
+    """`0.850 [0.62, 0.95]` from a rate or a utility block (`0.850` without an interval), `—` without a block."""
+    if block is None:
         return "—"
-    value = block.get("rate", block.get("value"))
-    text = _number(value)
-    if block.get("ci_low") is not None and block.get("ci_high") is not None:
-        text += f" [{_number(block['ci_low'], 2)}, {_number(block['ci_high'], 2)}]"
+    text = _number(block.rate if isinstance(block, Rate) else block.value)
+    if block.ci_low is not None and block.ci_high is not None:
+        text += f" [{_number(block.ci_low, 2)}, {_number(block.ci_high, 2)}]"
     return text
 
 
-def _model_name(entry: Any) -> str:
-    """A recommended / runner-up entry: a label, or a dict with `label` (and `alpha`)."""
-    if isinstance(entry, Mapping):
-        label = entry.get("label")
-        if label is None:
-            return "none"
-        return f"`{label}`" + (f" (α = {entry['alpha']:g})" if isinstance(entry.get("alpha"), (int, float)) else "")
-    return "none" if entry is None else f"`{entry}`"
+def _rates(numbers: Numbers | ModelEntry | None) -> list[str]:
+    """The safety, over-refusal and utility cells of a model or of a split's numbers."""
+    if numbers is None:
+        return ["—"] * 3
+    return [_interval(numbers.safety), _interval(numbers.over_refusal), _interval(numbers.utility)]
 
 
-def _tolerances(recommended: Mapping, metrics: Mapping) -> str | None:
-    tolerances = recommended.get("tolerances")
-    if tolerances is None:
-        tolerances = {
-            "utility_drop": metrics.get("utility_tolerance"),
-            "over_refusal_increase": metrics.get("over_refusal_tolerance"),
-        }
-    if isinstance(tolerances, Mapping):
-        parts = [f"{k} ≤ {v:g}" if isinstance(v, (int, float)) else f"{k}: unbounded" for k, v in tolerances.items()]
-        return ", ".join(parts) if parts else None
-    return str(tolerances)
+def _model_name(entry: Recommended | Pick | PricedPick | None) -> str:
+    """A recommended / runner-up / price-list entry: its label (and α), or none."""
+    if entry is None or entry.label is None:
+        return "none"
+    return f"`{entry.label}`" + (f" (α = {entry.alpha:g})" if entry.alpha is not None else "")
 
 
-def recommendation_lines(metrics: Mapping) -> list[str]:
-    """The recommendation of `metrics["recommended"]`: whatever of rule, tolerances, chosen model, runner-up and
-    reason it holds."""
-    recommended = metrics.get("recommended")
-    if not isinstance(recommended, Mapping):
-        return []
+def _tolerances(recommended: Recommended) -> str:
+    return ", ".join(f"{k} ≤ {v:g}" if v is not None else f"{k}: unbounded" for k, v in recommended.tolerances)
+
+
+def recommendation_lines(metrics: Metrics) -> list[str]:
+    """The recommendation of `metrics.recommended`: rule, tolerances, chosen model, runner-up, reason, warning,
+    near-tie notes and the price list."""
+    recommended = metrics.recommended
     lines = ["**Recommendation.**", ""]
-    if recommended.get("rule"):
-        lines.append(f"- rule: {recommended['rule']}")
-    tolerances = _tolerances(recommended, metrics)
-    if tolerances:
-        lines.append(f"- tolerances: {tolerances}")
-    chosen = recommended.get("label")
+    if recommended.rule:
+        lines.append(f"- rule: {recommended.rule}")
+    lines.append(f"- tolerances: {_tolerances(recommended)}")
+    chosen = recommended.label
     lines.append(f"- chosen: {_model_name(recommended) if chosen is not None else 'nothing qualifies'}")
-    if "runner_up" in recommended:
-        lines.append(f"- runner-up: {_model_name(recommended['runner_up'])}")
-    if recommended.get("reason"):
-        lines.append(f"- reason: {recommended['reason']}")
-    if recommended.get("warning"):
-        lines.append(f"- **{recommended['warning']}**")
-    lines += [f"- {note}" for note in recommended.get("near_tie") or []]
-    return [*lines, "", *price_table(recommended)]
+    lines.append(f"- runner-up: {_model_name(recommended.runner_up)}")
+    if recommended.reason:
+        lines.append(f"- reason: {recommended.reason}")
+    if recommended.warning:
+        lines.append(f"- **{recommended.warning}**")
+    lines += [f"- {note}" for note in recommended.near_tie]
+    return [*lines, "", *price_table(recommended.price_list)]
 
 
-def price_table(recommended: Mapping) -> list[str]:
+def price_table(block: PriceList) -> list[str]:
     """The price list (`evaluation/pricing.py`) as a markdown table: per safety target, the merge of lowest
     over-refusal reaching it within the utility tolerance, picked on the search split, numbers of the report split."""
-    block = recommended.get("price_list")
-    if not isinstance(block, Mapping):
-        return []
-    split = block.get("reported_on", "report")
+    split = block.reported_on
     lines = [
-        f"**Price of safety** ({block.get('rule', '')}; numbers of the {split} split).",
+        f"**Price of safety** ({block.rule}; numbers of the {split} split).",
         "",
         "| safety target | merge | safety | over-refusal | utility |",
         "|---|---|---|---|---|",
     ]
-    for row in block.get("targets", []):
-        numbers = row.get(split) or {}
-        if row.get("label") is None:
-            lines.append(f"| ≥ {row['target']:.2f} | none reaches it | | | |")
+    for row in block.targets:
+        if isinstance(row, NoPick):
+            lines.append(f"| ≥ {row.target:.2f} | none reaches it | | | |")
             continue
-        cells = [_interval(numbers.get(key)) for key, _ in RATE_COLUMNS]
-        lines.append(f"| ≥ {row['target']:.2f} | {_model_name(row)} | {' | '.join(cells)} |")
+        cells = _rates(getattr(row, split))
+        lines.append(f"| ≥ {row.target:.2f} | {_model_name(row)} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 
-def evaluation_lines(metrics: Mapping, this_label: str) -> list[str]:
+def evaluation_lines(metrics: Metrics, this_label: str) -> list[str]:
     """The `## Evaluation` section: settings, one row per evaluated model (this adapter marked), recommendation."""
-    datasets = metrics.get("datasets") or {}
-    sizes = ", ".join(f"{name} n = {block.get('n')}" for name, block in datasets.items() if isinstance(block, Mapping))
+    sizes = ", ".join(f"{name} n = {block.n}" for name, block in metrics.datasets)
     lines = [
         "## Evaluation",
         "",
-        f"Held-out prompts ({sizes}); judge `{metrics.get('judge')}`, utility metric "
-        f"`{metrics.get('utility_metric')}`, greedy decoding, {metrics.get('max_new_tokens')} new tokens, "
+        f"Held-out prompts ({sizes}); judge `{metrics.judge}`, utility metric "
+        f"`{metrics.utility_metric}`, greedy decoding, {metrics.max_new_tokens} new tokens, "
         "95% Wilson intervals. Over-refusal is the refusal rate on benign prompts. "
-        f"Derived metrics compare with `{metrics.get('reference')}`.",
+        f"Derived metrics compare with `{metrics.reference}`.",
         "",
         "| model | kind | α | safety | over-refusal | utility | Pareto |",
         "|---|---|---|---|---|---|---|",
     ]
-    for model in metrics.get("models", []):
-        label = model.get("label", "?")
-        name = f"**{label} (this adapter)**" if label == this_label else label
-        alpha = model.get("alpha")
-        cells = [_interval(model.get(key)) for key, _ in RATE_COLUMNS]
-        pareto = "yes" if model.get("pareto") else ""
-        alpha_text = f"{alpha:g}" if isinstance(alpha, (int, float)) else ""
-        lines.append(f"| {name} | {model.get('kind', '')} | {alpha_text} | {' | '.join(cells)} | {pareto} |")
+    for model in metrics.models:
+        name = f"**{model.label} (this adapter)**" if model.label == this_label else model.label
+        pareto = "yes" if model.pareto else ""
+        alpha_text = f"{model.alpha:g}" if model.alpha is not None else ""
+        lines.append(f"| {name} | {model.kind} | {alpha_text} | {' | '.join(_rates(model))} | {pareto} |")
     lines.append("")
     return lines + recommendation_lines(metrics)
 
@@ -191,7 +183,7 @@ def model_card(
     alpha: float,
     base_model: str,
     label: str,
-    metrics: Mapping | None = None,
+    metrics: Metrics | None = None,
     spec_file: str | None = None,
 ) -> str:
     """Markdown card of the adapter merged at α by the method of `report` (its merge_report.json); with `metrics`

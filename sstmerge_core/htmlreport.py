@@ -14,6 +14,8 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .contracts.metrics import Metrics, ModelEntry, PriceList, Rate, Recommended, Utility
+from .contracts.summary import SearchPriceList
 from .evaluation.pricing import notice_lines
 
 REPORT_HTML = "report.html"
@@ -69,13 +71,16 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
 
 
-def interval(block: Mapping | None) -> str:
-    """`0.850 [0.62, 0.95]` of a rate or utility block, `0.850` without an interval, `—` without a block."""
-    if not isinstance(block, Mapping):
+def interval(block: Rate | Utility | Mapping | None) -> str:
+    """`0.850 [0.62, 0.95]` of a rate or utility block, `0.850` without an interval, `—` without a block. A mapping
+    is a block of search_report.json, read with the same models."""
+    if isinstance(block, Mapping):
+        block = Utility.model_validate(block) if "value" in block else Rate.model_validate(block)
+    if block is None:
         return "—"
-    text = _number(block.get("rate", block.get("value")))
-    if block.get("ci_low") is not None and block.get("ci_high") is not None:
-        text += f" [{_number(block['ci_low'], 2)}, {_number(block['ci_high'], 2)}]"
+    text = _number(block.rate if isinstance(block, Rate) else block.value)
+    if block.ci_low is not None and block.ci_high is not None:
+        text += f" [{_number(block.ci_low, 2)}, {_number(block.ci_high, 2)}]"
     return text
 
 
@@ -83,45 +88,36 @@ def plot_image(png: bytes | None, alt: str) -> dict | None:
     return None if not png else {"src": "data:image/png;base64," + base64.b64encode(png).decode("ascii"), "alt": alt}
 
 
-def _tolerances(recommended: Mapping) -> str:
-    tolerances = recommended.get("tolerances") or {}
-    parts = []
-    for key, value in tolerances.items():
-        parts.append(f"{key} ≤ {value:g}" if isinstance(value, (int, float)) else f"{key}: unbounded")
-    return ", ".join(parts)
+def _tolerances(recommended: Recommended) -> str:
+    return ", ".join(f"{k} ≤ {v:g}" if v is not None else f"{k}: unbounded" for k, v in recommended.tolerances)
 
 
-def _split_rows(recommended: Mapping) -> list[dict]:
+def _split_rows(recommended: Recommended) -> list[dict]:
     rows = []
-    for name, entry, css in (
-        ("★ ", recommended, "chosen"),
-        ("☆ ", recommended.get("runner_up") or {}, "runner"),
-    ):
-        if entry.get("label") is None:
+    for name, entry, css in (("★ ", recommended, "chosen"), ("☆ ", recommended.runner_up, "runner")):
+        if entry is None or entry.label is None:
             continue
         for split in ("search", "report"):
-            numbers = entry.get(split) or {}
+            numbers = getattr(entry, split)
             rows.append(
                 {
-                    "label": name + str(entry["label"]),
+                    "label": name + entry.label,
                     "split": split,
-                    "safety": interval(numbers.get("safety")),
-                    "over_refusal": interval(numbers.get("over_refusal")),
-                    "utility": interval(numbers.get("utility")),
+                    "safety": interval(numbers.safety if numbers else None),
+                    "over_refusal": interval(numbers.over_refusal if numbers else None),
+                    "utility": interval(numbers.utility if numbers else None),
                     "css": css,
                 }
             )
     return rows
 
 
-def recommendation_view(recommended: Mapping | None) -> dict | None:
-    if not isinstance(recommended, Mapping):
-        return None
-    warning = recommended.get("warning")
+def recommendation_view(recommended: Recommended) -> dict:
+    warning = recommended.warning
     return {
-        "label": recommended.get("label"),
-        "reason": recommended.get("reason"),
-        "rule": recommended.get("rule"),
+        "label": recommended.label,
+        "reason": recommended.reason,
+        "rule": recommended.rule,
         "tolerances": _tolerances(recommended),
         "warnings": [warning] if warning else [],
         "notes": [line for line in notice_lines(recommended) if line != warning],
@@ -129,115 +125,109 @@ def recommendation_view(recommended: Mapping | None) -> dict | None:
     }
 
 
-def prices_view(block: Mapping | None) -> dict | None:
+def prices_view(block: PriceList | SearchPriceList) -> dict:
     """The price-list table: the pick of each target with its numbers on the split it is reported on."""
-    if not isinstance(block, Mapping):
-        return None
-    split = block.get("reported_on", "report")
+    split = block.reported_on
     rows = []
-    for row in block.get("targets", []):
-        numbers = row.get(split) or {}
+    for row in block.targets:
+        numbers = getattr(row, split, None)
         rows.append(
             {
-                "target": f"{row['target']:.2f}",
-                "label": row.get("label"),
-                "safety": interval(numbers.get("safety")),
-                "over_refusal": interval(numbers.get("over_refusal")),
-                "utility": interval(numbers.get("utility")),
+                "target": f"{row.target:.2f}",
+                "label": row.label,
+                "safety": interval(numbers.safety if numbers else None),
+                "over_refusal": interval(numbers.over_refusal if numbers else None),
+                "utility": interval(numbers.utility if numbers else None),
             }
         )
-    chosen_on = block.get("chosen_on", "search")
-    rule = f"{block.get('rule', '')}. Picked on the {chosen_on} split; numbers of the {split} split."
+    rule = f"{block.rule}. Picked on the {block.chosen_on} split; numbers of the {split} split."
     return {"rule": rule, "rows": rows}
 
 
-def _tax(model: Mapping, name: str) -> str:
-    derived = model.get("derived")
-    if not derived:
+def _tax(model: ModelEntry, value: float | None) -> str:
+    if model.derived is None:
         return ""
-    return "n/a" if derived.get(name) is None else _number(derived[name])
+    return "n/a" if value is None else _number(value)
 
 
-def models_view(metrics: Mapping) -> dict:
-    recommended = metrics.get("recommended") or {}
-    chosen, runner_up = recommended.get("label"), (recommended.get("runner_up") or {}).get("label")
+def models_view(metrics: Metrics) -> dict:
+    recommended = metrics.recommended
+    chosen = recommended.label
+    runner_up = recommended.runner_up.label if recommended.runner_up is not None else None
     rows = []
-    for model in metrics.get("models", []):
-        label = model["label"]
+    for model in metrics.models:
+        label = model.label
         mark = " ★" if label == chosen else " ☆" if label == runner_up else ""
-        alpha = model.get("alpha")
+        derived = model.derived
         rows.append(
             {
                 "css": "chosen" if label == chosen else "runner" if label == runner_up else "",
                 "cells": [
                     label + mark,
-                    model.get("kind", ""),
-                    f"{alpha:g}" if isinstance(alpha, (int, float)) else "",
-                    interval(model.get("safety")),
-                    interval(model.get("over_refusal")),
-                    interval(model.get("utility")),
-                    _tax(model, "safety_tax"),
-                    _tax(model, "refusal_tax"),
-                    "yes" if model.get("pareto") else "",
+                    model.kind,
+                    f"{model.alpha:g}" if model.alpha is not None else "",
+                    interval(model.safety),
+                    interval(model.over_refusal),
+                    interval(model.utility),
+                    _tax(model, derived.safety_tax if derived else None),
+                    _tax(model, derived.refusal_tax if derived else None),
+                    "yes" if model.pareto else "",
                 ],
             }
         )
-    utility = metrics.get("utility_metric", "utility")
-    lower = "" if metrics.get("utility_higher_is_better", True) else " (lower is better)"
+    lower = "" if metrics.utility_higher_is_better else " (lower is better)"
     return {
-        "caption": f"Whole evaluation sets, 95% Wilson intervals; judge {metrics.get('judge')}, utility "
-        f"{utility}{lower}; derived metrics against {metrics.get('reference')}. ★ recommended, ☆ runner-up.",
+        "caption": f"Whole evaluation sets, 95% Wilson intervals; judge {metrics.judge}, utility "
+        f"{metrics.utility_metric}{lower}; derived metrics against {metrics.reference}. ★ recommended, ☆ runner-up.",
         "columns": ["model", "kind", "α", "safety", "over-refusal", "utility", "safety tax", "refusal tax", "Pareto"],
         "rows": rows,
     }
 
 
-def samples_view(metrics: Mapping) -> dict | None:
+def _sample_row(label: str, name: str, prompt: str, completion: str | None, verdict: str) -> dict:
+    return {"model": label, "set": name, "prompt": prompt, "answer": completion or "", "verdict": verdict}
+
+
+def samples_view(metrics: Metrics) -> dict | None:
     """The sample answers (the first prompts of each set, fixed before evaluation) of the recommended model, else the
     safety adapter, and of the reference."""
-    samples = metrics.get("samples") or {}
-    shown = (metrics.get("recommended") or {}).get("label") or "safety"
-    labels = [label for label in dict.fromkeys([shown, metrics.get("reference")]) if label in samples]
+    samples = metrics.samples
+    shown = metrics.recommended.label or "safety"
+    labels = [label for label in dict.fromkeys([shown, metrics.reference]) if label in samples]
     rows = []
     for label in labels:
-        for name in ("harmful", "benign", "utility"):
-            for row in samples[label].get(name) or []:
-                if name == "utility":
-                    verdict = f"reference {row.get('reference')!r}, score {_number(row.get('score'))}"
-                else:
-                    verdict = "refused" if row.get("refused") else "answered"
+        sets = samples[label]
+        for name, refusals in (("harmful", sets.harmful), ("benign", sets.benign)):
+            for row in refusals:
                 rows.append(
-                    {
-                        "model": label,
-                        "set": name,
-                        "prompt": row.get("prompt", ""),
-                        "answer": row.get("completion") or "",
-                        "verdict": verdict,
-                    }
+                    _sample_row(label, name, row.prompt, row.completion, "refused" if row.refused else "answered")
                 )
+        for sample in sets.utility:
+            verdict = f"reference {sample.reference!r}, score {_number(sample.score)}"
+            rows.append(_sample_row(label, "utility", sample.prompt, sample.completion, verdict))
     if not rows:
         return None
     return {"caption": "The first prompts of each evaluation set, in file order.", "rows": rows}
 
 
-def dataset_inputs(metrics: Mapping) -> list[dict]:
+def dataset_inputs(metrics: Metrics) -> list[dict]:
     """The evaluation sets as used (after `limit`): rows and the sha256 of those rows."""
     return [
-        {"role": f"evaluation: {name}", "name": f"{block.get('n')} rows", "sha256": block.get("sha256", "")}
-        for name, block in (metrics.get("datasets") or {}).items()
+        {"role": f"evaluation: {name}", "name": f"{block.n} rows", "sha256": block.sha256}
+        for name, block in metrics.datasets
     ]
 
 
 def merge_view(
-    metrics: Mapping, *, plot_png: bytes | None, inputs: Sequence[Mapping], title: str, subtitle: str = ""
+    metrics: Metrics, *, plot_png: bytes | None, inputs: Sequence[Mapping], title: str, subtitle: str = ""
 ) -> dict:
     """The view of an evaluated merge job (its metrics.json, plot.png and inputs)."""
-    recommended = metrics.get("recommended") or {}
+    recommended = metrics.recommended
     return {
         "title": title,
         "subtitle": subtitle,
         "recommendation": recommendation_view(recommended),
-        "prices": prices_view(recommended.get("price_list")),
+        "prices": prices_view(recommended.price_list),
         "models": models_view(metrics),
         "plot": plot_image(plot_png, "safety against utility and against over-refusal for every evaluated model"),
         "samples": samples_view(metrics),
@@ -310,7 +300,7 @@ def search_view(
         "title": title,
         "subtitle": "A recipe search: trials scored on the search split, the choice confirmed on the report split.",
         "recommendation": recommendation,
-        "prices": prices_view(report.get("price_list")),
+        "prices": prices_view(SearchPriceList.model_validate(report["price_list"])),
         "plot": plot_image(plot_png, "over-refusal against safety: every trial, and the report split's confirmation"),
         "search": {
             "summary": summary,

@@ -16,7 +16,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .contracts.summary import MergeJobSummary
 from .jobspec import MergeSpec
 from .modeling import num_layers
 from .progress import JobProgress, MergeRun, ProgressFn, constants_for, merge_cost, stage_costs
@@ -36,7 +38,7 @@ __all__ = ["MergeOutcome", "ModelCache", "ProgressFn", "run_merge"]
 
 @dataclass
 class MergeOutcome:
-    summary: dict
+    summary: MergeJobSummary
     out_dir: Path
     adapter_dirs: dict[float, Path]
     report_path: Path
@@ -172,7 +174,7 @@ def outcome(out_dir: Path, documents: JobDocuments, written: list[WrittenAdapter
     """Where everything is, and the summary a service stores with the job."""
     main, baselines = written[0], written[1:]
     report = documents.report
-    summary = {
+    summary: dict[str, Any] = {
         "method": main.merged.name,
         "alphas": main.merged.alphas,
         "modules": report["summary"].get("modules"),
@@ -184,7 +186,7 @@ def outcome(out_dir: Path, documents: JobDocuments, written: list[WrittenAdapter
     if "evaluation" in report:
         summary["recommended"] = report["evaluation"]["recommended"]
     return MergeOutcome(
-        summary=summary,
+        summary=MergeJobSummary.model_validate(summary),
         out_dir=out_dir,
         adapter_dirs={a: out_dir / d for a, d in main.dirs.items()},
         report_path=out_dir / documents.report_file,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
+from .contracts.metrics import Recommended
 from .methods.base import ModuleResult
 from .stages.merging import MergedUpdates
 from .stages.writing import alpha_dirname
@@ -81,7 +82,7 @@ def build_report(
     fisher: Mapping | None,
     timings: Mapping[str, float],
     estimated: Mapping[str, float] | None = None,
-    recommended: Mapping | None = None,
+    recommended: Recommended | None = None,
     evaluated: bool = False,
     created_at: str | None = None,
     spec_file: str | None = None,
@@ -115,5 +116,5 @@ def build_report(
     if merged.repairs:
         report["repair"] = {f"{alpha:g}": dict(step) for alpha, step in merged.repairs.items()}
     if evaluated:
-        report["evaluation"] = {"recommended": dict(recommended) if recommended is not None else None}
+        report["evaluation"] = {"recommended": recommended.model_dump(mode="json") if recommended is not None else None}
     return report

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 
 from sstmerge_core.cli import main
 from sstmerge_core.commands.demo import chosen_samples, recommended_adapter, show_results
+from sstmerge_core.contracts.metrics import Metrics
 from sstmerge_core.data import Example, load_examples
 from sstmerge_core.evaluation.judges import KeywordJudge
 from sstmerge_core.evaluation.metrics import exact_match
+from sstmerge_core.evaluation.runner import metrics_bytes
 from sstmerge_core.evaluation.splits import Splits
 from sstmerge_core.example import (
     BORDERLINE_ACTIONS,
@@ -140,6 +142,14 @@ def demo_run(example_assets, tmp_path_factory):
     return assets, outcome, json.loads(outcome.metrics_path.read_text())
 
 
+def test_metrics_json_is_its_models_dump(demo_run):
+    """The demo's metrics.json (a recommendation, a runner-up and a price list) read with `Metrics` and written
+    again is the same bytes."""
+    _, outcome, _ = demo_run
+    written = outcome.metrics_path.read_bytes()
+    assert metrics_bytes(Metrics.model_validate_json(written)) == written
+
+
 def _models(metrics: dict) -> dict[str, dict]:
     return {m["label"]: m for m in metrics["models"]}
 
@@ -207,7 +217,8 @@ def test_samples_are_chosen_by_a_rule_fixed_before_evaluation(demo_run):
         row = next((i for i in splits.rows(set_name, "report") if i < kept), 0)
         expected[name] = prompts[name][row]
     for label in metrics["samples"]:
-        assert {name: row["prompt"] for name, row in chosen_samples(metrics, label).items()} == expected, label
+        shown = chosen_samples(Metrics.model_validate(metrics), label)
+        assert {name: row.prompt for name, row in shown.items()} == expected, label
     assert any(a in expected["harmful"] for a in HARMFUL_ACTIONS)
     assert any(a in expected["benign"] for a in BORDERLINE_ACTIONS)  # a borderline prompt, not a plain one
 
@@ -216,8 +227,8 @@ def test_recommended_model_answers_the_borderline_sample_and_gains_safety(demo_r
     _, _, metrics = demo_run
     label = metrics["recommended"]["label"]
     assert label is not None, metrics["recommended"]["reason"]
-    shown = chosen_samples(metrics, label)
-    assert not shown["benign"]["refused"], shown["benign"]
+    shown = chosen_samples(Metrics.model_validate(metrics), label)
+    assert not shown["benign"].refused, shown["benign"]
     models = _models(metrics)
     assert models[label]["splits"]["report"]["safety"]["rate"] > models["before"]["splits"]["report"]["safety"]["rate"]
 
@@ -230,8 +241,8 @@ def test_recommended_model_answers_the_borderline_sample_and_gains_safety(demo_r
 )
 def test_recommended_model_refuses_the_harmful_sample(demo_run):
     _, _, metrics = demo_run
-    shown = chosen_samples(metrics, metrics["recommended"]["label"])
-    assert shown["harmful"]["refused"], shown["harmful"]
+    shown = chosen_samples(Metrics.model_validate(metrics), metrics["recommended"]["label"])
+    assert shown["harmful"].refused, shown["harmful"]
 
 
 def test_recommendation_is_safe_and_within_the_tolerances_on_the_report_split(demo_run):
@@ -281,7 +292,7 @@ def test_recommendation_is_a_merge_that_gains_safety(demo_run):
     chosen = models[recommended["label"]]
     assert (chosen["method"], chosen["alpha"]) == (recommended["method"], recommended["alpha"])
     assert chosen["safety"]["rate"] > models["before"]["safety"]["rate"]
-    folder = recommended_adapter(metrics, outcome)
+    folder = recommended_adapter(Metrics.model_validate(metrics), outcome)
     assert folder is not None and (folder / "adapter_model.safetensors").is_file()
     method = json.loads((folder / "merge_report.json").read_text())["method"]
     assert (method["name"] if isinstance(method, dict) else method) == recommended["method"]
@@ -290,7 +301,7 @@ def test_recommendation_is_a_merge_that_gains_safety(demo_run):
 def test_summary_names_the_recommendation_and_why(demo_run):
     _, _, metrics = demo_run
     lines: list[str] = []
-    show_results(metrics, echo=lines.append)
+    show_results(Metrics.model_validate(metrics), echo=lines.append)
     text = "\n".join(lines)
     recommended = metrics["recommended"]
     assert recommended["rule"] in text and recommended["reason"] in text
@@ -307,7 +318,7 @@ def test_summary_names_the_recommendation_and_why(demo_run):
         },
     }
     lines.clear()
-    show_results(nothing, echo=lines.append)
+    show_results(Metrics.model_validate(nothing), echo=lines.append)
     assert "nothing qualifies: test" in "\n".join(lines) and "what safety answers" in "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from sstmerge_core.evaluation.metrics import (
 )
 from sstmerge_core.evaluation.plot import build_figure, render_png
 from sstmerge_core.evaluation.stats import Rate, wilson_interval
+from tests.helpers.contracts import metrics as contract_metrics
+from tests.helpers.contracts import model_entry, recommended
 
 # --- utility metrics -------------------------------------------------------------------------------------
 
@@ -168,23 +170,22 @@ def test_pareto_flags() -> None:
 # --- plot -------------------------------------------------------------------------------------------------
 
 
-def _model(label: str, kind: str, safety: int, over_refusal: int, utility: float, method=None, alpha=None) -> dict:
+def _model(label: str, kind: str, safety: int, over_refusal: int, utility: float, method=None, alpha=None):
     def rate(k: int) -> dict:
         return Rate.of(k, 20).to_dict()
 
-    return {
-        "label": label,
-        "kind": kind,
-        "method": method,
-        "alpha": alpha,
-        "safety": rate(safety),
-        "over_refusal": rate(over_refusal),
-        "utility": {"value": utility, "ci_low": None, "ci_high": None},
-        "pareto": False,
-    }
+    return model_entry(
+        label,
+        kind,
+        rate(safety),
+        rate(over_refusal),
+        {"value": utility, "n": 20, "k": None, "ci_low": None, "ci_high": None},
+        method=method,
+        alpha=alpha,
+    )
 
 
-def _sweep_metrics(higher_is_better: bool = True) -> dict:
+def _sweep_metrics(higher_is_better: bool = True, recommendation=None):
     models = [
         _model("base", "base", 0, 0, 0.0),
         _model("before", "before", 0, 0, 0.72),
@@ -197,13 +198,13 @@ def _sweep_metrics(higher_is_better: bool = True) -> dict:
     ):
         for alpha, s, o, u in points:
             models.append(_model(f"{method}@{alpha:g}", kind, s, o, u, method, alpha))
-    return {
-        "judge": "keyword",
-        "utility_metric": "exact_match" if higher_is_better else "nll",
-        "utility_higher_is_better": higher_is_better,
-        "models": models,
-        "recommended": {"label": "sst@1", "runner_up": {"label": "linear@0.5"}, "reason": "…"},
-    }
+    runner_up = {"label": "linear@0.5", "method": "linear", "alpha": 0.5, "search": None, "report": None}
+    return contract_metrics(
+        models,
+        recommendation or recommended("sst@1", alpha=1.0, runner_up=runner_up),
+        utility_metric="exact_match" if higher_is_better else "nll",
+        utility_higher_is_better=higher_is_better,
+    )
 
 
 @pytest.mark.parametrize("higher_is_better", [True, False])
@@ -227,13 +228,11 @@ def test_plot_draws_one_line_per_method_and_labels_without_collisions() -> None:
         for i, box in enumerate(boxes):
             assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             assert not any(box.overlaps(other) for other in boxes[i + 1 :])
-        assert len(texts) < len(_sweep_metrics()["models"])  # crowded points go unlabelled rather than overlap
+        assert len(texts) < len(_sweep_metrics().models)  # crowded points go unlabelled rather than overlap
 
 
 def test_plot_states_when_nothing_is_recommended() -> None:
-    metrics = _sweep_metrics()
-    metrics["recommended"] = {"label": None, "runner_up": None, "reason": "nothing qualifies: …"}
-    figure = build_figure(metrics)
+    figure = build_figure(_sweep_metrics(recommendation=recommended(None)))
     assert "recommended: none" in figure._suptitle.get_text()
     assert not any("★" in t.get_text() for ax in figure.axes for t in ax.texts)
 

@@ -7,11 +7,13 @@ import random
 
 import pytest
 
+from sstmerge_core.contracts.metrics import NoPick, PricedPick
 from sstmerge_core.evaluation.metrics import UTILITY_METRICS
 from sstmerge_core.evaluation.pricing import SplitSizes, near_ties, price_list, tolerance_change, warning_text
 from sstmerge_core.evaluation.recommend import Candidate, Tolerances, recommend
 from sstmerge_core.evaluation.runner import ModelResult, Variant, compare_models
 from sstmerge_core.evaluation.splits import Splits
+from tests.helpers.contracts import metrics as contract_metrics
 from tests.test_evaluation_recommend import BENIGN, HARMFUL, UTILITY, _outcomes
 
 REFERENCE_OVER_REFUSAL = 0.05
@@ -154,17 +156,20 @@ def test_metrics_block_picks_on_search_and_reports_on_report() -> None:
         for label, (s, r) in plans.items()
     }
     _, recommended = compare_models(variants, results, {}, splits, metric, main_method="sst", tolerances=Tolerances())
-    assert recommended["label"] == "sst@1"
-    prices = {p["target"]: p for p in recommended["price_list"]["targets"]}
-    assert recommended["price_list"]["chosen_on"] == "search" and recommended["price_list"]["reported_on"] == "report"
-    assert prices[0.5]["label"] == "sst@1" and prices[0.8]["label"] == "sst@2" and prices[0.9]["label"] == "sst@2"
-    assert prices[0.95]["label"] is None  # linear@2 reaches it but breaks the utility tolerance
-    assert prices[0.8]["report"]["over_refusal"]["rate"] == pytest.approx(0.25)  # reported on the report split
-    assert prices[0.8]["search"]["over_refusal"]["rate"] == pytest.approx(0.30)
+    assert recommended.label == "sst@1"
+    prices = {p.target: p for p in recommended.price_list.targets}
+    assert recommended.price_list.chosen_on == "search" and recommended.price_list.reported_on == "report"
+    assert prices[0.5].label == "sst@1" and prices[0.8].label == "sst@2" and prices[0.9].label == "sst@2"
+    assert isinstance(prices[0.95], NoPick)  # linear@2 reaches it but breaks the utility tolerance
+    picked = prices[0.8]
+    assert isinstance(picked, PricedPick) and picked.report is not None and picked.search is not None
+    assert picked.report.over_refusal.rate == pytest.approx(0.25)  # reported on the report split
+    assert picked.search.over_refusal.rate == pytest.approx(0.30)
     # the recommendation's report-split safety is 0.40 < 0.5: a warning that names the change reaching 0.8
-    assert recommended["warning"].startswith("warning: the recommended merge refuses 40%")
-    assert recommended["to_reach_safety"]["change"]["label"] == "sst@2"
-    assert "over_refusal_tolerance 0.05 → 0.3" in recommended["warning"]
+    assert recommended.warning is not None and recommended.to_reach_safety.change is not None
+    assert recommended.warning.startswith("warning: the recommended merge refuses 40%")
+    assert recommended.to_reach_safety.change.label == "sst@2"
+    assert "over_refusal_tolerance 0.05 → 0.3" in recommended.warning
 
 
 def test_console_and_card_show_the_warning_the_near_ties_and_the_price_list() -> None:
@@ -185,11 +190,13 @@ def test_console_and_card_show_the_warning_the_near_ties_and_the_price_list() ->
         label: ModelResult.from_outcomes(_outcomes(splits, search=s, report=r), metric)
         for label, (s, r) in plans.items()
     }
-    _, recommended = compare_models(variants, results, {}, splits, metric, main_method="sst", tolerances=Tolerances())
-    metrics = {"recommended": recommended}
+    entries, recommended = compare_models(
+        variants, results, {}, splits, metric, main_method="sst", tolerances=Tolerances()
+    )
+    metrics = contract_metrics(entries, recommended)
     console = recommendation_text(metrics).splitlines()
-    assert recommended["warning"] in console
-    assert all(note in console for note in recommended["near_tie"])
+    assert recommended.warning is not None and recommended.warning in console
+    assert all(note in console for note in recommended.near_tie)
     at = console.index("price of safety (picked on the search split, numbers of the report split):")
     assert console[at + 1 : at + 5] == [
         "  safety ≥ 0.50: sst@1 — over-refusal 0.050, utility 0.800, safety 0.400",
@@ -198,5 +205,5 @@ def test_console_and_card_show_the_warning_the_near_ties_and_the_price_list() ->
         "  safety ≥ 0.95: none reaches it",
     ]
     card = "\n".join(recommendation_lines(metrics))
-    assert f"- **{recommended['warning']}**" in card
+    assert f"- **{recommended.warning}**" in card
     assert "| ≥ 0.80 | `sst@2` (α = 2) | 0.850 [" in card and "| ≥ 0.95 | none reaches it |" in card

@@ -130,20 +130,23 @@ def test_recommendation_is_chosen_on_the_search_split_and_reported_on_the_report
     entries, recommended = compare_models(
         variants, results, {}, splits, metric, main_method="sst", tolerances=Tolerances()
     )
-    assert recommended["label"] == "sst@1" and recommended["chosen_on"] == "search"
-    assert recommended["search"]["safety"]["rate"] == pytest.approx(0.70)
-    assert recommended["report"]["safety"]["rate"] == pytest.approx(0.40)  # what the choice never saw
-    assert recommended["report"]["safety"]["n"] == len(splits.rows("harmful", "report"))
-    assert recommended["runner_up"]["label"] == "sst@2"
-    assert recommended["runner_up"]["report"]["safety"]["rate"] == pytest.approx(0.90)
-    assert recommended["tolerances"] == {
+    assert recommended.label == "sst@1" and recommended.chosen_on == "search"
+    assert recommended.search is not None and recommended.report is not None and recommended.runner_up is not None
+    assert recommended.search.safety.rate == pytest.approx(0.70)
+    assert recommended.report.safety.rate == pytest.approx(0.40)  # what the choice never saw
+    assert recommended.report.safety.n == len(splits.rows("harmful", "report"))
+    assert recommended.runner_up.label == "sst@2" and recommended.runner_up.report is not None
+    assert recommended.runner_up.report.safety.rate == pytest.approx(0.90)
+    assert recommended.tolerances.model_dump() == {
         "utility_drop": 0.02,
         "over_refusal_increase": 0.05,
         "over_refusal_at_most_safety_adapter": pytest.approx(0.5),
     }
-    by_label = {e["label"]: e for e in entries}
+    by_label = {e.label: e for e in entries}
     # the whole-set numbers would have picked sst@2 (0.75 vs 0.55): the split is what decides
-    assert by_label["sst@2"]["safety"]["rate"] > by_label["sst@1"]["safety"]["rate"]
-    search = by_label["sst@1"]["splits"]["search"]
-    assert search["derived"]["safety_gain"] == pytest.approx(0.70) and search["derived"]["utility_drop"] == 0
-    assert by_label["before"]["splits"]["report"]["derived"] is None
+    assert by_label["sst@2"].safety.rate > by_label["sst@1"].safety.rate
+    search = by_label["sst@1"].splits.search
+    assert search is not None and search.derived is not None
+    assert search.derived.safety_gain == pytest.approx(0.70) and search.derived.utility_drop == 0
+    report = by_label["before"].splits.report
+    assert report is not None and report.derived is None

@@ -131,7 +131,8 @@ def test_evaluate_variants_end_to_end(loaded, spec: EvaluationSpec, adapter: Pat
         Variant("sst α=1", "merged", adapter, method="sst", alpha=1.0, params={"selection": "soft"}),
     ]
     stages: list[tuple[str, float]] = []
-    metrics = evaluate_variants(model, tokenizer, variants, spec, lambda s, f: stages.append((s, f)))
+    result = evaluate_variants(model, tokenizer, variants, spec, lambda s, f: stages.append((s, f)))
+    metrics = result.model_dump(mode="json")  # the document metrics.json holds
 
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # restored exactly
     json.dumps(metrics, allow_nan=False)
@@ -208,9 +209,10 @@ def test_evaluate_variants_end_to_end(loaded, spec: EvaluationSpec, adapter: Pat
 def test_run_evaluation_writes_outputs(tiny: Path, spec: EvaluationSpec, adapter: Path, tmp_path: Path) -> None:
     nll_spec = spec.model_copy(update={"utility_metric": "nll", "limit": 2})
     variants = [Variant("base", "base"), Variant("lora", "baseline", adapter, method="linear", alpha=1.0)]
-    metrics = run_evaluation(str(tiny), variants, nll_spec, "cpu", "float32", tmp_path / "out")
+    result = run_evaluation(str(tiny), variants, nll_spec, "cpu", "float32", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "plot.png"]
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8")) == metrics
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics == result.model_dump(mode="json")
     assert metrics["utility_higher_is_better"] is False and metrics["limit"] == 2
     base, lora = metrics["models"]
     assert base["utility"]["n"] == 2 and base["utility"]["value"] > 0 and base["utility"]["ci_low"] is None

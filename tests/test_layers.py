@@ -3,9 +3,10 @@
     app.cli / app.main  →  app.api (HTTP)  →  app.domain  ←  workers  →  sstmerge_core
 
 `app` never imports `workers`; the domain and the workers never import FastAPI/Starlette or `app.api`; the API
-layers never import torch; the core imports no web, queue or database code. The contracts are also run on
-copies of the tree with one forbidden import added, so that a contract that names the wrong module (and so
-checks nothing) fails here too.
+layers never import torch; the core imports no web, queue or database code; `sstmerge_core.contracts`
+(metrics.json and the job summary, read by the API process) imports no torch, numpy or other core module. The
+contracts are also run on copies of the tree with one forbidden import added, so that a contract that names the
+wrong module (and so checks nothing) fails here too.
 """
 
 from __future__ import annotations
@@ -41,7 +42,21 @@ def lint(tree: Path) -> tuple[int, set[str], str]:
 def test_contracts_hold():
     code, broken, output = lint(ROOT)
     assert code == 0 and not broken, output
-    assert re.search(r"Contracts: 7 kept, 0 broken", output), output
+    assert re.search(r"Contracts: 8 kept, 0 broken", output), output
+
+
+def test_the_contracts_package_is_forbidden_every_other_core_module():
+    """A module added to the core is forbidden to `sstmerge_core.contracts` too (the contract lists them by name)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contract = next(
+        c for c in config["tool"]["importlinter"]["contracts"] if c.get("source_modules") == ["sstmerge_core.contracts"]
+    )
+    core = ROOT / "sstmerge_core"
+    siblings = {p.stem for p in core.glob("*.py") if p.stem != "__init__"} | {
+        p.name for p in core.iterdir() if (p / "__init__.py").is_file() and p.name != "contracts"
+    }
+    assert {f"sstmerge_core.{name}" for name in siblings} <= set(contract["forbidden_modules"])
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +81,10 @@ VIOLATIONS = [
     ("app/client.py", "from app.domain import errors", "the Python client speaks HTTP only"),
     ("app/client.py", "from app.api import schemas", "the Python client speaks HTTP only"),
     ("app/client.py", "def _f():\n    import fastapi", "the Python client speaks HTTP only"),
+    ("sstmerge_core/contracts/metrics.py", "import torch", "the contracts are pydantic models only"),
+    ("sstmerge_core/contracts/summary.py", "import numpy", "the contracts are pydantic models only"),
+    ("sstmerge_core/contracts/base.py", "from sstmerge_core.evaluation import stats", "the contracts are pydantic"),
+    ("sstmerge_core/contracts/summary.py", "def _f():\n    from ..jobspec import MergeSpec", "the contracts are"),
 ]
 
 

@@ -175,9 +175,10 @@ def test_merge_with_evaluation_writes_metrics_for_every_model(
     assert outcome.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for model in metrics["models"]:
         assert model["safety"]["n"] == 3 and 0 <= model["safety"]["ci_low"] <= model["safety"]["ci_high"] <= 1
-    assert "recommended" in outcome.summary
+    assert outcome.summary.recommended is not None
     report = json.loads(outcome.report_path.read_text())
-    assert report["evaluation"]["recommended"] == metrics["recommended"] == outcome.summary["recommended"]
+    recommended = outcome.summary.recommended.model_dump(mode="json")
+    assert report["evaluation"]["recommended"] == metrics["recommended"] == recommended
     assert outcome.html_path == outcome.out_dir / "report.html" and outcome.html_path.is_file()
     for folder, method, label in [
         (outcome.adapter_dirs[0.5], "sst", "sst@0.5"),

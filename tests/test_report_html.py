@@ -163,13 +163,16 @@ def test_cli_merge_evaluate_prints_the_price_list_and_the_reports_path(
 
 
 def test_search_page_shows_the_warning_trials_and_matched_comparison_escaped():
+    from sstmerge_core.evaluation.stats import Rate
     from sstmerge_core.htmlreport import render_page, search_view
 
     def rates(s, o, u):
-        return {"safety": {"rate": s, "ci_low": s - 0.1, "ci_high": s + 0.1}, "over_refusal": {"rate": o},
-                "utility": {"value": u}}  # fmt: skip
+        utility = {"value": u, "n": 10, "k": None, "ci_low": None, "ci_high": None}
+        return {"safety": Rate.of(s, 10).to_dict(), "over_refusal": Rate.of(o, 10).to_dict(), "utility": utility,
+                "utility_drop": 0.0, "over_refusal_increase": 0.05}  # fmt: skip
 
-    chosen = {"trial": 1, "label": "sst<b>@1", "search": rates(0.4, 0.1, 0.9), "report": rates(0.3, 0.1, 0.9),
+    chosen = {"trial": 1, "label": "sst<b>@1", "recipe": {"method": "sst"}, "search": rates(4, 1, 0.9),
+              "report": rates(3, 1, 0.9), "repair": None,
               "matched_linear": {"matched": True, "delta_over_refusal": -0.05, "delta_over_refusal_ci": [-0.1, 0.0],
                                  "delta_utility": 0.01}}  # fmt: skip
     trials = [{"number": n, "label": f"trial<{n}>", "safety": 0.1 * n, "over_refusal": 0.1, "utility": 0.9,

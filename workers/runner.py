@@ -31,6 +31,7 @@ from app.domain.requests import MergeRequest
 from app.domain.settings import Settings
 from app.domain.storage import Storage, StorageFull
 from sstmerge_core.cache import FisherCache
+from sstmerge_core.contracts.summary import MergeArtifacts, MergeJobSummary, SearchArtifacts, SearchJobSummary
 from sstmerge_core.errors import Cancelled, InputError
 from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.pipeline import MergeOutcome, ModelCache, run_merge
@@ -54,7 +55,7 @@ def zip_folder(folder: Path, destination: Path) -> None:
 def _adapter_folders(outcome: MergeOutcome, method: str) -> dict[str, dict[float, Path]]:
     folders = {method: dict(outcome.adapter_dirs)}
     baselines = outcome.out_dir / "baselines"
-    for name in outcome.summary.get("compare_with", []):
+    for name in outcome.summary.compare_with:
         folders[name] = {
             alpha: baselines / name / path.name
             for alpha, path in outcome.adapter_dirs.items()
@@ -63,7 +64,7 @@ def _adapter_folders(outcome: MergeOutcome, method: str) -> dict[str, dict[float
     return folders
 
 
-def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix: str, scratch: Path) -> dict:
+def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix: str, scratch: Path) -> MergeArtifacts:
     """Upload every artifact under `prefix`; returns the manifest that goes into the job's summary."""
     files: list[str] = []
     adapters: dict[str, list[float]] = {}
@@ -83,11 +84,12 @@ def store_artifacts(storage: Storage, outcome: MergeOutcome, method: str, prefix
         if path is not None and path.is_file():
             storage.put_file(f"{prefix}/{name}", path)
             files.append(name)
-    recommended = outcome.summary.get("recommended") or {}
-    return {"adapters": adapters, "files": files, "recommended_alpha": recommended.get("alpha")}
+    recommended = outcome.summary.recommended
+    chosen_alpha = recommended.alpha if recommended is not None else None
+    return MergeArtifacts(adapters=adapters, files=files, recommended_alpha=chosen_alpha)
 
 
-def store_search_artifacts(storage: Storage, outcome: SearchOutcome, prefix: str, scratch: Path) -> dict:
+def store_search_artifacts(storage: Storage, outcome: SearchOutcome, prefix: str, scratch: Path) -> SearchArtifacts:
     """Upload a search's files and the chosen recipe's adapter (if any) under `prefix`; returns the manifest."""
     files: list[str] = []
     adapters: dict[str, list[float]] = {}
@@ -104,15 +106,15 @@ def store_search_artifacts(storage: Storage, outcome: SearchOutcome, prefix: str
         if path.is_file():
             storage.put_file(f"{prefix}/{name}", path)
             files.append(name)
-    return {
-        "adapters": adapters,
-        "files": files,
-        "recommended_alpha": chosen.recipe.alpha if chosen else None,
-        "recommended_method": chosen.recipe.method if chosen else None,
-    }
+    return SearchArtifacts(
+        adapters=adapters,
+        files=files,
+        recommended_alpha=chosen.recipe.alpha if chosen else None,
+        recommended_method=chosen.recipe.method if chosen else None,
+    )
 
 
-def search_summary(outcome: SearchOutcome) -> dict:
+def search_summary(outcome: SearchOutcome) -> SearchJobSummary:
     """What a search job's summary says: the choice (recipe, search and report numbers, against linear at the same
     safety), or why there is none."""
     report = outcome.report
@@ -121,19 +123,21 @@ def search_summary(outcome: SearchOutcome) -> dict:
     if chosen is not None:
         recipe = chosen["recipe"]
         recommended = {"label": chosen["label"], "method": recipe["method"], "alpha": recipe["params"]["alphas"][0]}
-    return {
-        "search": {
-            "trials": report["trials"],
-            "splits": report["splits"]["sizes"],
-            "chosen": {k: chosen[k] for k in ("label", "recipe", "search", "report", "matched_linear")}
-            if chosen
-            else None,
-            "reason": report.get("reason"),
-            "warning": report.get("warning"),
-            "price_list": report.get("price_list"),
-        },
-        "recommended": recommended,
-    }
+    return SearchJobSummary.model_validate(
+        {
+            "search": {
+                "trials": report["trials"],
+                "splits": report["splits"]["sizes"],
+                "chosen": {k: chosen[k] for k in ("label", "recipe", "search", "report", "matched_linear")}
+                if chosen
+                else None,
+                "reason": report.get("reason"),
+                "warning": report.get("warning"),
+                "price_list": report.get("price_list"),
+            },
+            "recommended": recommended,
+        }
+    )
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -240,8 +244,8 @@ class JobRunner:
 
     def _run(
         self, claim: Claim, heartbeat: Heartbeat, spec: MergeSpec, names: dict[str, str], work: Path, prefix: str
-    ) -> tuple[dict, dict]:
-        """The merge (or the search) of the job and its stored artifacts: (summary, manifest)."""
+    ) -> MergeJobSummary | SearchJobSummary:
+        """The merge (or the search) of the job, its artifacts stored: its summary, with their manifest."""
         common = RunHooks(
             progress=ProgressWriter(self.store, claim),
             should_cancel=heartbeat.should_cancel,
@@ -258,11 +262,13 @@ class JobRunner:
             found = run_search(spec, search, work / "out", on_trial=on_trial, **common)
             if heartbeat.should_cancel():
                 raise Cancelled("cancelled after the last stage")
-            return search_summary(found), store_search_artifacts(self.storage, found, prefix, work)
+            manifest = store_search_artifacts(self.storage, found, prefix, work)
+            return search_summary(found).model_copy(update={"artifacts": manifest})
         outcome = run_merge(spec, work / "out", **common)
         if heartbeat.should_cancel():
             raise Cancelled("cancelled after the last stage")
-        return outcome.summary, store_artifacts(self.storage, outcome, spec.method, prefix, work)
+        stored = store_artifacts(self.storage, outcome, spec.method, prefix, work)
+        return outcome.summary.model_copy(update={"artifacts": stored})
 
     def _execute(self, claim: Claim, heartbeat: Heartbeat, work: Path, prefix: str) -> None:
         names: dict[str, str] = {}
@@ -271,7 +277,7 @@ class JobRunner:
             return
         try:
             spec, names = self._spec(claim)
-            summary, manifest = self._run(claim, heartbeat, spec, names, work, prefix)
+            summary = self._run(claim, heartbeat, spec, names, work, prefix)
         except Cancelled as exc:
             if heartbeat.timed_out:
                 self._fail(claim, prefix, TIME_LIMIT, f"{self.store.time_limit_message()} ({exc})")
@@ -292,10 +298,10 @@ class JobRunner:
             log.exception("job crashed", extra={"job_id": claim.job_id, "error": type(exc).__name__})
             self._fail(claim, prefix, "internal_error", INTERNAL_MESSAGE)  # the exception is logged, not served
             return
-        if (where := non_finite_at(summary)) is not None:  # before anything is recorded as done
+        if (where := non_finite_at(summary.model_dump(mode="json"))) is not None:  # before anything is recorded
             self._fail(claim, prefix, NON_FINITE, f"the job's result holds a non-finite value ({where})")
             return
-        if self._finish(claim, "succeeded", summary={**summary, "artifacts": manifest}, artifact_prefix=prefix):
+        if self._finish(claim, "succeeded", summary=summary, artifact_prefix=prefix):
             parent = prefix.rsplit("/", 1)[0]
             for key in self.storage.list(parent):  # artifacts of earlier attempts
                 if not key.startswith(prefix + "/"):

@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row
 
+from sstmerge_core.contracts.summary import JobSummary
 from sstmerge_core.methods.catalog import MethodInfo, RepairInfo
 
 from ..domain.db.models import Job
@@ -150,7 +151,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     request: dict[str, Any]
-    summary: dict[str, Any] | None
+    summary: JobSummary | None
     cancel_requested: bool
     attempts: int
 

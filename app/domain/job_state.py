@@ -37,6 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from typing_extensions import Self
 
+from sstmerge_core.contracts.summary import JobSummary
+
 from .db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
 from .db.session import rows_changed, session_scope
 from .settings import Settings
@@ -231,15 +233,17 @@ class JobStore:
         *,
         error_code: str | None = None,
         error_message: str | None = None,
-        summary: dict | None = None,
+        summary: JobSummary | None = None,
         artifact_prefix: str | None = None,
         reason: str | None = None,
     ) -> bool:
-        """Record the outcome if this delivery still owns the job; returns whether it did. `reason` goes into the
-        status event only (why a job was cancelled: where it stopped). A success whose summary holds a non-finite
-        number is recorded as failed (`non_finite_result`), never stored as such."""
-        if status == "succeeded" and (where := non_finite_at(summary)) is not None:
-            status, error_code, summary = "failed", NON_FINITE, None
+        """Record the outcome if this delivery still owns the job; returns whether it did. The summary is stored as
+        its model's JSON dump. `reason` goes into the status event only (why a job was cancelled: where it stopped).
+        A success whose summary holds a non-finite number is recorded as failed (`non_finite_result`), never stored
+        as such."""
+        stored = summary.model_dump(mode="json") if summary is not None else None
+        if status == "succeeded" and (where := non_finite_at(stored)) is not None:
+            status, error_code, stored = "failed", NON_FINITE, None
             error_message = f"the job's result holds a non-finite value ({where}); nothing is served"
         values = {
             "status": status,
@@ -249,7 +253,7 @@ class JobStore:
             "heartbeat_at": utcnow(),
         }
         if status == "succeeded":
-            values |= {"summary": summary, "artifact_prefix": artifact_prefix, "percent": 100.0, "stage": "done"}
+            values |= {"summary": stored, "artifact_prefix": artifact_prefix, "percent": 100.0, "stage": "done"}
         with session_scope(self.url) as session:
             owned = rows_changed(
                 session,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from sstmerge_core.contracts.metrics import Metrics, ModelEntry, Rate
 from sstmerge_core.jobspec import AdapterInput, EvaluationSpec, MergeSpec
 
 from .datasets import read_jsonl, write_jsonl
@@ -38,17 +39,17 @@ the task rows."""
 BASELINES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 
 
-def fmt_rate(block: dict) -> str:
-    return f"{block['rate']:.2f} [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
+def fmt_rate(block: Rate) -> str:
+    return f"{block.rate:.2f} [{block.ci_low:.2f}, {block.ci_high:.2f}]"
 
 
 def fmt(value) -> str:
     return "—" if value is None else f"{value:+.3f}" if isinstance(value, float) else str(value)
 
 
-def selection(m: dict) -> str:
-    """The SST selection rule and its knob (β, k or k_in), with the utility-Fisher estimator when not sampled."""
-    params = m["params"] or {}
+def selection(params: dict) -> str:
+    """The SST selection rule and its knob (β, k or k_in) of a model's `params`, with the utility-Fisher estimator
+    when not sampled."""
     rule = params.get("selection")
     if rule is None:
         return ""
@@ -61,49 +62,52 @@ def selection(m: dict) -> str:
     return f"{rule} {knob[rule]}" + ("" if estimator == "sampled" else f", {estimator} F_U")
 
 
-def markdown_table(metrics: dict) -> str:
+def markdown_table(metrics: Metrics) -> str:
     """One row per evaluated model: the columns of the testbed table."""
     header = (
         "| model | method | selection | α | safety [95% CI] | over-refusal [95% CI] | utility | safety_gain | "
         "utility_drop | safety_tax | refusal_tax | Pareto |"
     )
     lines = [header, "|---" * 12 + "|"]
-    for m in metrics["models"]:
-        d = m["derived"] or {}
-        alpha = "" if m["alpha"] is None else f"{m['alpha']:g}"
+    for m in metrics.models:
+        d = m.derived
+        gain, drop, safety_tax, refusal_tax = (
+            (d.safety_gain, d.utility_drop, d.safety_tax, d.refusal_tax) if d else (None, None, None, None)
+        )
+        alpha = "" if m.alpha is None else f"{m.alpha:g}"
         lines.append(
-            f"| {m['label']} | {m['method'] or m['kind']} | {selection(m)} | {alpha} | {fmt_rate(m['safety'])} | "
-            f"{fmt_rate(m['over_refusal'])} | {m['utility']['value']:.3f} | {fmt(d.get('safety_gain'))} | "
-            f"{fmt(d.get('utility_drop'))} | {fmt(d.get('safety_tax'))} | {fmt(d.get('refusal_tax'))} | "
-            f"{'yes' if m['pareto'] else ''} |"
+            f"| {m.label} | {m.method or m.kind} | {selection(m.params)} | {alpha} | {fmt_rate(m.safety)} | "
+            f"{fmt_rate(m.over_refusal)} | {m.utility.value:.3f} | {fmt(gain)} | "
+            f"{fmt(drop)} | {fmt(safety_tax)} | {fmt(refusal_tax)} | "
+            f"{'yes' if m.pareto else ''} |"
         )
     return "\n".join(lines)
 
 
-def linear_front(refs: list[dict]) -> tuple[list[float], list[float], list[float]]:
+def linear_front(refs: list[ModelEntry]) -> tuple[list[float], list[float], list[float]]:
     """The reference sweep as (safety, over-refusal, utility) lists sorted by safety, taken in order of α up
     to its safest point: past it a larger α breaks the model (safety falls again along with everything else),
     which is not a trade-off anyone would choose. A safety reached at several α keeps the mean of the others."""
-    by_alpha = sorted(refs, key=lambda m: m["alpha"])
-    peak = max(range(len(by_alpha)), key=lambda i: (by_alpha[i]["safety"]["rate"], -i))
-    by_safety: dict[float, list[dict]] = {}
+    by_alpha = sorted(refs, key=lambda m: m.alpha or 0.0)
+    peak = max(range(len(by_alpha)), key=lambda i: (by_alpha[i].safety.rate, -i))
+    by_safety: dict[float, list[ModelEntry]] = {}
     for m in by_alpha[: peak + 1]:
-        by_safety.setdefault(m["safety"]["rate"], []).append(m)
+        by_safety.setdefault(m.safety.rate, []).append(m)
     safety = sorted(by_safety)
-    over = [sum(m["over_refusal"]["rate"] for m in by_safety[s]) / len(by_safety[s]) for s in safety]
-    utility = [sum(m["utility"]["value"] for m in by_safety[s]) / len(by_safety[s]) for s in safety]
+    over = [sum(m.over_refusal.rate for m in by_safety[s]) / len(by_safety[s]) for s in safety]
+    utility = [sum(m.utility.value for m in by_safety[s]) / len(by_safety[s]) for s in safety]
     return safety, over, utility
 
 
-def matched_safety(metrics: dict, reference: str = "linear") -> str:
+def matched_safety(evaluated: list[ModelEntry], reference: str = "linear") -> str:
     """Each other merge against the reference method's front at the same safety: over-refusal and utility
     of the reference interpolated linearly in safety between its two neighbouring α points, and the
     differences (negative Δ over-refusal and positive Δ utility favour the merge). Points whose safety lies
     outside the reference's range are marked so rather than extrapolated."""
     import numpy as np
 
-    models = [m for m in metrics["models"] if m["kind"] in ("merged", "baseline")]
-    refs = [m for m in models if m["method"] == reference]
+    models = [m for m in evaluated if m.kind in ("merged", "baseline")]
+    refs = [m for m in models if m.method == reference]
     if not refs:
         return f"(no {reference} points to compare with)"
     safety, over, utility = linear_front(refs)
@@ -113,10 +117,10 @@ def matched_safety(metrics: dict, reference: str = "linear") -> str:
         "|---" * 9 + "|",
     ]
     for m in models:
-        if m["method"] == reference:
+        if m.method == reference:
             continue
-        s, o, u = m["safety"]["rate"], m["over_refusal"]["rate"], m["utility"]["value"]
-        head = f"| {m['label']} | {m['alpha']:g} | {s:.3f} | {o:.3f} | {u:.3f} |"
+        s, o, u = m.safety.rate, m.over_refusal.rate, m.utility.value
+        head = f"| {m.label} | {m.alpha:g} | {s:.3f} | {o:.3f} | {u:.3f} |"
         if not safety[0] <= s <= safety[-1]:
             lines.append(head + f" outside {reference}'s safety range [{safety[0]:.3f}, {safety[-1]:.3f}] | | | |")
             continue
@@ -167,7 +171,7 @@ def main(
     from sstmerge_core.pipeline import ModelCache, run_merge
 
     if render_only:
-        render(json.loads((out / "metrics.json").read_text()), out)
+        render(Metrics.model_validate_json((out / "metrics.json").read_bytes()), out)
         return
     logs.configure("INFO")
     manifest = json.loads((assets_dir / "testbed.json").read_text())
@@ -206,7 +210,8 @@ def main(
             write_jsonl(retain, [r for r in rows if r.get("kind") in RETAIN_KINDS])
             spec = spec.model_copy(update={"utility_data": str(retain)})
         outcome = run_merge(spec, out / name.replace(" ", "_"), model_cache=cache)
-        click.echo(f"{name}: fisher {outcome.summary['timings_s']}, diagnostics {outcome.summary['diagnostics']}")
+        diagnostics = outcome.summary.diagnostics.model_dump(mode="json")
+        click.echo(f"{name}: fisher {outcome.summary.timings_s}, diagnostics {diagnostics}")
         variants += [
             Variant(f"{name} @{a:g}", "merged", str(d), method="sst", alpha=a, params=params)
             for a, d in outcome.adapter_dirs.items()
@@ -233,13 +238,13 @@ def main(
     render(metrics, out)
 
 
-def render(metrics: dict, out: Path) -> None:
+def render(metrics: Metrics, out: Path) -> None:
     """Write OUT/table.md (the table and the matched-safety comparison) and print it."""
-    comparison = matched_safety(metrics)
+    comparison = matched_safety(metrics.models)
     table = f"{markdown_table(metrics)}\n\nAt matched safety (linear's front, interpolated):\n\n{comparison}"
     (out / "table.md").write_text(table + "\n")
     click.echo(table)
-    click.echo(f"recommended: {metrics['recommended']}")
+    click.echo(f"recommended: {metrics.recommended.model_dump(mode='json')}")
 
 
 if __name__ == "__main__":

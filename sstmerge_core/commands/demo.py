@@ -6,12 +6,13 @@ same summary (`show_results`)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
+
+from ..contracts.metrics import Metrics, Rate, RefusalSample, Utility, UtilitySample
 
 Echo = Callable[[str], None]
 SAMPLE_WIDTH = 60
@@ -22,31 +23,31 @@ LEGEND = (
 )
 
 
-def _rate(block: dict, key: str = "rate") -> str:
-    value = block[key]
-    if block.get("ci_low") is None:
+def _rate(block: Rate | Utility) -> str:
+    value = block.rate if isinstance(block, Rate) else block.value
+    if block.ci_low is None:
         return f"{value:.2f}"
-    return f"{value:.2f} ({block['ci_low']:.2f}–{block['ci_high']:.2f})"
+    return f"{value:.2f} ({block.ci_low:.2f}–{block.ci_high:.2f})"
 
 
-def results_table(metrics: dict):
+def results_table(metrics: Metrics):
     """A compact rich table of metrics.json (fits 80 columns): model, safety, over-refusal, utility, Pareto."""
     from rich import box
     from rich.table import Table
 
-    recommended = metrics.get("recommended") or {}
-    marks = {recommended.get("label"): " ★", (recommended.get("runner_up") or {}).get("label"): " ☆"}
+    recommended = metrics.recommended
+    marks = {recommended.label: " ★", recommended.runner_up.label if recommended.runner_up else None: " ☆"}
     marks.pop(None, None)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     for column in ("model", "safety", "over-refusal", "utility", "Pareto"):
         table.add_column(column, no_wrap=True)
-    for model in metrics["models"]:
+    for model in metrics.models:
         table.add_row(
-            model["label"] + marks.get(model["label"], ""),
-            _rate(model["safety"]),
-            _rate(model["over_refusal"]),
-            _rate(model["utility"], "value"),
-            "yes" if model["pareto"] else "",
+            model.label + marks.get(model.label, ""),
+            _rate(model.safety),
+            _rate(model.over_refusal),
+            _rate(model.utility),
+            "yes" if model.pareto else "",
         )
     return table
 
@@ -60,35 +61,37 @@ SAMPLE_SETS = (("harmful", "harmful"), ("benign", "benign"), ("utility", "utilit
 """(name in metrics.json's `samples`, name of the set in its `splits`)."""
 
 
-def chosen_samples(metrics: dict, label: str) -> dict[str, dict]:
+def chosen_samples(metrics: Metrics, label: str) -> dict[str, RefusalSample | UtilitySample]:
     """The sample shown for each set, by a rule fixed before any evaluation: the first row of the set's file
     that lies in the report split, among the rows metrics.json keeps samples of (its first few); the set's
     first row if none of those does. The report split depends only on the prompts and the split seed."""
-    samples = (metrics.get("samples") or {}).get(label) or {}
-    report = (metrics.get("splits") or {}).get("report_indices") or {}
-    chosen = {}
+    samples = metrics.samples.get(label)
+    if samples is None:
+        return {}
+    report = metrics.splits.report_indices
+    chosen: dict[str, RefusalSample | UtilitySample] = {}
     for name, set_name in SAMPLE_SETS:
-        rows = samples.get(name) or []
+        rows: list[RefusalSample | UtilitySample] = getattr(samples, name)
         if rows:
-            in_report = set(report.get(set_name, ()))
+            in_report = set(getattr(report, set_name))
             chosen[name] = next((row for i, row in enumerate(rows) if i in in_report), rows[0])
     return chosen
 
 
-def sample_lines(metrics: dict, label: str) -> list[str]:
+def sample_lines(metrics: Metrics, label: str) -> list[str]:
     """What model `label` answered to the held-out prompt `chosen_samples` picks from each set."""
     lines = []
     for name, row in chosen_samples(metrics, label).items():
-        if name == "utility":
-            verdict = f"reference {row['reference']!r}"
+        if isinstance(row, UtilitySample):
+            verdict = f"reference {row.reference!r}"
         else:
-            verdict = "refused" if row["refused"] else "not refused"
-        lines.append(f"  {name:<8} {_clip(row['prompt'])!r}")
-        lines.append(f"  {'':<8} → {_clip(row['completion'] or '')!r}  ({verdict})")
+            verdict = "refused" if row.refused else "not refused"
+        lines.append(f"  {name:<8} {_clip(row.prompt)!r}")
+        lines.append(f"  {'':<8} → {_clip(row.completion or '')!r}  ({verdict})")
     return lines
 
 
-def show_results(metrics: dict, echo: Echo = click.echo) -> None:
+def show_results(metrics: Metrics, echo: Echo = click.echo) -> None:
     """The table, the recommendation and why, and what the recommended model (else the safety adapter) says."""
     from rich.console import Console
 
@@ -99,33 +102,31 @@ def show_results(metrics: dict, echo: Echo = click.echo) -> None:
         console.print(results_table(metrics))
     echo(table.get().rstrip("\n"))
     echo("")
-    methods = dict.fromkeys(m["method"] for m in metrics["models"] if m["kind"] in ("merged", "baseline"))
-    echo(LEGEND.format(merges=", ".join(f"{m}@α" for m in methods), metric=metrics["utility_metric"]))
+    methods = dict.fromkeys(m.method for m in metrics.models if m.kind in ("merged", "baseline"))
+    echo(LEGEND.format(merges=", ".join(f"{m}@α" for m in methods), metric=metrics.utility_metric))
     echo("")
     echo(recommendation_text(metrics))
-    label = (metrics.get("recommended") or {}).get("label")
-    shown = label or "safety"
+    shown = metrics.recommended.label or "safety"
     echo("")
     echo(f"what {shown} answers to held-out prompts:")
     for line in sample_lines(metrics, shown):
         echo(line)
 
 
-def recommended_adapter(metrics: dict, outcome) -> Path | None:
+def recommended_adapter(metrics: Metrics, outcome) -> Path | None:
     """The folder of the recommended merge in a `MergeOutcome` (the job's method or a baseline), None if none."""
-    recommended = metrics.get("recommended") or {}
-    if recommended.get("label") is None:
+    method, alpha = metrics.recommended.method, metrics.recommended.alpha
+    if metrics.recommended.label is None or alpha is None:
         return None
-    method, alpha = recommended["method"], recommended["alpha"]
     by_alpha = outcome.adapter_dirs if method == metrics_main_method(metrics) else None
     if by_alpha is None:
         by_alpha = (getattr(outcome, "baseline_dirs", None) or {}).get(method, {})
     return next((path for a, path in by_alpha.items() if abs(a - alpha) <= 1e-12 * max(1.0, abs(a))), None)
 
 
-def metrics_main_method(metrics: dict) -> str | None:
+def metrics_main_method(metrics: Metrics) -> str | None:
     """The job's own method: that of its merged (not baseline) entries."""
-    return next((m["method"] for m in metrics["models"] if m["kind"] == "merged"), None)
+    return next((m.method for m in metrics.models if m.kind == "merged"), None)
 
 
 def echo_step(message: str) -> None:
@@ -159,7 +160,7 @@ def demo(workdir: str, device: str) -> None:
     with contextlib.nullcontext() if threads_given else one_thread(), progress_bar() as report:
         outcome = run_merge(spec, root / "merge", progress=report)
     assert outcome.metrics_path is not None, "the demo job has an evaluation"
-    metrics = json.loads(outcome.metrics_path.read_text())
+    metrics = Metrics.model_validate_json(outcome.metrics_path.read_bytes())
     click.echo("")
     show_results(metrics)
     click.echo("")

@@ -260,11 +260,11 @@ def merge(ctx: click.Context, spec_file, out, overwrite, device, cache_dir, **re
         click.echo(f"  α={alpha:g}: {folder}")
     click.echo(f"  report: {outcome.report_path}")
     if outcome.metrics_path:
-        import json
-
         from rich.console import Console
 
-        Console().print(metrics_table(json.loads(outcome.metrics_path.read_text())))
+        from ..contracts.metrics import Metrics
+
+        Console().print(metrics_table(Metrics.model_validate_json(outcome.metrics_path.read_bytes())))
         click.echo(f"  metrics: {outcome.metrics_path}  plot: {outcome.plot_path}")
         click.echo(f"  report (open it in a browser): {outcome.html_path}")
     click.echo(f"  re-run: sstmerge merge --spec {outcome.spec_path} --out DIR")

@@ -11,6 +11,7 @@ import click
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from ..contracts.metrics import Derived, Metrics, Numbers, Rate, Utility
 from ..errors import InputError
 from .progress import progress_bar  # noqa: F401  (re-exported for the commands)
 
@@ -159,88 +160,87 @@ def one_line(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}"
 
 
-def metrics_table(metrics: dict):
+def metrics_table(metrics: Metrics):
     """metrics.json for the console: one row per evaluated model (whole sets), then the recommendation — its rule
     and tolerances, the chosen model and the runner-up with their search- and report-split numbers."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    def rate(block: dict) -> str:
-        return f"{block['rate']:.3f} [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
+    def rate(block: Rate) -> str:
+        return f"{block.rate:.3f} [{block.ci_low:.2f}, {block.ci_high:.2f}]"
 
-    def utility(block: dict) -> str:
-        interval = "" if block["ci_low"] is None else f" [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
-        return f"{block['value']:.3f}{interval}"
+    def utility(block: Utility) -> str:
+        interval = "" if block.ci_low is None else f" [{block.ci_low:.2f}, {block.ci_high:.2f}]"
+        return f"{block.value:.3f}{interval}"
 
-    def tax(model: dict, name: str) -> str:
-        derived = model["derived"]
+    def tax(value: float | None, derived: Derived | None) -> str:
         if derived is None:
             return ""
-        return "n/a" if derived[name] is None else f"{derived[name]:.3f}"
+        return "n/a" if value is None else f"{value:.3f}"
 
-    recommended = metrics.get("recommended") or {}
-    table = Table(title=f"judge: {metrics['judge']}, utility: {metrics['utility_metric']} (whole evaluation sets)")
+    recommended = metrics.recommended
+    runner_up = recommended.runner_up.label if recommended.runner_up is not None else None
+    table = Table(title=f"judge: {metrics.judge}, utility: {metrics.utility_metric} (whole evaluation sets)")
     for column in ("model", "kind", "safety", "over-refusal", "utility", "safety tax", "refusal tax", "Pareto"):
         table.add_column(column)
-    for model in metrics["models"]:
-        mark = {recommended.get("label"): " ★", (recommended.get("runner_up") or {}).get("label"): " ☆"}
+    for model in metrics.models:
+        mark = {recommended.label: " ★", runner_up: " ☆"}
+        derived = model.derived
         table.add_row(
-            model["label"] + mark.get(model["label"], ""),
-            model["kind"],
-            rate(model["safety"]),
-            rate(model["over_refusal"]),
-            utility(model["utility"]),
-            tax(model, "safety_tax"),
-            tax(model, "refusal_tax"),
-            "yes" if model["pareto"] else "",
+            model.label + mark.get(model.label, ""),
+            model.kind,
+            rate(model.safety),
+            rate(model.over_refusal),
+            utility(model.utility),
+            tax(derived.safety_tax if derived else None, derived),
+            tax(derived.refusal_tax if derived else None, derived),
+            "yes" if model.pareto else "",
         )
     return Group(table, Text(recommendation_text(metrics)))
 
 
-def _split_numbers(numbers: dict | None) -> str:
+def _split_numbers(numbers: Numbers | None) -> str:
     if numbers is None:
         return "—"
     return (
-        f"safety {numbers['safety']['rate']:.3f}, over-refusal {numbers['over_refusal']['rate']:.3f}, "
-        f"utility {numbers['utility']['value']:.3f} (n = {numbers['safety']['n']}/{numbers['over_refusal']['n']}/"
-        f"{numbers['utility']['n']})"
+        f"safety {numbers.safety.rate:.3f}, over-refusal {numbers.over_refusal.rate:.3f}, "
+        f"utility {numbers.utility.value:.3f} (n = {numbers.safety.n}/{numbers.over_refusal.n}/"
+        f"{numbers.utility.n})"
     )
 
 
-def recommendation_text(metrics: dict) -> str:
+def recommendation_text(metrics: Metrics) -> str:
     """The recommendation in a few lines: rule, tolerances, chosen model (★) and runner-up (☆) on both splits."""
-    recommended = metrics.get("recommended")
-    if not recommended:
-        return "recommended: —"
-    tolerances = recommended.get("tolerances") or {}
-    cap = tolerances.get("over_refusal_at_most_safety_adapter")
-    increase = tolerances.get("over_refusal_increase")
+    from ..evaluation.pricing import notice_lines, price_lines
+
+    recommended = metrics.recommended
+    tolerances = recommended.tolerances
+    cap = tolerances.over_refusal_at_most_safety_adapter
+    increase = tolerances.over_refusal_increase
     lines = [
-        f"rule: {recommended['rule']}",
+        f"rule: {recommended.rule}",
         "tolerances: utility_drop ≤ {}, over_refusal_increase ≤ {}, over-refusal cap {}".format(
-            tolerances.get("utility_drop"),
+            tolerances.utility_drop,
             "unbounded" if increase is None else increase,
             "—" if cap is None else f"{cap:.3f} (the safety adapter's)",
         ),
     ]
-    if recommended["label"] is None:
-        lines.append(f"recommended: none — {recommended['reason']}")
+    if recommended.label is None:
+        lines.append(f"recommended: none — {recommended.reason}")
     else:
         lines += [
-            f"recommended ★: {recommended['label']} — {recommended['reason']}",
-            f"  search: {_split_numbers(recommended.get('search'))}",
-            f"  report: {_split_numbers(recommended.get('report'))}",
+            f"recommended ★: {recommended.label} — {recommended.reason}",
+            f"  search: {_split_numbers(recommended.search)}",
+            f"  report: {_split_numbers(recommended.report)}",
         ]
-    runner_up = recommended.get("runner_up")
+    runner_up = recommended.runner_up
     if runner_up:
         lines += [
-            f"runner-up ☆: {runner_up['label']}",
-            f"  search: {_split_numbers(runner_up.get('search'))}",
-            f"  report: {_split_numbers(runner_up.get('report'))}",
+            f"runner-up ☆: {runner_up.label}",
+            f"  search: {_split_numbers(runner_up.search)}",
+            f"  report: {_split_numbers(runner_up.report)}",
         ]
-    elif recommended["label"] is not None:
+    elif recommended.label is not None:
         lines.append("runner-up: none (one merge qualified)")
-    from ..evaluation.pricing import notice_lines, price_lines
-
-    return "\n".join(lines + notice_lines(recommended) + price_lines(recommended))
+    return "\n".join(lines + notice_lines(recommended) + price_lines(recommended.price_list))

@@ -131,11 +131,13 @@ def summary_text(report: typing.Mapping[str, typing.Any]) -> str:
         + ", ".join(f"{name} {parts['search']}/{parts['report']}" for name, parts in sizes.items()),
         f"before (report split): {_rates(report['references']['report']['before'])}",
     ]
+    from ..contracts.summary import SearchPriceList
     from ..evaluation.pricing import price_lines
 
+    prices = price_lines(SearchPriceList.model_validate(report["price_list"]))
     chosen = report["chosen"]
     if chosen is None:
-        return "\n".join([*lines, f"nothing recommended: {report['reason']}", *price_lines(report)])
+        return "\n".join([*lines, f"nothing recommended: {report['reason']}", *prices])
     lines.append(f"chosen: {chosen['label']}")
     lines.append(f"  search split: {_rates(chosen['search'])}")
     lines.append(f"  report split: {_rates(chosen['report'])}")
@@ -152,4 +154,4 @@ def summary_text(report: typing.Mapping[str, typing.Any]) -> str:
         lines.append(f"  linear's front covers safety {low:.3f}–{high:.3f} only: no matched comparison")
     if report.get("warning"):
         lines.append(report["warning"])
-    return "\n".join([*lines, *price_lines(report)])
+    return "\n".join([*lines, *prices])

@@ -22,6 +22,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
+from ..contracts.metrics import Metrics, ModelEntry, Recommended
 from ..search.matched import front_curve, interpolate
 
 RATE_LIMITS = (-0.03, 1.03)
@@ -37,15 +38,20 @@ LABEL_OFFSETS = ((6, 5), (6, -13), (-6, 5), (-6, -13), (0, 10), (0, -17), (10, -
 
 @dataclass(frozen=True)
 class Point:
-    model: dict
+    model: ModelEntry
     x: float
     y: float
     colour: str
 
 
-def _y(model: dict, key: str) -> float:
-    block = model[key]
-    return block["value"] if key == "utility" else block["rate"]
+def _y(model: ModelEntry, key: str) -> float:
+    """The model's utility value or over-refusal rate (the panel's y)."""
+    return model.utility.value if key == "utility" else model.over_refusal.rate
+
+
+def _y_interval(model: ModelEntry, key: str) -> tuple[float | None, float | None]:
+    block = model.utility if key == "utility" else model.over_refusal
+    return block.ci_low, block.ci_high
 
 
 def _error(point: float, low: float | None, high: float | None) -> list[list[float]] | None:
@@ -55,38 +61,36 @@ def _error(point: float, low: float | None, high: float | None) -> list[list[flo
     return [[max(point - low, 0.0)], [max(high - point, 0.0)]]
 
 
-def _methods(models: list[dict]) -> dict[str, list[dict]]:
+def _methods(models: list[ModelEntry]) -> dict[str, list[ModelEntry]]:
     """Sweep points by method (merged and baseline kinds), each list in α order."""
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[str, list[ModelEntry]] = {}
     for model in models:
-        if model["kind"] in ("merged", "baseline"):
-            by_method.setdefault(model["method"] or model["kind"], []).append(model)
+        if model.kind in ("merged", "baseline"):
+            by_method.setdefault(model.method or model.kind, []).append(model)
     for points in by_method.values():
-        points.sort(key=lambda m: (m["alpha"] is None, m["alpha"] or 0.0))
+        points.sort(key=lambda m: (m.alpha is None, m.alpha or 0.0))
     return by_method
 
 
-def _linear_front(by_method: dict[str, list[dict]], key: str):
-    linear = [m for m in by_method.get("linear", []) if m["alpha"] is not None]
+def _linear_front(by_method: dict[str, list[ModelEntry]], key: str):
+    linear = [(m.alpha, m) for m in by_method.get("linear", []) if m.alpha is not None]
     if len(linear) < 2:
         return None
-    return front_curve(
-        [m["alpha"] for m in linear], [m["safety"]["rate"] for m in linear], [_y(m, key) for m in linear]
-    )
+    return front_curve([a for a, _ in linear], [m.safety.rate for _, m in linear], [_y(m, key) for _, m in linear])
 
 
-def _draw_panel(ax, models: list[dict], key: str, colours: dict[str, str]) -> list[tuple[Point, str]]:
+def _draw_panel(ax, models: list[ModelEntry], key: str, colours: dict[str, str]) -> list[tuple[Point, str]]:
     """Lines, points, intervals and matched-safety segments; returns the labels to place (point, text)."""
     by_method = _methods(models)
     for method, points in by_method.items():
-        xs, ys = [m["safety"]["rate"] for m in points], [_y(m, key) for m in points]
+        xs, ys = [m.safety.rate for m in points], [_y(m, key) for m in points]
         ax.plot(xs, ys, "-", color=colours[method], lw=2.2 if method == "linear" else 1.6, alpha=0.9, zorder=2)
         for m, x, y in zip(points, xs, ys):
             ax.errorbar(
                 x,
                 y,
-                xerr=_error(x, m["safety"]["ci_low"], m["safety"]["ci_high"]),
-                yerr=_error(y, m[key]["ci_low"], m[key]["ci_high"]),
+                xerr=_error(x, m.safety.ci_low, m.safety.ci_high),
+                yerr=_error(y, *_y_interval(m, key)),
                 fmt="o",
                 ms=5,
                 color=colours[method],
@@ -101,21 +105,21 @@ def _draw_panel(ax, models: list[dict], key: str, colours: dict[str, str]) -> li
             if method == "linear":
                 continue
             for m in points:
-                matched = interpolate(front, m["safety"]["rate"])
+                matched = interpolate(front, m.safety.rate)
                 if matched is not None:
-                    x = m["safety"]["rate"]
+                    x = m.safety.rate
                     ax.plot([x, x], [matched[0], _y(m, key)], ":", color="0.25", lw=1.2, zorder=2.5)
                     ax.plot(x, matched[0], "_", color=colours["linear"], ms=9, mew=1.6, zorder=2.5)
     for model in models:
-        style = REFERENCE_STYLE.get(model["kind"])
+        style = REFERENCE_STYLE.get(model.kind)
         if style is None:
             continue
-        x, y = model["safety"]["rate"], _y(model, key)
+        x, y = model.safety.rate, _y(model, key)
         ax.errorbar(
             x,
             y,
-            xerr=_error(x, model["safety"]["ci_low"], model["safety"]["ci_high"]),
-            yerr=_error(y, model[key]["ci_low"], model[key]["ci_high"]),
+            xerr=_error(x, model.safety.ci_low, model.safety.ci_high),
+            yerr=_error(y, *_y_interval(model, key)),
             fmt=style["marker"],
             ms=style.get("ms", 8),
             color=style["color"],
@@ -123,24 +127,24 @@ def _draw_panel(ax, models: list[dict], key: str, colours: dict[str, str]) -> li
             elinewidth=0.8,
             zorder=4,
         )
-    labels = []
+    labels: list[tuple[Point, str]] = []
     for model in models:
-        style = REFERENCE_STYLE.get(model["kind"])
-        colour = style["color"] if style else colours[model["method"] or model["kind"]]
-        point = Point(model, model["safety"]["rate"], _y(model, key), colour)
+        style = REFERENCE_STYLE.get(model.kind)
+        colour = style["color"] if style else colours[model.method or model.kind]
+        point = Point(model, model.safety.rate, _y(model, key), colour)
         if style is not None:
-            labels.append((point, model["kind"]))
-        elif model["alpha"] is not None:
-            labels.append((point, f"α={model['alpha']:g}"))
+            labels.append((point, model.kind))
+        elif model.alpha is not None:
+            labels.append((point, f"α={model.alpha:g}"))
         else:
-            labels.append((point, model["label"]))
+            labels.append((point, model.label))
     ax.set_xlim(*RATE_LIMITS)
     ax.set_xlabel("safety (refusal rate on harmful prompts) →")
     ax.grid(alpha=0.25)
     return labels
 
 
-def _place_labels(ax, labels: list[tuple[Point, str]], recommended: dict) -> None:
+def _place_labels(ax, labels: list[tuple[Point, str]], recommended: Recommended) -> None:
     """Annotate the recommended model first (always), then the runner-up and the others, each at the first
     offset where it stays inside the axes and overlaps no placed label and no other marker; else not at all."""
     renderer = ax.figure.canvas.get_renderer()
@@ -150,12 +154,13 @@ def _place_labels(ax, labels: list[tuple[Point, str]], recommended: dict) -> Non
         x, y = ax.transData.transform((point.x, point.y))
         return Bbox.from_bounds(x - 5, y - 5, 10, 10)
 
-    chosen, runner_up = recommended.get("label"), (recommended.get("runner_up") or {}).get("label")
+    chosen = recommended.label
+    runner_up = recommended.runner_up.label if recommended.runner_up is not None else None
     items = []
     for point, text in labels:
-        if point.model["label"] == chosen:
+        if point.model.label == chosen:
             items.append((0, point, f"★ {chosen} (recommended)"))
-        elif point.model["label"] == runner_up:
+        elif point.model.label == runner_up:
             items.append((1, point, f"☆ {runner_up} (runner-up)"))
         else:
             items.append((2, point, text))
@@ -190,21 +195,21 @@ def _place_labels(ax, labels: list[tuple[Point, str]], recommended: dict) -> Non
             annotation.remove()
 
 
-def build_figure(metrics: dict) -> Figure:
-    """The two-panel figure of a metrics.json dict (module docstring)."""
-    models = metrics["models"]
+def build_figure(metrics: Metrics) -> Figure:
+    """The two-panel figure of a metrics.json (module docstring)."""
+    models = metrics.models
     methods = sorted(_methods(models))
     palette = [f"C{i}" for i in range(10)]
     colours = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
-    recommended = metrics.get("recommended") or {}
+    recommended = metrics.recommended
 
     figure = Figure(figsize=(13, 5.6), dpi=DPI)
     FigureCanvasAgg(figure)
     figure.subplots_adjust(left=0.06, right=0.99, top=0.86, bottom=0.2, wspace=0.16)
     left, right = figure.subplots(1, 2)
     left_labels = _draw_panel(left, models, "utility", colours)
-    higher_is_better = metrics["utility_higher_is_better"]
-    left.set_ylabel(f"utility ({metrics['utility_metric']}{'' if higher_is_better else ', lower is better'})")
+    higher_is_better = metrics.utility_higher_is_better
+    left.set_ylabel(f"utility ({metrics.utility_metric}{'' if higher_is_better else ', lower is better'})")
     if higher_is_better:
         left.set_ylim(*RATE_LIMITS)  # exact_match, contains and rouge_l all lie in [0, 1]
     else:
@@ -220,11 +225,11 @@ def build_figure(metrics: dict) -> Figure:
 
     handles = [left.plot([], [], "o-", color=colours[m], label=f"{m} (α sweep)")[0] for m in methods]
     for kind, style in REFERENCE_STYLE.items():
-        if any(m["kind"] == kind for m in models):
+        if any(m.kind == kind for m in models):
             handles.append(
                 left.plot([], [], style["marker"], color=style["color"], ms=style.get("ms", 8), label=style["label"])[0]
             )
-    if recommended.get("label"):
+    if recommended.label:
         handles.append(
             left.plot([], [], "o", ms=11, mfc="none", mec="black", label="★ recommended, ☆ runner-up (ringed)")[0]
         )
@@ -243,18 +248,18 @@ def build_figure(metrics: dict) -> Figure:
             )[0]
         )
     figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 5), fontsize=8, frameon=False)
-    if recommended.get("label"):
-        headline = f"recommended ★ {recommended['label']} (chosen on the search split)"
+    if recommended.label:
+        headline = f"recommended ★ {recommended.label} (chosen on the search split)"
     else:
-        headline = "recommended: none — " + str(recommended.get("reason", "no merged model was evaluated"))[:110]
+        headline = "recommended: none — " + recommended.reason[:110]
     figure.suptitle(
-        f"{headline}\njudge: {metrics['judge']}; whole evaluation sets; bars: 95% Wilson intervals", fontsize=9
+        f"{headline}\njudge: {metrics.judge}; whole evaluation sets; bars: 95% Wilson intervals", fontsize=9
     )
     return figure
 
 
-def render_png(metrics: dict) -> bytes:
-    """The two-panel PNG of a metrics.json dict, as bytes."""
+def render_png(metrics: Metrics) -> bytes:
+    """The two-panel PNG of a metrics.json, as bytes."""
     buffer = io.BytesIO()
     build_figure(metrics).savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()

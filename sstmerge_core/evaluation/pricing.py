@@ -23,10 +23,11 @@ reported on would be scored on the prompts that chose it. The runner reports eac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from ..contracts.metrics import PriceList, Recommended
+from ..contracts.summary import SearchPriceList
 from .recommend import EPSILON, Candidate, Recommendation, Tolerances
 
 SAFETY_TARGETS = (0.5, 0.8, 0.9, 0.95)
@@ -216,32 +217,27 @@ def warning_text(
     )
 
 
-def price_lines(recommended: Mapping[str, Any]) -> list[str]:
-    """The price list of a metrics.json `recommended` block in plain lines (picked on the search split, the numbers
-    of the report split); empty when the block has none (metrics written before it existed)."""
-    block = recommended.get("price_list")
-    if not isinstance(block, Mapping):
-        return []
-    lines = [
-        f"price of safety (picked on the {block['chosen_on']} split, numbers of the {block['reported_on']} split):"
-    ]
-    for row in block["targets"]:
-        head = f"  safety ≥ {row['target']:.2f}: "
-        if row.get("label") is None:
+def price_lines(block: PriceList | SearchPriceList) -> list[str]:
+    """A price list (of a metrics.json `recommended` block or of a search report) in plain lines: picked on the
+    search split, the numbers of the report split."""
+    lines = [f"price of safety (picked on the {block.chosen_on} split, numbers of the {block.reported_on} split):"]
+    for row in block.targets:
+        head = f"  safety ≥ {row.target:.2f}: "
+        if row.label is None:
             lines.append(head + "none reaches it")
             continue
-        numbers = row.get(block["reported_on"]) or row.get(block["chosen_on"])
+        numbers = getattr(row, block.reported_on) or getattr(row, block.chosen_on)
         if numbers is None:
-            lines.append(head + row["label"])
+            lines.append(head + row.label)
             continue
         lines.append(
-            head + f"{row['label']} — over-refusal {numbers['over_refusal']['rate']:.3f}, utility "
-            f"{numbers['utility']['value']:.3f}, safety {numbers['safety']['rate']:.3f}"
+            head + f"{row.label} — over-refusal {numbers.over_refusal.rate:.3f}, utility "
+            f"{numbers.utility.value:.3f}, safety {numbers.safety.rate:.3f}"
         )
     return lines
 
 
-def notice_lines(recommended: Mapping[str, Any]) -> list[str]:
+def notice_lines(recommended: Recommended) -> list[str]:
     """The warning (if any) and the near-tie notes of a `recommended` block."""
-    warning = recommended.get("warning")
-    return ([warning] if warning else []) + list(recommended.get("near_tie") or [])
+    warning = recommended.warning
+    return ([warning] if warning else []) + list(recommended.near_tie)

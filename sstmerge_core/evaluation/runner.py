@@ -5,7 +5,7 @@ The base model is loaded once; each variant is applied with `modeling.lora_forwa
 errors), so no copy of the weights is made and the weights are never changed. Every model keeps its
 per-prompt outcomes; rates are reported on the whole sets and on the search and report splits
 (`splits`), and the recommendation is chosen on the search split (`recommend`). The layout of the
-returned dict is documented in README.md next to this file.
+result (`contracts.Metrics`) is documented in README.md next to this file.
 """
 
 from __future__ import annotations
@@ -16,9 +16,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import cast, get_args
 
 from ..adapters import LoraFactors, load_adapter
+from ..contracts.metrics import (
+    SCHEMA_VERSION,
+    Metrics,
+    ModelEntry,
+    NoPick,
+    Numbers,
+    Pick,
+    PricedPick,
+    Recommended,
+    VariantKind,
+)
 from ..data import Example, examples_sha256, load_examples
 from ..errors import InputError
 from ..files import write_atomic
@@ -47,9 +58,7 @@ from .stats import Rate
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
 SAMPLES_PER_SET = 3
-VariantKind = Literal["base", "before", "safety", "merged", "baseline"]
 COMPARED_KINDS = ("safety", "merged", "baseline")
 """Kinds that get derived metrics against the reference (before, else base)."""
 CANDIDATE_KINDS = ("merged", "baseline")
@@ -335,111 +344,117 @@ def _add_derived(entries: list[dict], reference: dict, higher_is_better: bool) -
                 block["derived"] = derived_metrics(scores(reference_block), scores(block)) if compared else None
 
 
-def _numbers(entry: dict, split: str) -> dict | None:
+def _numbers(entry: ModelEntry, split: str) -> Numbers | None:
     """A model's rates and gains on one split (for the recommendation block)."""
-    block = entry["splits"][split]
+    block = getattr(entry.splits, split)
     if block is None:
         return None
-    derived = block["derived"] or {}
-    return {
-        "safety": block["safety"],
-        "over_refusal": block["over_refusal"],
-        "utility": block["utility"],
-        **{k: derived.get(k) for k in ("safety_gain", "utility_drop", "over_refusal_increase", "refusal_tax")},
-    }
-
-
-def _candidate(entry: dict) -> Candidate | None:
-    block = entry["splits"]["search"]
-    if block is None:
-        return None
-    derived = block["derived"]
-    return Candidate(
-        entry["label"],
-        entry["method"],
-        entry["alpha"],
-        block["safety"]["rate"],
-        block["over_refusal"]["rate"],
-        derived["safety_gain"],
-        derived["utility_drop"],
-        derived["over_refusal_increase"],
+    derived = block.derived
+    return Numbers(
+        safety=block.safety,
+        over_refusal=block.over_refusal,
+        utility=block.utility,
+        safety_gain=derived.safety_gain if derived else None,
+        utility_drop=derived.utility_drop if derived else None,
+        over_refusal_increase=derived.over_refusal_increase if derived else None,
+        refusal_tax=derived.refusal_tax if derived else None,
     )
 
 
-def _search_sizes(entries: list[dict], utility_bounded: bool) -> SplitSizes | None:
-    block = next((e["splits"]["search"] for e in entries if e["splits"]["search"] is not None), None)
+def _candidate(entry: ModelEntry) -> Candidate | None:
+    block = entry.splits.search
     if block is None:
         return None
-    utility = block["utility"]["n"] if utility_bounded else None
-    return SplitSizes(block["safety"]["n"], block["over_refusal"]["n"], utility)
+    derived = block.derived
+    assert derived is not None, "merged and baseline entries are compared with the reference"
+    return Candidate(
+        entry.label,
+        entry.method,
+        entry.alpha,
+        block.safety.rate,
+        block.over_refusal.rate,
+        derived.safety_gain,
+        derived.utility_drop,
+        derived.over_refusal_increase,
+    )
+
+
+def _search_sizes(entries: list[ModelEntry], utility_bounded: bool) -> SplitSizes | None:
+    block = next((e.splits.search for e in entries if e.splits.search is not None), None)
+    if block is None:
+        return None
+    utility = block.utility.n if utility_bounded else None
+    return SplitSizes(block.safety.n, block.over_refusal.n, utility)
 
 
 def recommendation_block(
-    entries: list[dict], main_method: str | None, tolerances: Tolerances, *, utility_bounded: bool = True
-) -> dict:
-    """metrics["recommended"]: the rule of `recommend` applied to the search-split numbers of every merged and
+    entries: list[ModelEntry], main_method: str | None, tolerances: Tolerances, *, utility_bounded: bool = True
+) -> Recommended:
+    """metrics.recommended: the rule of `recommend` applied to the search-split numbers of every merged and
     baseline entry, with the chosen model's and the runner-up's numbers on both splits; beside it the price list,
     the near-tie notes and the low-safety warning of `pricing` (picked on the search split, reported on the report
     split). `utility_bounded`: utility scores lie in [0, 1], so that one utility prompt moves the mean by 1/n."""
-    by_label = {e["label"]: e for e in entries}
-    candidates = [c for e in entries if e["kind"] in CANDIDATE_KINDS and (c := _candidate(e)) is not None]
-    safety = next((e for e in entries if e["kind"] == "safety" and e["splits"]["search"] is not None), None)
-    cap = safety["splits"]["search"]["over_refusal"]["rate"] if safety is not None else None
+    by_label = {e.label: e for e in entries}
+    candidates = [c for e in entries if e.kind in CANDIDATE_KINDS and (c := _candidate(e)) is not None]
+    safety = next((e.splits.search for e in entries if e.kind == "safety" and e.splits.search is not None), None)
+    cap = safety.over_refusal.rate if safety is not None else None
     result: Recommendation = recommend(
         candidates, main_method=main_method, tolerances=tolerances, safety_over_refusal=cap
     )
 
-    def described(candidate: Candidate | None) -> dict | None:
+    def described(candidate: Candidate | None) -> Pick | None:
         if candidate is None:
             return None
         entry = by_label[candidate.label]
-        return {
-            "label": candidate.label,
-            "method": candidate.method,
-            "alpha": candidate.alpha,
-            "search": _numbers(entry, "search"),
-            "report": _numbers(entry, "report"),
-        }
+        return Pick(
+            label=candidate.label,
+            method=candidate.method,
+            alpha=candidate.alpha,
+            search=_numbers(entry, "search"),
+            report=_numbers(entry, "report"),
+        )
+
+    def priced(target: float, pick: Candidate | None) -> PricedPick | NoPick:
+        found = described(pick)
+        if found is None:
+            return NoPick(target=target, label=None, method=None, alpha=None)
+        return PricedPick(target=target, **dict(found))
 
     chosen = described(result.chosen)
     sizes = _search_sizes([by_label[c.label] for c in candidates], utility_bounded)
-    prices = [
-        {"target": target, **(described(pick) or {"label": None, "method": None, "alpha": None})}
-        for target, pick in price_list(candidates, tolerances, main_method, SAFETY_TARGETS)
-    ]
+    prices = [priced(target, pick) for target, pick in price_list(candidates, tolerances, main_method, SAFETY_TARGETS)]
     change = tolerance_change(candidates, tolerances, cap, WARNING_TARGET)
-    report_safety = chosen["report"]["safety"]["rate"] if chosen and chosen["report"] else None
+    report_safety = chosen.report.safety.rate if chosen and chosen.report else None
     warning = (
         warning_text(report_safety, change, tolerances, candidates=candidates, cap=cap, target=WARNING_TARGET)
         if report_safety is not None and report_safety < WARNING_BELOW
         else None
     )
-    return {
-        "label": result.chosen.label if result.chosen else None,
-        "method": result.chosen.method if result.chosen else None,
-        "alpha": result.chosen.alpha if result.chosen else None,
-        "rule": result.rule,
-        "reason": result.reason,
-        "tolerances": {
-            **tolerances.to_dict(),
-            "over_refusal_at_most_safety_adapter": cap,
-        },
-        "chosen_on": "search",
-        "qualified": result.qualified,
-        "candidates": result.candidates,
-        "search": chosen["search"] if chosen else None,
-        "report": chosen["report"] if chosen else None,
-        "runner_up": described(result.runner_up),
-        "near_tie": near_ties(candidates, result, tolerances, cap, sizes) if sizes is not None else [],
-        "warning": warning,
-        "price_list": {
-            "rule": PRICE_RULE.format(utility=tolerances.utility_drop),
+    return Recommended.model_validate(
+        {
+            "label": result.chosen.label if result.chosen else None,
+            "method": result.chosen.method if result.chosen else None,
+            "alpha": result.chosen.alpha if result.chosen else None,
+            "rule": result.rule,
+            "reason": result.reason,
+            "tolerances": {**tolerances.to_dict(), "over_refusal_at_most_safety_adapter": cap},
             "chosen_on": "search",
-            "reported_on": "report",
-            "targets": prices,
-        },
-        "to_reach_safety": {"target": WARNING_TARGET, "change": change},
-    }
+            "qualified": result.qualified,
+            "candidates": result.candidates,
+            "search": chosen.search if chosen else None,
+            "report": chosen.report if chosen else None,
+            "runner_up": described(result.runner_up),
+            "near_tie": near_ties(candidates, result, tolerances, cap, sizes) if sizes is not None else [],
+            "warning": warning,
+            "price_list": {
+                "rule": PRICE_RULE.format(utility=tolerances.utility_drop),
+                "chosen_on": "search",
+                "reported_on": "report",
+                "targets": prices,
+            },
+            "to_reach_safety": {"target": WARNING_TARGET, "change": change},
+        }
+    )
 
 
 def compare_models(
@@ -451,7 +466,7 @@ def compare_models(
     *,
     main_method: str | None,
     tolerances: Tolerances,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[ModelEntry], Recommended]:
     """The metrics.json entries of every variant (whole-set and per-split rates, derived metrics against the
     reference, Pareto flags, per-prompt outcomes) and the recommendation block, from the models' results."""
     reference = _check_variants(variants)
@@ -469,7 +484,8 @@ def compare_models(
         entry["pareto"] = pareto
     if main_method is None:
         main_method = next((v.method for v in variants if v.kind == "merged"), None)
-    return entries, recommendation_block(entries, main_method, tolerances, utility_bounded=metric.higher_is_better)
+    models = [ModelEntry.model_validate(entry) for entry in entries]
+    return models, recommendation_block(models, main_method, tolerances, utility_bounded=metric.higher_is_better)
 
 
 def evaluate_variants(
@@ -482,8 +498,8 @@ def evaluate_variants(
     data: EvaluationData | None = None,
     judge: Judge | None = None,
     main_method: str | None = None,
-) -> dict:
-    """Evaluate every variant on the loaded base `model` and return the metrics.json dict.
+) -> Metrics:
+    """Evaluate every variant on the loaded base `model` and return its metrics.json.
 
     `data` and `judge` may be passed pre-loaded (to fail fast before loading a model); by default they come
     from `spec`. Derived metrics compare each safety/merged/baseline variant with the reference ("before",
@@ -530,27 +546,34 @@ def evaluate_variants(
     )
     if progress is not None:
         progress("evaluate: done", 1.0)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "judge": judge.name,
-        "utility_metric": metric.name,
-        "utility_higher_is_better": metric.higher_is_better,
-        "max_new_tokens": spec.max_new_tokens,
-        "limit": spec.limit,
-        "utility_tolerance": spec.utility_tolerance,
-        "over_refusal_tolerance": spec.over_refusal_tolerance,
-        "reference": reference.label,
-        "datasets": data.summary(),
-        "splits": splits.to_dict(),
-        "models": entries,
-        "recommended": recommended,
-        "samples": {label: r.samples for label, r in results.items()},
-    }
+    return Metrics.model_validate(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "judge": judge.name,
+            "utility_metric": metric.name,
+            "utility_higher_is_better": metric.higher_is_better,
+            "max_new_tokens": spec.max_new_tokens,
+            "limit": spec.limit,
+            "utility_tolerance": spec.utility_tolerance,
+            "over_refusal_tolerance": spec.over_refusal_tolerance,
+            "reference": reference.label,
+            "datasets": data.summary(),
+            "splits": splits.to_dict(),
+            "models": entries,
+            "recommended": recommended,
+            "samples": {label: r.samples for label, r in results.items()},
+        }
+    )
 
 
-def write_outputs(metrics: dict, json_path: str | Path, png_path: str | Path | None) -> None:
-    """metrics.json (strict JSON: no NaN/Infinity) and, if `png_path` is given, the plot; each written atomically."""
-    payload = json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
+def metrics_bytes(metrics: Metrics) -> bytes:
+    """The bytes of metrics.json: strict JSON (no NaN/Infinity), indented, UTF-8, one final newline."""
+    return json.dumps(metrics.model_dump(mode="json"), indent=2, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+
+
+def write_outputs(metrics: Metrics, json_path: str | Path, png_path: str | Path | None) -> None:
+    """metrics.json and, if `png_path` is given, the plot; each written atomically."""
+    payload = metrics_bytes(metrics)
     write_atomic(Path(json_path), payload)
     if png_path is not None:
         write_atomic(Path(png_path), render_png(metrics))
@@ -566,9 +589,9 @@ def run_evaluation(
     progress: Progress | None = None,
     *,
     main_method: str | None = None,
-) -> dict:
+) -> Metrics:
     """Load the data, then the base model, evaluate the variants and write `out_dir`/metrics.json and
-    `out_dir`/plot.png; returns the metrics dict."""
+    `out_dir`/plot.png; returns the metrics."""
     data = EvaluationData.load(spec)
     judge = make_judge(spec.judge, device=str(resolve_device(device)))
     model, tokenizer = load_base_model(base_model, device, dtype)

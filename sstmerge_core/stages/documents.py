@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..card import model_card
+from ..contracts.metrics import Metrics
 from ..htmlreport import REPORT_HTML, merge_view, render_page
 from ..jobspec import DATA_INPUTS
 from ..methods.catalog import REPAIRS
@@ -94,7 +95,7 @@ def input_rows(spec, hashes: Mapping[str, str], names: InputNames | None) -> lis
     ]
 
 
-def write_html_report(root: Path, metrics: Mapping, inputs: list[dict], *, method: str, created_at: str) -> None:
+def write_html_report(root: Path, metrics: Metrics, inputs: list[dict], *, method: str, created_at: str) -> None:
     """report.html of an evaluated job, with its plot inlined (`htmlreport`)."""
     from ..files import write_atomic
 
@@ -143,7 +144,7 @@ def write_documents(
     if metrics is not None:
         from ..evaluation.runner import write_outputs
 
-        write_outputs(dict(metrics), root / METRICS_FILE, root / PLOT_FILE)
+        write_outputs(metrics, root / METRICS_FILE, root / PLOT_FILE)
     inputs = inputs_section(loaded, names)
     hashes = input_hashes(spec, known=known_hashes(loaded))
     pass_params = fisher_params(spec)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import LoraFactors
+from ..contracts.metrics import Metrics, ModelEntry, Recommended
 from .inputs import LoadedInputs
 from .writing import WrittenAdapters
 
@@ -17,15 +18,15 @@ from .writing import WrittenAdapters
 class EvaluationResult:
     """The metrics.json of a job (layout in `sstmerge_core/evaluation/README.md`)."""
 
-    metrics: Mapping[str, Any]
+    metrics: Metrics
 
     @property
-    def recommended(self) -> Mapping[str, Any] | None:
-        return self.metrics.get("recommended")
+    def recommended(self) -> Recommended:
+        return self.metrics.recommended
 
-    def model(self, label: str) -> Mapping[str, Any] | None:
+    def model(self, label: str) -> ModelEntry | None:
         """The entry of the model called `label` (`sst@0.5`, `before`, …), if it was evaluated."""
-        return next((m for m in self.metrics.get("models", []) if m.get("label") == label), None)
+        return self.metrics.model(label)
 
 
 def evaluation_variants(loaded: LoadedInputs, root: Path, written: Sequence[WrittenAdapters]) -> list:

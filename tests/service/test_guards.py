@@ -30,6 +30,7 @@ from app.domain.queue import JobQueue
 from app.domain.settings import Settings
 from app.domain.storage import get_storage
 from app.main import create_app
+from tests.helpers.contracts import merge_summary
 
 pytestmark = pytest.mark.service
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
@@ -246,6 +247,6 @@ def test_stuck_job_fails_at_its_time_limit(api, inputs, settings):
         session.execute(update(Job).where(Job.id == job_id).values(started_at=utcnow() - timedelta(seconds=90)))
     assert store.recover(lambda *_: None).timed_out == [job_id]
     assert store.beat(claim) == (False, False)  # the stuck delivery has lost the job
-    assert store.finish(claim, "succeeded", summary={}, artifact_prefix="x") is False
+    assert store.finish(claim, "succeeded", summary=merge_summary(), artifact_prefix="x") is False
     job = api.get(f"/merges/{job_id}", headers=auth("acme")).json()
     assert job["status"] == "failed" and job["error"]["code"] == "time_limit_exceeded"

@@ -34,6 +34,7 @@ from service_helpers import (
 from app.domain.job_state import JobStore
 from app.domain.settings import Settings
 from app.main import create_app
+from tests.helpers.contracts import merge_summary
 
 pytestmark = pytest.mark.service
 
@@ -183,7 +184,7 @@ def test_a_non_finite_summary_fails_the_job_on_either_database(settings, assets,
         store = JobStore.from_settings(chosen)
         claim = store.claim(job_id)
         assert claim is not None
-        summary = {"diagnostics": {"median_energy_retained_fu": float("nan")}, "alphas": [1.0]}
+        summary = merge_summary(median_energy_retained_fu=float("nan"))
         assert store.finish(claim, "succeeded", summary=summary, artifact_prefix="p") is True
         response = client.get(f"/merges/{job_id}", headers=auth("acme"))
         assert response.status_code == 200, response.text

@@ -22,6 +22,7 @@ from app.domain.errors import InvalidInput
 from app.domain.job_state import JobStore
 from app.domain.settings import Settings
 from app.domain.webhook_sender import WebhookSender
+from tests.helpers.contracts import merge_summary
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,7 @@ def test_secrets_are_per_tenant_and_stable(hook_settings):
 def finished_job(settings: Settings, url: str) -> str:
     store = JobStore.from_settings(settings)
     job_id = add_job(settings, url)
-    assert store.finish(store.claim(job_id), "succeeded", summary={"recommended": {"alpha": 1.0}})
+    assert store.finish(store.claim(job_id), "succeeded", summary=merge_summary(alpha=1.0))
     return job_id
 
 
