@@ -228,7 +228,7 @@ def general_benign_cost(loaded, fisher, families: dict, assets: Path) -> dict:
 
 def _fmt(block: dict | None, key: str) -> str:
     if not block or not block.get("matched"):
-        return "outside the front"
+        return "not both fronts span this safety (nothing extrapolated)"
     ci = block.get(f"delta_{key}_ci")
     interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
     return f"{block[key]:.3f} ({block[f'delta_{key}']:+.3f}{interval})"
