@@ -1,5 +1,5 @@
-"""bench/RESULTS.md holds rendered results: no unrendered `{placeholder}` outside code, and the recipe-search
-section is the table rendered from the committed JSON (bench/results/testbed_search)."""
+"""bench/RESULTS.md holds rendered results: no unrendered `{placeholder}` outside code, and the recipe-search and
+boundary sections are the tables rendered from the committed JSON (bench/results/testbed_search, .../boundary)."""
 
 from __future__ import annotations
 
@@ -35,4 +35,14 @@ def test_recipe_search_table_is_the_committed_one():
     table = json.loads((folder / "table.json").read_text())
     rendered = render(report, table)
     assert "| at safety | family |" in rendered
+    assert rendered in RESULTS.read_text(encoding="utf-8")
+
+
+def test_boundary_table_is_the_committed_one():
+    """The calibration / answer-alignment section's table is rendered from bench/results/boundary/table.json."""
+    from bench.testbed.boundary import points_table
+
+    table = json.loads((ROOT / "bench" / "results" / "boundary" / "table.json").read_text())
+    rendered = "\n".join(points_table(table))
+    assert rendered.count("\n") == 1 + sum(len(rows) for rows in table["families"].values())
     assert rendered in RESULTS.read_text(encoding="utf-8")

@@ -237,9 +237,15 @@ def render(table: dict) -> str:
         "(disjoint from every pool): " + ", ".join(f"{k} {v}" for k, v in table["calibration_data"].items()),
         "",
         *matched_table(table["linear_at"], table["matched"]),
-    ]
-    lines += [
         "",
+        *points_table(table),
+    ]
+    return "\n".join(lines)
+
+
+def points_table(table: dict) -> list[str]:
+    """The markdown rows of every evaluated point, with its Δ against linear's front at its own safety."""
+    lines = [
         "| family | α | safety | over-refusal | utility | Δ over-refusal vs linear at this safety [95% paired CI] |",
         "|---|---|---|---|---|---|",
     ]
@@ -251,7 +257,7 @@ def render(table: dict) -> str:
                 f"{o['rate']:.3f} [{o['ci_low']:.2f}, {o['ci_high']:.2f}] | {row['utility']['value']:.3f} | "
                 f"{_versus(row.get('vs_linear'))} |"
             )
-    return "\n".join(lines)
+    return lines
 
 
 def _versus(block: dict | None) -> str:
