@@ -160,7 +160,7 @@ def main(
             "--compare-with", baseline, "--max-samples", str(max_samples),
             "--evaluate", "--harmful", str(data["harmful_eval"]), "--benign", str(data["benign_eval"]),
             "--utility-eval", str(data["utility_eval"]), "--limit", str(limit),
-            "--max-new-tokens", str(max_new_tokens), "--device", "cpu", "--cache-dir", str(root / "cache"),
+            "--max-new-tokens", str(max_new_tokens), "--device", "cpu",
             "--out", str(root / "out"),
         ]  # fmt: skip
         if eval_batch_size != "auto":  # (the threads come from OMP_NUM_THREADS, which older CLIs honour too)
@@ -168,7 +168,8 @@ def main(
         runs = {}
         for trim in ("0", "1"):  # without, then with `memory.release_freed_memory` between evaluated models
             shutil.rmtree(root / "out", ignore_errors=True)
-            peak, seconds, code = child_peak(argv, {**env, "SSTMERGE_MALLOC_TRIM": trim}, log)
+            cache = ["--cache-dir", str(root / f"cache-{trim}")]  # a cache per run: each runs its own Fisher passes
+            peak, seconds, code = child_peak([*argv, *cache], {**env, "SSTMERGE_MALLOC_TRIM": trim}, log)
             if code != 0:
                 raise click.ClickException(f"the merge failed: {log.read_text()[-2000:]}")
             starts = [float(v) for v in re.findall(r"rss_mib_at_start\W+([\d.]+)", log.read_text())]
