@@ -403,17 +403,22 @@ def pretrain(folder: Path, examples: list[Example], *, seed: int, epochs: int, l
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block: a model this small trains no slower on one, and the
-    summation order, hence every weight, is then the same on machines with any number of cores."""
+def torch_threads(count: int) -> Iterator[None]:
+    """Run torch on `count` CPU threads inside the block, then restore the previous number."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """Run torch on one CPU thread inside the block: a model this small trains no slower on one, and the
+    summation order, hence every weight, is then the same on machines with any number of cores."""
+    return torch_threads(1)
 
 
 def _built(paths: ExampleAssets, stamp: Path, wanted: dict) -> bool:

@@ -51,17 +51,11 @@ def llama_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def example_assets(tmp_path_factory):
-    """The demo's example (seed 0), built once per session on one torch thread, as `sstmerge demo` builds it."""
-    import torch
-
+    """The demo's example (seed 0), built once per session as `sstmerge demo` builds it (on one torch thread:
+    `prepare_example` trains inside `example.one_thread`)."""
     from sstmerge_core.example import prepare_example
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return prepare_example(tmp_path_factory.mktemp("example") / "assets", seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    return prepare_example(tmp_path_factory.mktemp("example") / "assets", seed=0)
 
 
 @pytest.fixture(scope="module")

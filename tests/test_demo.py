@@ -33,7 +33,9 @@ from sstmerge_core.example import (
     check_held_out,
     demo_spec,
     make_example_data,
+    one_thread,
     pretrain,
+    torch_threads,
 )
 from sstmerge_core.pipeline import run_merge
 from sstmerge_core.tiny import build_tiny_model, build_word_tokenizer
@@ -132,13 +134,9 @@ def test_pretraining_is_seeded(tmp_path):
 def demo_run(example_assets, tmp_path_factory):
     """The demo job on the example, through the library, as `sstmerge demo` runs it."""
     assets = example_assets
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.mktemp("demo")
+    with one_thread():
         outcome = run_merge(demo_spec(assets, root / "cache"), root / "merge")
-    finally:
-        torch.set_num_threads(threads)
     return assets, outcome, json.loads(outcome.metrics_path.read_text())
 
 
@@ -276,12 +274,8 @@ def test_job_gives_the_same_results_with_1_and_2_threads(demo_run, tmp_path):
     """The demo job again on 2 torch threads (the fixture ran it on 1): the same metrics, prompt by prompt, and the
     same recommendation."""
     assets, _, metrics = demo_run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         outcome = run_merge(demo_spec(assets, tmp_path / "cache"), tmp_path / "merge")
-    finally:
-        torch.set_num_threads(threads)
     again = json.loads(outcome.metrics_path.read_text())
     assert again["recommended"] == metrics["recommended"]
     assert _results(again) == _results(metrics)
