@@ -153,7 +153,7 @@ def main(
         if code != 0:
             raise click.ClickException(f"loading the model failed: {log.read_text()[-2000:]}")
         argv = [
-            sys.executable, "-m", "sstmerge_core.cli", "merge", "--base", str(base),
+            sys.executable, "-m", "sstmerge_core.cli", "--log-level", "INFO", "merge", "--base", str(base),
             "--utility", adapters["utility"], "--safety", adapters["safety"],
             "--utility-data", str(data["utility_fisher"]), "--safety-data", str(data["safety_fisher"]),
             "--method", "sst", *[a for alpha in alphas for a in ("--alpha", str(alpha))],
@@ -172,7 +172,7 @@ def main(
             peak, seconds, code = child_peak([*argv, *cache], {**env, "SSTMERGE_MALLOC_TRIM": trim}, log)
             if code != 0:
                 raise click.ClickException(f"the merge failed: {log.read_text()[-2000:]}")
-            starts = [float(v) for v in re.findall(r"rss_mib_at_start\W+([\d.]+)", log.read_text())]
+            starts = re.findall(r"evaluated variant label=(\S+) .*rss_mib_at_start=([\d.]+)", log.read_text())
             runs[trim] = (peak, seconds, starts)
         peak, seconds, _ = runs["1"]
         held = loaded_weight_bytes(base) + adapter_bytes([Path(adapters["utility"]), Path(adapters["safety"])])
@@ -193,7 +193,8 @@ def main(
         name = "with malloc_trim between models" if trim == "1" else "without (SSTMERGE_MALLOC_TRIM=0)"
         click.echo(
             f"  {name}: peak {run_peak / mib:.1f} MiB, (peak − floor) ÷ held {(run_peak - floor) / held:.2f}, "
-            f"{run_seconds:.0f} s; RSS at each evaluated model's start (MiB): {', '.join(f'{v:.0f}' for v in starts)}"
+            f"{run_seconds:.0f} s; RSS at each evaluated model's start (MiB): "
+            + (", ".join(f"{label} {float(size):.0f}" for label, size in starts) or "none logged")
         )
 
 

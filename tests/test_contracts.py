@@ -145,3 +145,24 @@ def test_openapi_describes_the_summary_of_get_merges(tmp_path):
     recommended = schemas["Recommended"]["properties"]
     assert {"label", "rule", "reason", "tolerances", "price_list", "runner_up"} <= set(recommended)
     assert set(schemas["MergeArtifacts"]["properties"]) == {"adapters", "files", "recommended_alpha"}
+
+
+def test_openapi_describes_metrics_json_and_search_report_json(tmp_path):
+    from app.api.factory import create_app
+    from app.domain.settings import Settings
+
+    document = create_app(Settings(data_dir=str(tmp_path))).openapi()
+    for path, name in (("metrics", "Metrics"), ("search", "SearchReport")):
+        response = document["paths"][f"/merges/{{job_id}}/{path}"]["get"]["responses"]["200"]["content"]
+        assert response["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+    schemas = document["components"]["schemas"]
+    assert set(schemas["Metrics"]["required"]) >= {"schema_version", "models", "recommended", "splits"}
+    assert set(schemas["SearchReport"]["required"]) >= {"chosen", "pareto", "linear_front", "price_list", "trials"}
+
+
+def test_a_search_report_missing_a_field_is_not_written(tmp_path):
+    from sstmerge_core.search.report import REPORT_FILE, write_search_files
+
+    with pytest.raises(ValidationError, match="price_list"):
+        write_search_files(tmp_path, report={"schema_version": 2, "objective": "safety"}, trials=[])
+    assert not (tmp_path / REPORT_FILE).exists()

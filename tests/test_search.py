@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sstmerge_core.cli import main
+from sstmerge_core.contracts.search_report import SearchReport
 from tests.helpers.files import write_jsonl
 
 
@@ -45,6 +46,7 @@ def test_search_scores_trials_on_the_search_split_and_confirms_on_the_report_spl
     out = tmp_path / "out"
     report = json.loads((out / "search_report.json").read_text())
     trials = json.loads((out / "trials.json").read_text())
+    assert SearchReport.model_validate(report).model_dump(mode="json") == report  # the file is its contract's dump
     assert len(trials) == 5 and report["trials"]["count"] == 5
     sizes = report["splits"]["sizes"]
     assert sizes["harmful"] == {"search": 4, "report": 4} and sizes["utility_eval"] == {"search": 3, "report": 3}

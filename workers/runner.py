@@ -31,7 +31,16 @@ from app.domain.requests import MergeRequest
 from app.domain.settings import Settings
 from app.domain.storage import Storage, StorageFull
 from sstmerge_core.cache import FisherCache
-from sstmerge_core.contracts.summary import MergeArtifacts, MergeJobSummary, SearchArtifacts, SearchJobSummary
+from sstmerge_core.contracts.search_report import SearchReport
+from sstmerge_core.contracts.summary import (
+    MergeArtifacts,
+    MergeJobSummary,
+    SearchArtifacts,
+    SearchChoice,
+    SearchJobSummary,
+    SearchRecommendation,
+    SearchResult,
+)
 from sstmerge_core.errors import Cancelled, InputError
 from sstmerge_core.jobspec import MergeSpec
 from sstmerge_core.pipeline import MergeOutcome, ModelCache, run_merge
@@ -117,26 +126,23 @@ def store_search_artifacts(storage: Storage, outcome: SearchOutcome, prefix: str
 def search_summary(outcome: SearchOutcome) -> SearchJobSummary:
     """What a search job's summary says: the choice (recipe, search and report numbers, against linear at the same
     safety), or why there is none."""
-    report = outcome.report
-    chosen = report["chosen"]
-    recommended = None
+    report = SearchReport.model_validate(outcome.report)
+    chosen, choice, recommended = report.chosen, None, None
     if chosen is not None:
-        recipe = chosen["recipe"]
-        recommended = {"label": chosen["label"], "method": recipe["method"], "alpha": recipe["params"]["alphas"][0]}
-    return SearchJobSummary.model_validate(
-        {
-            "search": {
-                "trials": report["trials"],
-                "splits": report["splits"]["sizes"],
-                "chosen": {k: chosen[k] for k in ("label", "recipe", "search", "report", "matched_linear")}
-                if chosen
-                else None,
-                "reason": report.get("reason"),
-                "warning": report.get("warning"),
-                "price_list": report.get("price_list"),
-            },
-            "recommended": recommended,
-        }
+        choice = SearchChoice.model_validate(chosen.model_dump(include=set(SearchChoice.model_fields)))
+        recommended = SearchRecommendation(
+            label=chosen.label, method=chosen.recipe["method"], alpha=chosen.recipe["params"]["alphas"][0]
+        )
+    return SearchJobSummary(
+        search=SearchResult(
+            trials=report.trials,
+            splits=report.splits.sizes,
+            chosen=choice,
+            reason=report.reason,
+            warning=report.warning,
+            price_list=report.price_list,
+        ),
+        recommended=recommended,
     )
 
 

@@ -1,15 +1,18 @@
 """Names of a job's artifacts in storage (written by the worker, served by the API).
 
 A successful attempt's files live under `Job.artifact_prefix` (`tenants/<t>/jobs/<job>/<attempt token>`), and
-`Job.summary["artifacts"]` lists them:
-`{"adapters": {"sst": [0.5, 1.0], "linear": [...]}, "files": [...], "recommended_alpha": 1.0 | null,
-"recommended_method": "sst" | null}` (an evaluated job also stores `report.html`; a search job stores the chosen
-recipe's adapter, `search_report.json` and `trials.json`).
+the summary's `artifacts` lists them (`contracts.summary.MergeArtifacts`, `SearchArtifacts`: the α of every adapter
+by method, the other files by name, the recommended α and, for a search, method). An evaluated job also stores
+`report.html`; a search job stores the chosen recipe's adapter, `search_report.json` and `trials.json`.
 """
 
 from __future__ import annotations
 
 import math
+
+from pydantic import TypeAdapter
+
+from sstmerge_core.contracts.summary import JobSummary, MergeArtifacts, SearchArtifacts
 
 from .db.models import Job
 from .errors import Conflict, InvalidInput, NotFound
@@ -31,19 +34,28 @@ def adapter_zip(method: str, alpha: float) -> str:
     return f"adapter-{method}-alpha-{alpha:g}.zip"
 
 
-def _manifest(job: Job) -> dict:
-    if job.status != "succeeded" or not job.artifact_prefix:
+_SUMMARY: TypeAdapter[JobSummary] = TypeAdapter(JobSummary)
+
+
+def _manifest(job: Job) -> MergeArtifacts | SearchArtifacts:
+    """The stored files of a succeeded job (409 `not_ready` before it has succeeded)."""
+    if job.status != "succeeded" or not job.artifact_prefix or not job.summary:
         raise Conflict(
             f"merge {job.id} is {job.status}; artifacts exist once it has succeeded",
             code="not_ready",
             details={"status": job.status},
         )
-    return (job.summary or {}).get("artifacts", {})
+    manifest = _SUMMARY.validate_python(job.summary).artifacts
+    return manifest if manifest is not None else MergeArtifacts(adapters={}, files=[], recommended_alpha=None)
+
+
+def _recommended_method(manifest: MergeArtifacts | SearchArtifacts) -> str | None:
+    return manifest.recommended_method if isinstance(manifest, SearchArtifacts) else None
 
 
 def artifact_key(job: Job, name: str) -> str:
     """The storage key of artifact `name` of a succeeded job, or 404 if this job has none such."""
-    if name not in _manifest(job).get("files", []):
+    if name not in _manifest(job).files:
         raise NotFound(
             f"merge {job.id} has no {name}"
             + (" (the job ran without evaluation)" if name in (METRICS, PLOT, HTML) else "")
@@ -56,14 +68,15 @@ def adapter_key(job: Job, alpha: float | None, method: str | None = None) -> tup
     """(storage key, download name) of the adapter merged by `method` (default: the recommended model's, else the
     job's) at `alpha` (default: the only α, else the recommended one)."""
     manifest = _manifest(job)
-    method = method or manifest.get("recommended_method") or job.request.get("method", "sst")
-    by_method: dict[str, list[float]] = manifest.get("adapters", {})
-    if method not in by_method:
-        raise NotFound(f"merge {job.id} has no adapter of method {method!r}", details={"methods": sorted(by_method)})
-    alphas = by_method[method]
+    chosen_method = _recommended_method(manifest) or job.request.get("method", "sst")
+    method = method or chosen_method
+    if method not in manifest.adapters:
+        raise NotFound(
+            f"merge {job.id} has no adapter of method {method!r}", details={"methods": sorted(manifest.adapters)}
+        )
+    alphas = manifest.adapters[method]
     if alpha is None:
-        chosen_method = manifest.get("recommended_method") or job.request.get("method")
-        recommended = manifest.get("recommended_alpha") if method == chosen_method else None
+        recommended = manifest.recommended_alpha if method == chosen_method else None
         if len(alphas) == 1:
             alpha = alphas[0]
         elif recommended is not None:

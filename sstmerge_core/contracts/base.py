@@ -21,3 +21,8 @@ class BySet(Contract, Generic[T]):
     harmful: T
     benign: T
     utility_eval: T
+
+
+def absent(value: object) -> bool:
+    """Whether an optional field is left out of the stored document (`Field(exclude_if=absent)`): None is."""
+    return value is None

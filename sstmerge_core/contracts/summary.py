@@ -11,24 +11,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from .base import BySet, Contract
+from .base import BySet, Contract, absent
 from .metrics import Rate, Recommended, SplitSizes, Utility
-
-
-def _absent(value: object) -> bool:
-    """Whether an optional key is left out of the stored summary (as it was before these models)."""
-    return value is None
 
 
 class Diagnostics(Contract):
     """Medians over modules of the SST diagnostics (present only for a method that has them), and the module count."""
 
-    median_norm_ratio: float | None = Field(default=None, exclude_if=_absent)
-    median_energy_retained_fu: float | None = Field(default=None, exclude_if=_absent)
-    median_energy_retained_fs: float | None = Field(default=None, exclude_if=_absent)
-    median_gevp_residual: float | None = Field(default=None, exclude_if=_absent)
-    median_lambda_median: float | None = Field(default=None, exclude_if=_absent)
-    median_lambda_top1: float | None = Field(default=None, exclude_if=_absent)
+    median_norm_ratio: float | None = Field(default=None, exclude_if=absent)
+    median_energy_retained_fu: float | None = Field(default=None, exclude_if=absent)
+    median_energy_retained_fs: float | None = Field(default=None, exclude_if=absent)
+    median_gevp_residual: float | None = Field(default=None, exclude_if=absent)
+    median_lambda_median: float | None = Field(default=None, exclude_if=absent)
+    median_lambda_top1: float | None = Field(default=None, exclude_if=absent)
     modules: int
 
 
@@ -57,9 +52,9 @@ class MergeJobSummary(Contract):
     diagnostics: Diagnostics
     compare_with: list[str]
     recommended: Recommended | None = Field(
-        default=None, exclude_if=_absent, description="metrics.json's recommendation; only when evaluated"
+        default=None, exclude_if=absent, description="metrics.json's recommendation; only when evaluated"
     )
-    artifacts: MergeArtifacts | None = Field(default=None, exclude_if=_absent)
+    artifacts: MergeArtifacts | None = Field(default=None, exclude_if=absent)
 
 
 class TrialCounts(Contract):
@@ -73,12 +68,17 @@ class TrialCounts(Contract):
     file: str
 
 
-class TrialNumbers(Contract):
-    """A trial's rates on one split, with utility_drop and over_refusal_increase against before."""
+class Rates(Contract):
+    """Safety, over-refusal and utility of one model on one split, with n and 95 % intervals."""
 
     safety: Rate
     over_refusal: Rate
     utility: Utility
+
+
+class TrialNumbers(Rates):
+    """A trial's rates on one split, with utility_drop and over_refusal_increase against before."""
+
     utility_drop: float
     over_refusal_increase: float
 
@@ -93,17 +93,23 @@ class SearchChoice(Contract):
     matched_linear: dict[str, Any] = Field(description="the matched-safety comparison with linear (docs/search.md)")
 
 
-class SearchPricedTrial(Contract):
-    """The price list's trial for one safety target, as search_report.json has it."""
+class SearchEntry(Contract):
+    """A trial confirmed on the report split, as search_report.json has it: its recipe, its numbers on both splits,
+    the matched-safety comparison with linear's front and what its repair step chose (if it had one)."""
 
-    target: float
     trial: int
     label: str
-    recipe: dict[str, Any]
+    recipe: dict[str, Any] = Field(description="the recipe (method, parameters, schedule, repair step)")
     search: TrialNumbers
     report: TrialNumbers
-    matched_linear: dict[str, Any]
+    matched_linear: dict[str, Any] = Field(description="the matched-safety comparison with linear (docs/search.md)")
     repair: dict[str, Any] | None
+
+
+class SearchPricedTrial(SearchEntry):
+    """The price list's trial for one safety target."""
+
+    target: float
 
 
 class SearchNoPick(Contract):
@@ -146,7 +152,7 @@ class SearchJobSummary(Contract):
 
     search: SearchResult
     recommended: SearchRecommendation | None
-    artifacts: SearchArtifacts | None = Field(default=None, exclude_if=_absent)
+    artifacts: SearchArtifacts | None = Field(default=None, exclude_if=absent)
 
 
 def _kind(value: Any) -> str:

@@ -3,18 +3,19 @@
 Prompts go through the tokenizer's chat template (`prompting.chat_prompt`), exactly as in the merge's
 data passes. Batches are formed from prompts of similar length (fewer pad tokens), longest first, and
 sized by `batching` ("auto": the most that fit the memory budget); results come back in input order.
-Generation pads on the left so that every prompt ends where the new tokens start. With `decided`, a row stops as
-soon as its text so far settles the judge's verdict (a refusal that no continuation can undo), and its completion is
-that text: outcomes are unchanged, refused rows cost a few tokens, and a batch ends when every row has ended.
+Generation pads on the left so that every prompt ends where the new tokens start, and a row that has ended leaves
+the running batch (`greedy_rows`). With `decided`, a row also ends as soon as its text so far settles the judge's
+verdict (a refusal that no continuation can undo), and its completion is that text: outcomes are unchanged and
+refused rows cost a few tokens.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import StoppingCriteria
 
 from ..data import Example
 from ..prompting import chat_prompt, encode
@@ -26,22 +27,6 @@ OnTexts = Callable[[list[int], list[str]], None]
 """Called after each batch with the prompt indices it held and their completions (before `OnBatch`)."""
 Decided = Callable[[str], bool]
 """decided(text so far) -> True when the row's verdict can no longer change (`judges.settled_refusal_rule`)."""
-
-
-class _DecidedRows(StoppingCriteria):
-    """A per-row stopping criterion for `generate`: row r is done once `decided(decode(new tokens of r))`; the
-    number of new tokens it had then is kept in `lengths[r]`."""
-
-    def __init__(self, tokenizer, prompt_width: int, decided: Decided) -> None:
-        self.tokenizer, self.prompt_width, self.decided = tokenizer, prompt_width, decided
-        self.lengths: dict[int, int] = {}
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_width :]
-        for row in range(new.shape[0]):
-            if row not in self.lengths and self.decided(self.tokenizer.decode(new[row], skip_special_tokens=True)):
-                self.lengths[row] = new.shape[1]
-        return torch.tensor([row in self.lengths for row in range(new.shape[0])], device=input_ids.device)
 
 
 def _eos_token_ids(model, tokenizer) -> list[int]:
@@ -65,7 +50,66 @@ def generation_batches(model, lengths: Sequence[int], batch_size: BatchSize, max
     )
 
 
+COMPACT_FRACTION = 4
+"""Ended rows leave the running batch once they are at least a quarter of it (`greedy_rows`)."""
+
+
+def _accepts(model, argument: str) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes `argument` by name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
 @torch.no_grad()
+def greedy_rows(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos: Sequence[int],
+    ended: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy new tokens of a left-padded batch: y_t = argmax p(· | x, y_<t), each row up to and including its first
+    end-of-sequence token, or the step at which `ended(row, tokens so far)` first held.
+
+    The same forward passes as `model.generate(do_sample=False)` (positions = cumsum(mask) − 1, one KV cache, the
+    last position's logits), except that a row that has ended leaves the running batch, its KV-cache rows included:
+    the remaining rows' passes are those of a smaller batch, so a batch costs what its longest rows need."""
+    rows = list(range(input_ids.shape[0]))  # the batch row of each running row
+    tokens: list[list[int]] = [[] for _ in rows]
+    finished: set[int] = set()
+    stops, device = set(eos), input_ids.device
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    step_inputs: dict = {"input_ids": input_ids}
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    for step in range(max_new_tokens):
+        outputs = model(
+            **step_inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra
+        )
+        cache_name = "cache" if outputs.get("cache") is not None else "past_key_values"
+        cache = outputs[cache_name]
+        chosen = outputs.logits[:, -1].float().argmax(dim=-1)
+        for row, token in zip(rows, chosen.tolist()):
+            if row in finished:
+                continue
+            tokens[row].append(token)
+            if token in stops or (ended is not None and ended(row, tokens[row])):
+                finished.add(row)
+        if len(finished) == len(tokens) or step == max_new_tokens - 1:
+            break
+        running = [j for j, row in enumerate(rows) if row not in finished]
+        if len(rows) - len(running) >= max(1, len(rows) // COMPACT_FRACTION):
+            keep = torch.tensor(running, device=device)
+            cache.batch_select_indices(keep)
+            chosen, attention_mask, position_ids = chosen[keep], attention_mask[keep], position_ids[keep]
+            rows = [rows[j] for j in running]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        step_inputs = {"input_ids": chosen[:, None], cache_name: cache}
+    return tokens
+
+
 def generate_tokens(
     model,
     tokenizer,
@@ -78,17 +122,14 @@ def generate_tokens(
     on_rows: Callable[[list[int], list[list[int]]], None] | None = None,
 ) -> list[list[int]]:
     """Greedy new tokens of each prompt (chat template applied), cut after the first end-of-sequence token, or
-    where `decided` first held."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
+    where `decided` first held (`greedy_rows`)."""
     eos = _eos_token_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ended = None
+    if decided is not None:
+
+        def ended(row: int, row_tokens: list[int]) -> bool:
+            return decided(tokenizer.decode(row_tokens, skip_special_tokens=True))
+
     texts = [chat_prompt(tokenizer, p) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -96,15 +137,12 @@ def generate_tokens(
         inputs = tokenizer.pad(
             {"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="left", return_tensors="pt"
         ).to(model.device)
-        width = inputs["input_ids"].shape[1]
-        stop = _DecidedRows(tokenizer, width, decided) if decided is not None else None
-        output = model.generate(
-            **inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([stop] if stop else [])
+        rows = greedy_rows(
+            model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens, eos=eos, ended=ended
         )
-        for r, (i, row) in enumerate(zip(batch, output[:, width:].tolist())):
-            end = next((t + 1 for t, token in enumerate(row) if token in eos), len(row))
-            tokens[i] = row[: min(end, stop.lengths.get(r, end)) if stop else end]
-        del inputs, output
+        for i, row in zip(batch, rows):
+            tokens[i] = row
+        del inputs
         if on_rows is not None:
             on_rows(batch, [tokens[i] for i in batch])
         if on_batch is not None:

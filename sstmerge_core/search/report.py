@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..contracts.search_report import SearchReport
 from ..evaluation.runner import ModelResult
 from ..files import write_atomic
 from .trials import PrunedTrial, Trial
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from ..evaluation.splits import Splits
     from .runner import SearchContext
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: trials pruned and their total seconds, the warning and the price list (1: the layout before them)."""
 PRICE_RULE = (
     "for each safety target, the trial with search-split safety ≥ the target and utility_drop ≤ {utility:g} of "
     "lowest search-split over-refusal (over-refusal tolerance and cap not applied), confirmed on the report split"
@@ -124,12 +126,13 @@ def search_report(
 
 
 def write_search_files(root: Path, *, report: Mapping[str, Any], trials: Sequence[Trial | PrunedTrial]) -> None:
-    """search_report.json, trials.json and plot.png under `root`, each written atomically."""
+    """search_report.json (checked against its contract, `contracts.search_report.SearchReport`), trials.json and
+    plot.png under `root`, each written atomically."""
 
     def dump(value: Any) -> bytes:
         return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False).encode() + b"\n"
 
-    write_atomic(root / REPORT_FILE, dump(report))
+    write_atomic(root / REPORT_FILE, dump(SearchReport.model_validate(report).model_dump(mode="json")))
     write_atomic(root / TRIALS_FILE, dump([t.to_dict() for t in trials]))
     write_atomic(root / PLOT_FILE, render_plot(report, trials))
 

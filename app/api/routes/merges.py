@@ -9,8 +9,12 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+
+from sstmerge_core.contracts.metrics import Metrics
+from sstmerge_core.contracts.search_report import SearchReport
 
 from ...domain import artifacts
 from ...domain import merges as service
@@ -215,11 +219,13 @@ class ArtifactRoute:
     summary: str
     description: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    model: type[BaseModel] | None = None
+    """The stored document's contract (`sstmerge_core.contracts`), for the OpenAPI document's response schema."""
 
 
 JSON = "application/json"
 ARTIFACT_ROUTES = (
-    ArtifactRoute("metrics", artifacts.METRICS, "get_metrics", JSON, "metrics.json of the evaluation"),
+    ArtifactRoute("metrics", artifacts.METRICS, "get_metrics", JSON, "metrics.json of the evaluation", model=Metrics),
     ArtifactRoute(
         "report", artifacts.REPORT, "get_report", JSON, "merge_report.json (per-module spectra and retained energy)"
     ),
@@ -231,6 +237,7 @@ ARTIFACT_ROUTES = (
         "search_report.json of a search job (docs/search.md)",
         "The chosen recipe with its search- and report-split numbers and its comparison with linear at the same "
         "safety, the Pareto set and linear's front on the report split, and the split sizes.",
+        model=SearchReport,
     ),
     ArtifactRoute(
         "trials",
@@ -266,6 +273,9 @@ def _artifact_endpoint(route: ArtifactRoute) -> Callable[..., StreamingResponse]
 
 
 for _route in ARTIFACT_ROUTES:
+    _response: dict[str, Any] = {"content": {_route.media_type.partition(";")[0]: {}}}
+    if _route.model is not None:
+        _response["model"] = _route.model
     router.add_api_route(
         f"/{{job_id}}/{_route.path}",
         _artifact_endpoint(_route),
@@ -273,7 +283,7 @@ for _route in ARTIFACT_ROUTES:
         name=_route.name,
         summary=_route.summary,
         description=_route.description or "",
-        responses={200: {"content": {_route.media_type.partition(";")[0]: {}}}},
+        responses={200: _response},
     )
 
 
