@@ -1,5 +1,6 @@
-"""Greedy generation with ended rows leaving the batch: the tokens are those of `model.generate` run on each prompt
-alone (no padding, an independent computation), for every tiny family, also when rows end at different steps."""
+"""Continuously batched greedy generation: the tokens are those of `model.generate` run on each prompt alone (no
+padding, an independent computation), for every tiny family, also when rows end at different steps and waiting
+prompts take their slots."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from sstmerge_core.evaluation.generation import _eos_token_ids, generate_tokens, greedy_rows
+from sstmerge_core.evaluation.generation import _eos_token_ids, generate_tokens, greedy_stream
 from sstmerge_core.modeling import load_base_model
 from sstmerge_core.prompting import chat_prompt
 
@@ -48,26 +49,28 @@ def test_batched_rows_are_the_tokens_of_generate_on_each_prompt_alone(tiny_model
     assert generate_tokens(model, tokenizer, PROMPTS, max_new_tokens=NEW_TOKENS, batch_size=4) == expected
 
 
-def test_rows_that_end_early_leave_the_batch_without_changing_the_others(tiny_llama) -> None:
-    model, tokenizer = load_noisy(tiny_llama)
-    full = reference_tokens(model, tokenizer, PROMPTS, _eos_token_ids(model, tokenizer))
-    inputs = tokenizer.pad(
-        {"input_ids": [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]},
-        padding=True,
-        padding_side="left",
-        return_tensors="pt",
-    )
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_rows_leave_and_prompts_join_without_changing_any_prompts_tokens(tiny_models, family: str) -> None:
+    model, tokenizer = load_noisy(tiny_models[family])
+    prompts = PROMPTS[::-1]  # longest first, as the evaluation sends them: the rows that stay share left padding
+    full = reference_tokens(model, tokenizer, prompts, _eos_token_ids(model, tokenizer))
+    ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     asked: list[int] = []
+    left: list[int] = []
 
-    def ended(row: int, tokens: list[int]) -> bool:  # row r ends after r + 1 tokens
-        asked.append(row)
-        return len(tokens) == row + 1
+    def ended(i: int, tokens: list[int]) -> bool:  # prompt i ends after i + 1 tokens
+        asked.append(i)
+        return len(tokens) == i + 1
 
-    rows = greedy_rows(
-        model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=NEW_TOKENS, eos=[], ended=ended
-    )
-    assert rows == [whole[: row + 1] for row, whole in enumerate(full)]
-    # an ended row is never asked again: row r is asked once per token it generated
-    assert [asked.count(row) for row in range(len(PROMPTS))] == [
-        min(row + 1, NEW_TOKENS) for row in range(len(PROMPTS))
-    ]
+    def done(indices: list[int], rows: list[list[int]]) -> None:
+        left.extend(indices)
+        assert rows == [full[i][: i + 1] for i in indices]
+
+    rows = greedy_stream(
+        model, ids, slots=4, pad_token_id=tokenizer.pad_token_id, max_new_tokens=NEW_TOKENS, eos=[], ended=ended,
+        on_done=done,
+    )  # fmt: skip
+    assert rows == [whole[: i + 1] for i, whole in enumerate(full)]
+    assert sorted(left) == list(range(len(prompts)))  # every prompt left once
+    # an ended row is never asked again: prompt i is asked once per token it generated
+    assert [asked.count(i) for i in range(len(prompts))] == [min(i + 1, NEW_TOKENS) for i in range(len(prompts))]
