@@ -67,7 +67,7 @@ def test_rows_leave_and_prompts_join_without_changing_any_prompts_tokens(tiny_mo
         assert rows == [full[i][: i + 1] for i in indices]
 
     rows = greedy_stream(
-        model, ids, slots=4, pad_token_id=tokenizer.pad_token_id, max_new_tokens=NEW_TOKENS, eos=[], ended=ended,
+        model, tokenizer, ids, slots=4, max_new_tokens=NEW_TOKENS, eos=[], ended=ended,
         on_done=done,
     )  # fmt: skip
     assert rows == [whole[: i + 1] for i, whole in enumerate(full)]

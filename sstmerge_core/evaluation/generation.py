@@ -125,10 +125,10 @@ def _last_logits(model, extra: dict, **inputs) -> tuple[torch.Tensor, Any]:
 @torch.no_grad()
 def greedy_stream(
     model,
+    tokenizer,
     prompt_ids: Sequence[Sequence[int]],
     *,
     slots: int,
-    pad_token_id: int,
     max_new_tokens: int,
     eos: Sequence[int],
     ended: Callable[[int, list[int]], bool] | None = None,
@@ -163,13 +163,13 @@ def greedy_stream(
 
     def enter(count: int) -> _Running:
         prompts = [waiting.pop() for _ in range(count)]
-        width = max(len(prompt_ids[i]) for i in prompts)
-        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, i in enumerate(prompts):
-            ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-            mask[row, width - len(prompt_ids[i]) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        batch = tokenizer.pad(
+            {"input_ids": [list(prompt_ids[i]) for i in prompts]},
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        ).to(device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         chosen, cache = _last_logits(model, extra, input_ids=ids, attention_mask=mask, position_ids=positions)
         record(prompts, chosen)
@@ -237,9 +237,9 @@ def generate_tokens(
 
     streamed = greedy_stream(
         model,
+        tokenizer,
         [ids[i] for i in order],
         slots=len(batches[0]) if batches else 1,
-        pad_token_id=tokenizer.pad_token_id,
         max_new_tokens=max_new_tokens,
         eos=_eos_token_ids(model, tokenizer),
         ended=(lambda k, row: ended(order[k], row)) if ended is not None else None,
